@@ -1,0 +1,197 @@
+"""The commit protocol of a save: a folder holds the old checkpoint or the new one, never a mix.
+
+Call order: :meth:`Commit.clean_debris`, then :meth:`Commit.stage` once per file (data files
+first, the index last), then :meth:`Commit.publish`; :meth:`Commit.abort` on any failure.
+
+Why it is safe at every instant, for every reader:
+
+1. Staged files have hidden temporary names; until they are renamed nothing refers to them.
+2. If a new shard would replace a file that the current index refers to (a re-save with the
+   same shard count), each such file is first hard-linked under an alias name and the index
+   is atomically rewritten to refer to the aliases. The old checkpoint stays whole and
+   loadable while the canonical names are replaced.
+3. Data files are renamed into place, then the new index: that rename is the commit for
+   readers that look for the index first (bigmodel, transformers for sharded folders).
+4. Artefacts of the old checkpoint are removed, index files before the data they refer to,
+   so a reader that prefers another layout (transformers reads ``model.safetensors`` before
+   an index; accelerate reads ``pytorch_model.bin`` first) sees the old complete checkpoint
+   until the moment it sees the new one.
+
+Every rename and unlink is followed by a directory fsync when ``durable`` is set.
+Where hard links are not supported (some FUSE and FAT filesystems) step 2 falls back to
+renames, leaving a short window in which a crash can leave no loadable checkpoint; this is
+logged as a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ._io import (
+    ALIAS_MARKER,
+    TEMP_MARKER,
+    alias_name,
+    fsync_dir,
+    new_token,
+    open_temp,
+    temp_name,
+    write_all,
+)
+from ._log import logger
+from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, is_weights_artifact
+
+__all__ = ["Commit"]
+
+_INDEX_NAMES = (SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME)
+
+
+def _is_ours(name: str) -> bool:
+    """Debris of a bigmodel save: a staged temp file or an alias link."""
+    return (name.startswith(".") and TEMP_MARKER in name) or (
+        ALIAS_MARKER in name and name.endswith((".safetensors", ".bin"))
+    )
+
+
+def _index_refs(path: Path) -> tuple[dict[str, Any], set[str]] | None:
+    """The parsed index and the plain file names it refers to; None if it is unreadable."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        return None
+    refs = {
+        v
+        for v in obj["weight_map"].values()
+        if isinstance(v, str) and "/" not in v and "\\" not in v
+    }
+    return obj, refs
+
+
+class Commit:
+    """One save's staged files in ``directory`` and the steps that publish them."""
+
+    def __init__(self, directory: Path, *, durable: bool) -> None:
+        self.directory = directory
+        self.durable = durable
+        self.token = new_token()
+        self._staged: dict[str, Path] = {}  # final name -> temp path
+
+    def _sync(self) -> None:
+        if self.durable:
+            fsync_dir(self.directory)
+
+    def _live_refs(self) -> set[str]:
+        refs: set[str] = set()
+        for name in _INDEX_NAMES:
+            parsed = _index_refs(self.directory / name)
+            if parsed is not None:
+                refs |= parsed[1]
+        return refs
+
+    def clean_debris(self) -> None:
+        """Remove leftovers of earlier killed saves that no live index refers to."""
+        live = self._live_refs()
+        removed = False
+        for name in os.listdir(self.directory):
+            if _is_ours(name) and name not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.directory / name).unlink()
+                    logger.info("removed %s, left by an interrupted save", self.directory / name)
+                    removed = True
+        if removed:
+            self._sync()
+
+    def stage(self, final_name: str, write: Callable[[BinaryIO], object]) -> None:
+        """Write one file under a temporary name (flushed and, if durable, fsync'd)."""
+        path = self.directory / temp_name(final_name, self.token)
+        with open_temp(path, durable=self.durable) as fh:
+            self._staged[final_name] = path
+            write(fh)
+
+    def stage_bytes(self, final_name: str, data: bytes) -> None:
+        self.stage(final_name, lambda fh: write_all(fh, data))
+
+    def abort(self) -> None:
+        """Remove every staged file that was not published; never touches the old checkpoint."""
+        for path in self._staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._staged.clear()
+
+    def publish(self, index_name: str | None) -> None:
+        """Make the staged files the checkpoint of the folder (see the module docstring)."""
+        new_names = set(self._staged)
+        data_names = [n for n in self._staged if n != index_name]
+        self._protect_old_checkpoint(set(data_names))
+        for name in data_names:
+            os.replace(self._staged.pop(name), self.directory / name)
+        self._sync()
+        if index_name is not None:
+            os.replace(self._staged.pop(index_name), self.directory / index_name)
+            self._sync()
+        self._remove_stale(new_names)
+
+    def _protect_old_checkpoint(self, incoming: set[str]) -> None:
+        for index_name in _INDEX_NAMES:
+            index_path = self.directory / index_name
+            parsed = _index_refs(index_path)
+            if parsed is None:
+                continue
+            obj, refs = parsed
+            colliding = sorted(refs & incoming)
+            if not colliding:
+                continue
+            renamed: dict[str, str] = {}
+            linked = True
+            for name in colliding:
+                alias = alias_name(name, self.token)
+                try:
+                    os.link(self.directory / name, self.directory / alias)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    linked = False
+                    logger.warning(
+                        "hard links are not supported in %s (%s); replacing %s without protecting the old "
+                        "checkpoint, so a crash in the next moments can leave the folder unloadable",
+                        self.directory,
+                        exc,
+                        index_name,
+                    )
+                    break
+                renamed[name] = alias
+            if not linked:
+                for alias in renamed.values():
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.directory / alias).unlink()
+                continue
+            obj["weight_map"] = {k: renamed.get(v, v) for k, v in obj["weight_map"].items()}
+            rewritten = self.directory / temp_name(index_name, self.token + "-old")
+            with open_temp(rewritten, durable=self.durable) as fh:
+                write_all(fh, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8") + b"\n")
+            self._sync()  # the aliases must be durable before the index points at them
+            os.replace(rewritten, index_path)
+            self._sync()
+
+    def _remove_stale(self, keep: set[str]) -> None:
+        names = os.listdir(self.directory)
+        stale = [
+            n
+            for n in names
+            if n not in keep and (is_weights_artifact(n) or (_is_ours(n) and self.token in n))
+        ]
+        # Index files first: while an old index exists, its data files must stay whole.
+        stale.sort(key=lambda n: (not n.endswith(".index.json"), n))
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / name).unlink()
+        if stale:
+            self._sync()
+        # Debris of earlier interrupted saves is unreferenced now that our index is live.
+        self.clean_debris()

@@ -1,0 +1,118 @@
+"""The error hierarchy. Every user-facing error derives from :class:`BigModelError`.
+
+Messages name the file or key, state the rule that was broken (with a stable short code in
+``[brackets]``, also available as ``.code``), and say what to do about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "BigModelError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "InvalidCheckpointError",
+    "KeyMismatchError",
+    "Problem",
+    "UnsafeCheckpointError",
+]
+
+
+class BigModelError(Exception):
+    """Root of every error raised on purpose by bigmodel."""
+
+    code: str = "bigmodel"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule in one file; :class:`InvalidCheckpointError` carries a list of them."""
+
+    file: str
+    code: str
+    message: str
+    key: str | None = None
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.key is None else f"{self.file}, tensor {self.key!r}"
+        text = f"{where}: [{self.code}] {self.message}"
+        if self.hint:
+            text += f" Fix: {self.hint}"
+        return text
+
+
+class InvalidCheckpointError(BigModelError, ValueError):
+    """A checkpoint breaks a rule of the format; ``.problems`` lists every problem found."""
+
+    def __init__(self, problems: Sequence[Problem] | Problem) -> None:
+        self.problems: tuple[Problem, ...] = (
+            (problems,) if isinstance(problems, Problem) else tuple(problems)
+        )
+        assert self.problems, "InvalidCheckpointError needs at least one problem"
+        self.code = self.problems[0].code
+        if len(self.problems) == 1:
+            message = str(self.problems[0])
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"{len(self.problems)} problems found in the checkpoint:\n{lines}"
+        super().__init__(message)
+
+    @classmethod
+    def one(
+        cls, file: str, code: str, message: str, *, key: str | None = None, hint: str | None = None
+    ) -> InvalidCheckpointError:
+        return cls(Problem(file=file, code=code, message=message, key=key, hint=hint))
+
+
+class UnsafeCheckpointError(InvalidCheckpointError):
+    """A pickled (``.bin``) checkpoint that ``torch.load(weights_only=True)`` refuses."""
+
+
+class CheckpointNotFoundError(BigModelError, FileNotFoundError):
+    """No checkpoint at the given path."""
+
+    code = "not-found"
+
+
+class KeyMismatchError(BigModelError, ValueError):
+    """A strict load found missing, unexpected or mis-shaped keys; the message lists them all."""
+
+    code = "key-mismatch"
+
+    def __init__(
+        self,
+        *,
+        checkpoint: str,
+        missing_keys: Iterable[str] = (),
+        unexpected_keys: Iterable[str] = (),
+        mismatched_keys: Iterable[str] = (),
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.missing_keys = list(missing_keys)
+        self.unexpected_keys = list(unexpected_keys)
+        self.mismatched_keys = list(mismatched_keys)
+        parts = [f"Error(s) loading {checkpoint} into the model with strict=True [{self.code}]:"]
+        for title, keys in (
+            ("missing from the checkpoint", self.missing_keys),
+            ("in the checkpoint but not in the model", self.unexpected_keys),
+            ("with a different shape in the checkpoint and in the model", self.mismatched_keys),
+        ):
+            if keys:
+                shown = ", ".join(keys[:20]) + (
+                    f", ... ({len(keys) - 20} more)" if len(keys) > 20 else ""
+                )
+                parts.append(f"  {len(keys)} key(s) {title}: {shown}")
+        parts.append(
+            "Fix: check that the checkpoint belongs to this model class and configuration, "
+            "or pass strict=False and inspect the returned missing_keys/unexpected_keys."
+        )
+        super().__init__("\n".join(parts))
+
+
+class CheckpointWriteError(BigModelError, OSError):
+    """Writing a checkpoint failed; the previous checkpoint in the folder is left intact."""
+
+    code = "write-failed"

@@ -1,0 +1,91 @@
+"""How bytes reach the disk: temporary names, full writes, fsync of files and directories.
+
+Nothing above the storage layer opens a file for writing; the save orchestration composes
+these primitives into its commit protocol (see ``save.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "ALIAS_MARKER",
+    "TEMP_MARKER",
+    "alias_name",
+    "fsync_dir",
+    "new_token",
+    "open_temp",
+    "temp_name",
+    "write_all",
+]
+
+#: Infix of files a save writes before publishing them; a leftover one is debris of a killed save.
+TEMP_MARKER = ".bigmodel-tmp-"
+#: Infix of hard links that keep a previous checkpoint loadable while a save replaces its files.
+ALIAS_MARKER = ".bigmodel-old-"
+
+
+def new_token() -> str:
+    """A short random token that makes one save's temporary names unique."""
+    return secrets.token_hex(6)
+
+
+def temp_name(final_name: str, token: str) -> str:
+    """Hidden temporary name for ``final_name`` (``.model.safetensors.bigmodel-tmp-ab12``)."""
+    return f".{final_name}{TEMP_MARKER}{token}"
+
+
+def alias_name(final_name: str, token: str) -> str:
+    """Name of the hard link that keeps ``final_name``'s old content alive, same extension."""
+    stem, dot, ext = final_name.rpartition(".")
+    if not dot:
+        return f"{final_name}{ALIAS_MARKER}{token}"
+    return f"{stem}{ALIAS_MARKER}{token}.{ext}"
+
+
+def write_all(fh: BinaryIO, data: memoryview | bytes) -> None:
+    """Write every byte of ``data`` (raw files may accept fewer bytes than offered)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = fh.write(view)
+        if written is None:  # pragma: no cover - only non-blocking files return None
+            raise BlockingIOError("non-blocking write made no progress")
+        view = view[written:]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames and unlinks in ``directory`` durable (no-op where directories can't be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_temp(path: Path, *, durable: bool) -> Iterator[BinaryIO]:
+    """Open ``path`` for a fresh unbuffered write; on success flush and (if durable) fsync it.
+
+    On any exception the partial file is removed before the exception propagates.
+    """
+    fh = open(path, "xb", buffering=0)  # noqa: SIM115 - closed in the finally below
+    ok = False
+    try:
+        yield fh
+        fh.flush()
+        if durable:
+            os.fsync(fh.fileno())
+        ok = True
+    finally:
+        fh.close()
+        if not ok:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

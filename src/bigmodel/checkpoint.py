@@ -1,0 +1,537 @@
+"""What a checkpoint is: discovery in a folder, the index, validation, lazy per-tensor access.
+
+:func:`open_checkpoint` accepts a folder, an index file or a single weights file and returns
+a read-only :class:`Checkpoint`. The index and every header are untrusted input: they are
+validated when the checkpoint is opened and every problem is reported in one
+:class:`~bigmodel.InvalidCheckpointError`. Tensors are then read lazily, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ._errors import CheckpointNotFoundError, InvalidCheckpointError, Problem
+from .formats.safetensors import SafetensorsFile
+from .formats.torch_bin import load_bin
+from .sharding import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+__all__ = [
+    "ALIASES_KEY",
+    "MAX_INDEX_SIZE",
+    "Checkpoint",
+    "TensorInfo",
+    "TensorSlice",
+    "open_checkpoint",
+]
+
+Format = Literal["safetensors", "bin"]
+
+#: Key (in index ``metadata``, or in a single file's ``__metadata__`` as a JSON string) of the
+#: map {alias name: stored name} for tensors that shared storage and were written once.
+ALIASES_KEY = "bigmodel_aliases"
+#: Index files above this size are refused before parsing.
+MAX_INDEX_SIZE = 256 * 1000 * 1000
+
+_INDEX_FIX = "re-save the checkpoint, or repair the index so that it lists each tensor once with the shard that holds it."
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, known without reading its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str
+    #: For an alias of a tied tensor, the stored name it shares data with.
+    alias_of: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class TensorSlice:
+    """Lazy handle on one tensor: ``ckpt.get_slice(name)[0:128, :]`` reads only those bytes."""
+
+    def __init__(self, checkpoint: Checkpoint, info: TensorInfo) -> None:
+        self._checkpoint = checkpoint
+        self.info = info
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    def get_shape(self) -> list[int]:
+        """safetensors-compatible spelling of :attr:`shape`."""
+        return list(self.info.shape)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        view = self._checkpoint.get_tensor(self.info.name)[index]
+        return view.contiguous()
+
+
+class Checkpoint:
+    """A validated, read-only checkpoint (single file or sharded, safetensors or ``.bin``).
+
+    Use as a context manager or call :meth:`close`. Tensors returned by :meth:`get_tensor` are
+    CPU views of a private file mapping: zero-copy, and writing to them never changes the file.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        format: Format,
+        index_file: Path | None,
+        weight_map: dict[str, str],
+        metadata: dict[str, Any],
+        aliases: dict[str, str],
+        readers: dict[str, SafetensorsFile | dict[str, torch.Tensor]],
+    ) -> None:
+        self.path = path
+        self.directory = path.parent
+        self.format: Format = format
+        self.index_file = index_file
+        self.metadata = metadata
+        self.aliases = aliases
+        self._weight_map = weight_map
+        self._readers = readers
+
+    # -- structure -----------------------------------------------------------------------
+    @property
+    def is_sharded(self) -> bool:
+        return self.index_file is not None
+
+    @property
+    def files(self) -> list[str]:
+        """Weight file names, relative to :attr:`directory`, in shard order."""
+        return list(self._readers)
+
+    def keys(self) -> list[str]:
+        """Every tensor name: stored tensors in file order, then aliases of tied tensors."""
+        return [*self._weight_map, *self.aliases]
+
+    def stored_keys(self) -> list[str]:
+        """Names whose bytes are in the files (aliases excluded)."""
+        return list(self._weight_map)
+
+    def keys_by_file(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {f: [] for f in self._readers}
+        for name, file in self._weight_map.items():
+            out[file].append(name)
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._weight_map or name in self.aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._weight_map) + len(self.aliases)
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data stored (aliases counted once)."""
+        return sum(self.tensor_info(name).nbytes for name in self._weight_map)
+
+    def _resolve(self, name: str) -> str:
+        if name in self._weight_map:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise KeyError(
+            f"{name!r} is not a tensor of the checkpoint {self.path} ({len(self)} tensors); use .keys() to list them."
+        )
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        stored = self._resolve(name)
+        file = self._weight_map[stored]
+        reader = self._readers[file]
+        if isinstance(reader, SafetensorsFile):
+            entry = reader.entries[stored]
+            dtype, shape = entry.dtype, entry.shape
+        else:
+            tensor = reader[stored]
+            dtype, shape = tensor.dtype, tuple(tensor.shape)
+        return TensorInfo(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            file=file,
+            alias_of=None if stored == name else stored,
+        )
+
+    # -- data ----------------------------------------------------------------------------
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor on CPU, zero-copy where the file allows it."""
+        stored = self._resolve(name)
+        reader = self._readers[self._weight_map[stored]]
+        if isinstance(reader, SafetensorsFile):
+            return reader.get_tensor(stored)
+        return reader[stored]
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A lazy handle: index it to read only part of the tensor."""
+        return TensorSlice(self, self.tensor_info(name))
+
+    def close(self) -> None:
+        """Release the file mappings held by this object; tensors already returned stay valid."""
+        for reader in self._readers.values():
+            if isinstance(reader, SafetensorsFile):
+                reader.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        layout = f"sharded, {len(self._readers)} files" if self.is_sharded else "single file"
+        return f"Checkpoint({str(self.path)!r}, {self.format}, {layout}, {len(self)} tensors)"
+
+
+# -- discovery ---------------------------------------------------------------------------
+def _candidates(prefer_safe: bool) -> list[str]:
+    safe = [SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME]
+    legacy = [WEIGHTS_INDEX_NAME, WEIGHTS_NAME]
+    return safe + legacy if prefer_safe else legacy + safe
+
+
+def discover(path: str | os.PathLike[str], *, prefer_safe: bool = True) -> Path:
+    """The file that defines the checkpoint at ``path`` (an index or a single weights file).
+
+    In a folder the order is: safetensors index, ``model.safetensors``, ``.bin`` index,
+    ``pytorch_model.bin`` (the ``.bin`` pair first when ``prefer_safe=False``).
+    """
+    p = Path(path)
+    if p.is_dir():
+        for name in _candidates(prefer_safe):
+            if (p / name).is_file():
+                return p / name
+        present = sorted(n for n in os.listdir(p) if n.endswith((".safetensors", ".bin", ".json")))[
+            :10
+        ]
+        raise CheckpointNotFoundError(
+            f"No checkpoint in folder {p}: looked for {', '.join(_candidates(prefer_safe))}"
+            + (
+                f"; found only {', '.join(present)}"
+                if present
+                else "; the folder has no weight files"
+            )
+            + ". Fix: pass the folder a checkpoint was saved into, or the path of a weights or index file."
+        )
+    if not p.exists():
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {p}: the path does not exist. Fix: check the path."
+        )
+    return p
+
+
+def _file_format(name: str) -> Format | None:
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith((".bin", ".pt", ".pth")):
+        return "bin"
+    return None
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, prefer_safe: bool = True) -> Checkpoint:
+    """Open and validate the checkpoint at ``path`` (folder, index file or weights file)."""
+    target = discover(path, prefer_safe=prefer_safe)
+    name = target.name
+    if name.endswith(".index.json"):
+        return _open_sharded(target)
+    fmt = _file_format(name)
+    if fmt is None:
+        raise InvalidCheckpointError.one(
+            str(target),
+            "unknown-format",
+            "not a recognised checkpoint file; expected *.safetensors, *.bin, *.pt, *.pth or *.index.json.",
+            hint="pass the folder or the index file of the checkpoint.",
+        )
+    return _open_single(target, fmt)
+
+
+def _parse_aliases(
+    file: str, raw: object, stored: Mapping[str, str], problems: list[Problem]
+) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raw = None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        problems.append(
+            Problem(
+                file,
+                "bad-alias",
+                f"metadata[{ALIASES_KEY!r}] must map alias names to stored tensor names.",
+                hint=_INDEX_FIX,
+            )
+        )
+        return {}
+    aliases: dict[str, str] = {}
+    for alias, source in raw.items():
+        if alias in stored:
+            problems.append(
+                Problem(
+                    file,
+                    "bad-alias",
+                    "an alias must not also be stored; readers would disagree on its value.",
+                    key=alias,
+                    hint=_INDEX_FIX,
+                )
+            )
+        elif source not in stored:
+            problems.append(
+                Problem(
+                    file,
+                    "bad-alias",
+                    f"an alias of {source!r}, which the checkpoint does not store.",
+                    key=alias,
+                    hint=_INDEX_FIX,
+                )
+            )
+        else:
+            aliases[alias] = source
+    return aliases
+
+
+def _open_single(target: Path, fmt: Format) -> Checkpoint:
+    problems: list[Problem] = []
+    reader: SafetensorsFile | dict[str, torch.Tensor]
+    if fmt == "safetensors":
+        reader = SafetensorsFile(target)
+        keys = list(reader.entries)
+        metadata: dict[str, Any] = dict(reader.metadata)
+    else:
+        reader = load_bin(target)
+        keys = list(reader)
+        metadata = {}
+    weight_map = dict.fromkeys(keys, target.name)
+    aliases = _parse_aliases(str(target), metadata.get(ALIASES_KEY), weight_map, problems)
+    if problems:
+        raise InvalidCheckpointError(problems)
+    return Checkpoint(
+        path=target,
+        format=fmt,
+        index_file=None,
+        weight_map=weight_map,
+        metadata=metadata,
+        aliases=aliases,
+        readers={target.name: reader},
+    )
+
+
+def _unsafe_shard_name(name: str) -> str | None:
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if "/" in name or "\\" in name:
+        return "contains a path separator; shards must be plain file names inside the checkpoint folder"
+    if name in {".", ".."}:
+        return "is not a file name"
+    if os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    return None
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    file = str(index)
+    size = index.stat().st_size
+    if size > MAX_INDEX_SIZE:
+        raise InvalidCheckpointError.one(
+            file,
+            "index-too-large",
+            f"the index is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
+            hint=_INDEX_FIX,
+        )
+    seen_keys: list[str] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                seen_keys.append(k)
+            out[k] = v
+        return out
+
+    try:
+        obj = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=hook)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidCheckpointError.one(
+            file, "index-not-json", f"the index is not valid UTF-8 JSON ({exc}).", hint=_INDEX_FIX
+        ) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        raise InvalidCheckpointError.one(
+            file,
+            "index-no-weight-map",
+            'the index must be a JSON object with a "weight_map" object.',
+            hint=_INDEX_FIX,
+        )
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise InvalidCheckpointError.one(
+            file, "index-bad-metadata", '"metadata" must be a JSON object.', hint=_INDEX_FIX
+        )
+    problems = [
+        Problem(
+            file,
+            "duplicate-key",
+            "the index lists this key more than once.",
+            key=k,
+            hint=_INDEX_FIX,
+        )
+        for k in seen_keys
+    ]
+    weight_map: dict[str, str] = {}
+    for key, shard in obj["weight_map"].items():
+        if not isinstance(shard, str):
+            problems.append(
+                Problem(
+                    file,
+                    "index-bad-value",
+                    f"the weight_map value must be a shard file name, not {type(shard).__name__}.",
+                    key=key,
+                    hint=_INDEX_FIX,
+                )
+            )
+        else:
+            weight_map[key] = shard
+    if problems:
+        raise InvalidCheckpointError(problems)
+    return weight_map, metadata
+
+
+def _open_sharded(index: Path) -> Checkpoint:
+    file = str(index)
+    fmt: Format = "bin" if index.name.endswith(".bin.index.json") else "safetensors"
+    weight_map, metadata = _read_index(index)
+    directory = index.parent
+    problems: list[Problem] = []
+
+    shards: list[str] = []
+    bad_shards: set[str] = set()
+    for key, shard in weight_map.items():
+        if shard in shards or shard in bad_shards:
+            continue
+        reason = _unsafe_shard_name(shard)
+        if reason is None and _file_format(shard) != fmt:
+            reason = f"is not a {fmt} file, but the index is a {fmt} index"
+        if reason is None and not (directory / shard).is_file():
+            problems.append(
+                Problem(
+                    file,
+                    "missing-shard",
+                    f"the index names shard {shard!r}, which is not in {directory}.",
+                    key=key,
+                    hint="copy the missing shard into the folder or re-save the checkpoint.",
+                )
+            )
+            bad_shards.add(shard)
+        elif reason is not None:
+            problems.append(
+                Problem(
+                    file,
+                    "unsafe-shard-name",
+                    f"shard name {shard!r} {reason}.",
+                    key=key,
+                    hint=_INDEX_FIX,
+                )
+            )
+            bad_shards.add(shard)
+        else:
+            shards.append(shard)
+
+    readers: dict[str, SafetensorsFile | dict[str, torch.Tensor]] = {}
+    holder: dict[str, str] = {}
+    for shard in shards:
+        try:
+            reader: SafetensorsFile | dict[str, torch.Tensor] = (
+                SafetensorsFile(directory / shard)
+                if fmt == "safetensors"
+                else load_bin(directory / shard)
+            )
+        except InvalidCheckpointError as exc:
+            problems.extend(exc.problems)
+            continue
+        readers[shard] = reader
+        names = reader.entries if isinstance(reader, SafetensorsFile) else reader
+        for name in names:
+            if name in holder:
+                problems.append(
+                    Problem(
+                        file,
+                        "duplicate-key",
+                        f"the tensor is stored in both {holder[name]!r} and {shard!r}; which copy wins is undefined.",
+                        key=name,
+                        hint=_INDEX_FIX,
+                    )
+                )
+                continue
+            holder[name] = shard
+            if weight_map.get(name) != shard:
+                where = (
+                    "is not listed in the index"
+                    if name not in weight_map
+                    else f"is listed in the index under {weight_map[name]!r}"
+                )
+                problems.append(
+                    Problem(
+                        str(directory / shard),
+                        "shard-key-not-in-index",
+                        f"the shard holds this tensor, which {where}.",
+                        key=name,
+                        hint=_INDEX_FIX,
+                    )
+                )
+    for key, shard in weight_map.items():
+        if shard in readers and holder.get(key) != shard:
+            problems.append(
+                Problem(
+                    file,
+                    "index-key-not-in-shard",
+                    f"the index maps this key to {shard!r}, whose header does not contain it.",
+                    key=key,
+                    hint=_INDEX_FIX,
+                )
+            )
+
+    aliases = _parse_aliases(file, metadata.get(ALIASES_KEY), weight_map, problems)
+    if problems:
+        raise InvalidCheckpointError(problems)
+    # Order files by first appearance in the weight map, keys grouped per file in that order.
+    ordered = {shard: readers[shard] for shard in dict.fromkeys(weight_map.values())}
+    return Checkpoint(
+        path=index,
+        format=fmt,
+        index_file=index,
+        weight_map=weight_map,
+        metadata=metadata,
+        aliases=aliases,
+        readers=ordered,
+    )

@@ -1,0 +1,1 @@
+"""Storage layer: how tensors are encoded in files. Nothing above this package parses bytes."""

@@ -1,0 +1,483 @@
+"""The safetensors format: a strict header parser, zero-copy mmap reads, and a streaming writer.
+
+Layout (https://github.com/huggingface/safetensors): 8-byte little-endian header length N,
+N bytes of UTF-8 JSON (padded with spaces to a multiple of 8), then the tensor data. Each
+header entry has ``dtype``, ``shape`` and ``data_offsets`` relative to the data start; the
+optional ``__metadata__`` is a str->str map. Data must be covered exactly.
+
+We parse headers ourselves rather than through ``safetensors.safe_open`` because the file is
+untrusted input: the reference reader accepts duplicated names and raises its own exception
+type, while every problem here must become an :class:`~bigmodel.InvalidCheckpointError`
+naming the file, the rule and the tensor. Reads map the file privately (copy-on-write), so a
+same-dtype CPU tensor aliases the page cache and writing to it never touches the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from .._errors import InvalidCheckpointError, Problem
+from .._io import write_all
+
+__all__ = [
+    "DTYPE_FROM_NAME",
+    "MAX_HEADER_SIZE",
+    "NAME_FROM_DTYPE",
+    "SafetensorsFile",
+    "TensorEntry",
+    "read_header",
+    "tensor_nbytes",
+    "write_safetensors",
+]
+
+#: Headers above this size are refused (the reference implementation uses the same limit).
+MAX_HEADER_SIZE = 100 * 1000 * 1000
+
+_DTYPE_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+#: safetensors dtype names whose elements are smaller than a byte; torch has no 1:1 dtype.
+_SUB_BYTE = {"F4", "F6_E2M3", "F6_E3M2"}
+
+#: safetensors dtype name -> torch dtype, for the dtypes this torch build has.
+DTYPE_FROM_NAME: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)
+}
+NAME_FROM_DTYPE: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPE_FROM_NAME.items()}
+
+_FIX_REWRITE = "re-create the file with a correct writer (bigmodel.save_checkpoint or safetensors.torch.save_file)."
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file (offsets are absolute file positions)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def tensor_nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKeyError(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
+    """Parse and validate the header of ``path``; raise one error listing every problem.
+
+    Sizes are checked against the file size before anything is mapped, so a truncated file
+    is reported here instead of faulting a later read.
+    """
+    file = str(path)
+    own = fh is None
+    handle = open(path, "rb") if fh is None else fh  # noqa: SIM115 - closed below when owned
+    try:
+        file_size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise InvalidCheckpointError.one(
+                file,
+                "header-too-short",
+                f"the file is {file_size} bytes; a safetensors file starts with an 8-byte header length.",
+                hint=_FIX_REWRITE,
+            )
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_SIZE:
+            raise InvalidCheckpointError.one(
+                file,
+                "header-too-large",
+                f"the header claims {header_len} bytes, above the {MAX_HEADER_SIZE}-byte limit.",
+                hint=_FIX_REWRITE,
+            )
+        if 8 + header_len > file_size:
+            raise InvalidCheckpointError.one(
+                file,
+                "header-past-eof",
+                f"the header claims {header_len} bytes but the file has only {file_size - 8} after the length prefix (truncated file?).",
+                hint="re-download or re-save the file.",
+            )
+        raw = handle.read(header_len)
+    finally:
+        if own:
+            handle.close()
+    return _parse_header(file, raw, file_size)
+
+
+def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidCheckpointError.one(
+            file,
+            "header-not-utf8",
+            f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start}).",
+            hint=_FIX_REWRITE,
+        ) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _DuplicateKeyError as exc:
+        raise InvalidCheckpointError.one(
+            file,
+            "duplicate-tensor",
+            "the header names this tensor more than once; the format forbids it and readers disagree on which copy wins.",
+            key=exc.key,
+            hint=_FIX_REWRITE,
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidCheckpointError.one(
+            file, "header-not-json", f"the header is not valid JSON ({exc}).", hint=_FIX_REWRITE
+        ) from None
+    if not isinstance(obj, dict):
+        raise InvalidCheckpointError.one(
+            file,
+            "header-not-object",
+            f"the header must be a JSON object, not {type(obj).__name__}.",
+            hint=_FIX_REWRITE,
+        )
+
+    data_start = 8 + len(raw)
+    problems: list[Problem] = []
+    metadata: dict[str, str] = {}
+    raw_meta = obj.pop("__metadata__", None)
+    if raw_meta is not None:
+        if not isinstance(raw_meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+        ):
+            problems.append(
+                Problem(
+                    file,
+                    "bad-metadata",
+                    "__metadata__ must map strings to strings.",
+                    hint=_FIX_REWRITE,
+                )
+            )
+        else:
+            metadata = raw_meta
+
+    entries: dict[str, TensorEntry] = {}
+    for name, info in obj.items():
+        entry = _parse_entry(file, name, info, data_start, problems)
+        if entry is not None:
+            entries[name] = entry
+
+    if not problems:
+        _check_coverage(file, entries, data_start, file_size, problems)
+    if problems:
+        raise InvalidCheckpointError(problems)
+    return SafetensorsHeader(
+        entries=entries, metadata=metadata, data_start=data_start, file_size=file_size
+    )
+
+
+def _parse_entry(
+    file: str, name: str, info: object, data_start: int, problems: list[Problem]
+) -> TensorEntry | None:
+    if not isinstance(info, dict):
+        problems.append(
+            Problem(
+                file,
+                "bad-entry",
+                f"the header entry must be an object with dtype, shape and data_offsets, not {type(info).__name__}.",
+                key=name,
+                hint=_FIX_REWRITE,
+            )
+        )
+        return None
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype_name, str):
+        problems.append(
+            Problem(file, "bad-entry", "'dtype' must be a string.", key=name, hint=_FIX_REWRITE)
+        )
+        return None
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        problems.append(
+            Problem(
+                file,
+                "bad-entry",
+                f"'shape' must be a list of non-negative integers, got {shape!r}.",
+                key=name,
+                hint=_FIX_REWRITE,
+            )
+        )
+        return None
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) and o >= 0 for o in offsets)
+    ):
+        problems.append(
+            Problem(
+                file,
+                "bad-entry",
+                f"'data_offsets' must be two non-negative integers, got {offsets!r}.",
+                key=name,
+                hint=_FIX_REWRITE,
+            )
+        )
+        return None
+    begin, end = offsets
+    if dtype_name in _SUB_BYTE:
+        problems.append(
+            Problem(
+                file,
+                "unsupported-dtype",
+                f"dtype {dtype_name} packs elements below a byte and has no torch equivalent.",
+                key=name,
+                hint="convert this tensor to a byte-sized dtype before saving.",
+            )
+        )
+        return None
+    dtype = DTYPE_FROM_NAME.get(dtype_name)
+    if dtype is None:
+        known = ", ".join(sorted(DTYPE_FROM_NAME))
+        problems.append(
+            Problem(
+                file,
+                "unknown-dtype",
+                f"unknown dtype {dtype_name!r}; known dtypes are {known}.",
+                key=name,
+                hint=_FIX_REWRITE,
+            )
+        )
+        return None
+    numel = math.prod(shape)
+    expected = numel * dtype.itemsize
+    if end < begin:
+        problems.append(
+            Problem(
+                file,
+                "bad-offsets",
+                f"data_offsets {offsets} end before they begin.",
+                key=name,
+                hint=_FIX_REWRITE,
+            )
+        )
+        return None
+    if expected != end - begin:
+        problems.append(
+            Problem(
+                file,
+                "size-mismatch",
+                f"shape {shape} of {dtype_name} needs {expected} bytes but data_offsets {offsets} span {end - begin}.",
+                key=name,
+                hint=_FIX_REWRITE,
+            )
+        )
+        return None
+    return TensorEntry(
+        name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end
+    )
+
+
+def _check_coverage(
+    file: str,
+    entries: dict[str, TensorEntry],
+    data_start: int,
+    file_size: int,
+    problems: list[Problem],
+) -> None:
+    position = data_start
+    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            kind = (
+                "overlaps the previous tensor"
+                if entry.begin < position
+                else f"leaves a gap of {entry.begin - position} bytes before it"
+            )
+            problems.append(
+                Problem(
+                    file,
+                    "bad-offsets",
+                    f"data_offsets {kind}; tensor data must be contiguous with no holes or overlap.",
+                    key=entry.name,
+                    hint=_FIX_REWRITE,
+                )
+            )
+            return
+        position = entry.end
+    if position > file_size:
+        problems.append(
+            Problem(
+                file,
+                "truncated",
+                f"tensor data ends at byte {position} but the file has {file_size} bytes (truncated file).",
+                hint="re-download or re-save the file.",
+            )
+        )
+    elif position < file_size:
+        problems.append(
+            Problem(
+                file,
+                "trailing-bytes",
+                f"{file_size - position} bytes follow the last tensor; the format forbids trailing data.",
+                hint=_FIX_REWRITE,
+            )
+        )
+
+
+class SafetensorsFile:
+    """A validated safetensors file with lazy, zero-copy access to each tensor.
+
+    The file is mapped privately on first access; tensors returned by :meth:`get_tensor`
+    are views of that mapping (copy-on-write), so they cost no anonymous memory until written.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        header = read_header(path)
+        self.entries = header.entries
+        self.metadata = header.metadata
+        self.data_start = header.data_start
+        self.file_size = header.file_size
+        self._map: mmap.mmap | None = None
+
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size != self.file_size:
+                    raise InvalidCheckpointError.one(
+                        str(self.path),
+                        "file-changed",
+                        f"the file changed size from {self.file_size} to {size} bytes after it was opened.",
+                        hint="do not modify checkpoints while they are being read; reopen the checkpoint.",
+                    )
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a CPU view of the mapping (a copy only if misaligned)."""
+        entry = self.entries[name]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        raw = torch.frombuffer(
+            self._mapping(), dtype=torch.uint8, count=entry.nbytes, offset=entry.begin
+        )
+        if entry.begin % entry.dtype.itemsize:
+            raw = raw.clone()  # other writers may leave tensors unaligned; views need alignment
+        return raw.view(entry.dtype).view(entry.shape)
+
+    def close(self) -> None:
+        """Drop this reader's reference to the mapping; tensors already returned stay valid."""
+        self._map = None
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """A read-only byte view of ``tensor``'s data; copies only if it is not already a contiguous CPU tensor."""
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.to("cpu")
+    flat = flat.contiguous().reshape(-1)
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
+
+
+def header_bytes(
+    tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+    """The encoded header (length prefix included) and the tensors in the order they are written.
+
+    Tensors are ordered by descending element size, then by name, as the reference writer
+    does, so that every tensor is aligned for zero-copy views.
+    """
+    ordered = sorted(tensors, key=lambda item: (-item[1].element_size(), item[0]))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, tensor in ordered:
+        size = tensor_nbytes(tensor)
+        header[name] = {
+            "dtype": NAME_FROM_DTYPE[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded, ordered
+
+
+def write_safetensors(
+    fh: BinaryIO,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+    on_bytes: Callable[[int], object] | None = None,
+) -> int:
+    """Stream ``tensors`` into ``fh`` in safetensors format; return the bytes of tensor data.
+
+    Each tensor is written straight from its own memory: contiguous CPU tensors are never
+    copied, and any other tensor is copied one at a time, so extra memory is at most one
+    tensor. The caller checks dtypes against :data:`NAME_FROM_DTYPE` beforehand.
+    """
+    header, ordered = header_bytes(tensors, metadata)
+    write_all(fh, header)
+    total = 0
+    for _name, tensor in ordered:
+        if tensor.numel():
+            data = _as_bytes(tensor)
+            write_all(fh, data)
+            total += data.nbytes
+            if on_bytes is not None:
+                on_bytes(data.nbytes)
+            del data
+    return total

@@ -1,0 +1,225 @@
+"""``save_checkpoint``: a module or state dict to a Hugging Face-layout checkpoint folder."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import nn
+
+from ._commit import Commit
+from ._errors import BigModelError, CheckpointWriteError
+from ._log import logger
+from ._progress import progress_bar
+from ._units import parse_size
+from .checkpoint import ALIASES_KEY
+from .formats.safetensors import NAME_FROM_DTYPE, tensor_nbytes, write_safetensors
+from .formats.torch_bin import write_bin
+from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, find_aliases, plan_shards, shard_name
+
+__all__ = ["SaveResult", "UnsupportedTensorError", "save_checkpoint"]
+
+_RESERVED_METADATA = frozenset({"format", "total_size", ALIASES_KEY})
+
+
+class UnsupportedTensorError(BigModelError, ValueError):
+    """A state dict entry that cannot be written (meta/sparse tensor, unsupported dtype, not a tensor)."""
+
+    code = "unsupported-tensor"
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save wrote. ``files`` are weight file names relative to ``directory``."""
+
+    directory: Path
+    files: list[str]
+    index_file: str | None
+    total_size: int
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def _state_dict(
+    obj: nn.Module | Mapping[str, torch.Tensor], *, safe: bool
+) -> dict[str, torch.Tensor]:
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"save_checkpoint expects an nn.Module or a state dict (str -> Tensor), got {type(obj).__name__}."
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise UnsupportedTensorError(
+                f"State dict key {name!r} is a {type(name).__name__}; keys must be strings. Fix: rename the entry."
+            )
+        if not isinstance(tensor, torch.Tensor):
+            raise UnsupportedTensorError(
+                f"State dict entry {name!r} is a {type(tensor).__name__}, not a tensor. Fix: save only tensors; keep other state in a separate file."
+            )
+        if tensor.device.type == "meta":
+            raise UnsupportedTensorError(
+                f"Tensor {name!r} is on the meta device and has no data to save. Fix: load or initialise the weights (e.g. bigmodel.load_checkpoint) before saving."
+            )
+        if tensor.layout != torch.strided:
+            raise UnsupportedTensorError(
+                f"Tensor {name!r} has layout {tensor.layout}; only dense tensors can be saved. Fix: save tensor.to_dense()."
+            )
+        if safe and tensor.dtype not in NAME_FROM_DTYPE:
+            raise UnsupportedTensorError(
+                f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store. "
+                f"Fix: cast it to a supported dtype ({', '.join(str(d) for d in NAME_FROM_DTYPE)}) or pass safe_serialization=False."
+            )
+        out[name] = tensor.detach()
+    return out
+
+
+def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(
+            f"metadata must map strings to strings (safetensors stores str -> str); offending key: {bad[0]!r}."
+        )
+    reserved = sorted(_RESERVED_METADATA & set(metadata))
+    if reserved:
+        raise ValueError(
+            f"metadata key(s) {reserved} are written by bigmodel itself; choose other names."
+        )
+    return dict(metadata)
+
+
+def _write_shard(
+    fh: BinaryIO,
+    *,
+    tensors: dict[str, torch.Tensor],
+    safe: bool,
+    metadata: dict[str, str],
+    on_bytes: Callable[[int], object],
+) -> None:
+    if safe:
+        write_safetensors(fh, tensors.items(), metadata, on_bytes=on_bytes)
+    else:
+        on_bytes(write_bin(fh, tensors))
+
+
+def save_checkpoint(
+    obj: nn.Module | Mapping[str, torch.Tensor],
+    save_directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "10GB",
+    safe_serialization: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    durable: bool = True,
+    progress: bool | None = None,
+) -> SaveResult:
+    """Save ``obj`` (a module or state dict) into ``save_directory`` in the Hugging Face layout.
+
+    One shard gives ``model.safetensors`` (``pytorch_model.bin`` with
+    ``safe_serialization=False``) and no index; several give ``model-0000k-of-0000N.safetensors``
+    plus ``model.safetensors.index.json``. Shards are packed greedily in key order up to
+    ``max_shard_size`` (see :func:`bigmodel.parse_size`); a larger tensor gets its own shard.
+
+    Tensors that share storage exactly (tied weights) are written once; the others' names are
+    recorded as aliases in the index metadata (or the file's ``__metadata__``) and restored by
+    :func:`bigmodel.open_checkpoint`. Extra memory is at most one tensor: contiguous CPU
+    tensors are written straight from their memory.
+
+    The save is atomic: files are staged under temporary names and fsync'd (``durable=True``,
+    the default; ``durable=False`` skips fsyncs but keeps the atomic publish), then published
+    so that at every instant the folder loads as the previous checkpoint or the new one.
+    Every artefact of the previous checkpoint (either layout, either format) is then removed;
+    other files in the folder (config, tokenizer) are left alone.
+    """
+    safe = bool(safe_serialization)
+    limit = parse_size(max_shard_size)
+    user_meta = _user_metadata(metadata)
+    state = _state_dict(obj, safe=safe)
+    aliases = find_aliases(state) if safe else {}
+    stored = {k: v for k, v in state.items() if k not in aliases}
+    plan = plan_shards({k: tensor_nbytes(v) for k, v in stored.items()}, limit)
+    count = len(plan.shards)
+    names = [shard_name(i, count, safe=safe) for i in range(count)]
+    index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
+
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(
+            f"save_directory {directory} is a file; pass a folder (it is created if missing)."
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+
+    file_meta = {"format": "pt", **user_meta}
+    if index_name is None and aliases:
+        file_meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    if not safe and index_name is None and user_meta:
+        logger.warning(
+            "metadata is not stored in a single pytorch_model.bin (the format has no place for it); use safe_serialization=True to keep it"
+        )
+
+    commit = Commit(directory, durable=durable)
+    step = "cleaning up after an earlier interrupted save"
+    bar = progress_bar(
+        total=plan.total_size, desc=f"Saving {directory.name or directory}", progress=progress
+    )
+    try:
+        commit.clean_debris()
+        for name, keys in zip(names, plan.shards, strict=True):
+            step = f"writing {name}"
+            tensors = {k: stored[k] for k in keys}
+            commit.stage(
+                name,
+                functools.partial(
+                    _write_shard,
+                    tensors=tensors,
+                    safe=safe,
+                    metadata=file_meta,
+                    on_bytes=bar.update,
+                ),
+            )
+        if index_name is not None:
+            step = f"writing {index_name}"
+            index_meta: dict[str, object] = {"total_size": plan.total_size, **user_meta}
+            if aliases:
+                index_meta[ALIASES_KEY] = aliases
+            weight_map = {
+                k: name for name, keys in zip(names, plan.shards, strict=True) for k in keys
+            }
+            index = {"metadata": index_meta, "weight_map": weight_map}
+            commit.stage_bytes(index_name, json.dumps(index, indent=2).encode("utf-8") + b"\n")
+        step = "publishing the new files"
+        commit.publish(index_name)
+    except OSError as exc:
+        commit.abort()
+        raise CheckpointWriteError(
+            exc.errno,
+            f"Saving a checkpoint into {directory} failed while {step}: {exc.strerror or exc}. "
+            "The previous checkpoint in the folder is intact and the partial files were removed. "
+            "Fix: free disk space or fix permissions, then save again.",
+        ) from exc
+    except BaseException:
+        commit.abort()
+        raise
+    finally:
+        bar.close()
+    logger.info(
+        "saved %d tensors (%d bytes) into %d file(s) in %s",
+        len(state),
+        plan.total_size,
+        count,
+        directory,
+    )
+    return SaveResult(
+        directory=directory,
+        files=names,
+        index_file=index_name,
+        total_size=plan.total_size,
+        aliases=aliases,
+    )

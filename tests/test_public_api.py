@@ -1,0 +1,42 @@
+import logging
+
+import bigmodel
+
+EXPECTED = [
+    "BigModelError",
+    "Checkpoint",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "InvalidCheckpointError",
+    "KeyMismatchError",
+    "LoadReport",
+    "Problem",
+    "SaveResult",
+    "TensorInfo",
+    "TensorSlice",
+    "UnsafeCheckpointError",
+    "UnsupportedTensorError",
+    "__version__",
+    "load_sharded_checkpoint",
+    "open_checkpoint",
+    "parse_size",
+    "save_checkpoint",
+]
+
+
+def test_public_names_are_exactly_the_pinned_list():
+    assert sorted(bigmodel.__all__) == sorted(EXPECTED)
+    for name in EXPECTED:
+        assert hasattr(bigmodel, name), name
+
+
+def test_every_error_derives_from_bigmodel_error():
+    for name in EXPECTED:
+        obj = getattr(bigmodel, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, bigmodel.BigModelError), name
+
+
+def test_the_package_logger_has_no_handlers():
+    logger = logging.getLogger("bigmodel")
+    assert logger.handlers == []
