@@ -95,17 +95,8 @@ class Commit:
         return refs
 
     def clean_debris(self) -> None:
-        """Remove leftovers of earlier killed saves that no live index refers to."""
-        live = self._live_refs()
-        removed = False
-        for name in os.listdir(self.directory):
-            if _is_ours(name) and name not in live:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.directory / name).unlink()
-                    logger.info("removed %s, left by an interrupted save", self.directory / name)
-                    removed = True
-        if removed:
-            self._sync()
+        """Remove leftovers of earlier interrupted saves that no live index refers to."""
+        self._remove_unreferenced(_is_ours)
 
     def stage(self, final_name: str, write: Callable[[BinaryIO], object]) -> None:
         """Write one file under a temporary name (flushed and, if durable, fsync'd)."""
@@ -118,11 +109,24 @@ class Commit:
         self.stage(final_name, lambda fh: write_all(fh, data))
 
     def abort(self) -> None:
-        """Remove every staged file that was not published; never touches the old checkpoint."""
-        for path in self._staged.values():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        """Remove what this save wrote and nothing refers to; never touches the old checkpoint.
+
+        Best effort: it runs while an error is propagating, so its own failures are ignored.
+        """
         self._staged.clear()
+        with contextlib.suppress(OSError):
+            self._remove_unreferenced(lambda name: _is_ours(name) and self.token in name)
+
+    def _remove_unreferenced(self, predicate: Callable[[str], bool]) -> None:
+        live = self._live_refs()
+        removed = False
+        for name in os.listdir(self.directory):
+            if predicate(name) and name not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.directory / name).unlink()
+                    removed = True
+        if removed:
+            self._sync()
 
     def publish(self, index_name: str | None) -> None:
         """Make the staged files the checkpoint of the folder (see the module docstring)."""

@@ -1,0 +1,48 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("BIGMODEL_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class TiedNet(nn.Module):
+    """Embedding, two blocks, a head tied to the embedding, and a persistent buffer."""
+
+    def __init__(self, vocab: int = 32, hidden: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("step", torch.tensor(7, dtype=torch.int64))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+@pytest.fixture
+def tied_net() -> TiedNet:
+    torch.manual_seed(0)
+    return TiedNet()
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's bytes: compares NaNs and dtypes without arithmetic (float8 has no ==)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same_state(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key, want in expected.items():
+        got = actual[key]
+        assert got.dtype == want.dtype, key
+        assert got.shape == want.shape, key
+        assert raw_bytes(got) == raw_bytes(want), key

@@ -1,0 +1,244 @@
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+import bigmodel
+from bigmodel.formats.safetensors import NAME_FROM_DTYPE
+from conftest import TiedNet, assert_same_state, raw_bytes
+
+
+def _header(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n])
+
+
+def _state(ckpt):
+    return {k: ckpt.get_tensor(k) for k in ckpt.keys()}
+
+
+def test_one_shard_is_written_as_model_safetensors_without_an_index(tmp_path, tied_net):
+    result = bigmodel.save_checkpoint(tied_net, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert result.files == ["model.safetensors"]
+    assert result.index_file is None
+    header = _header(tmp_path / "model.safetensors")
+    assert header["__metadata__"]["format"] == "pt"
+    assert json.loads(header["__metadata__"]["bigmodel_aliases"]) == {"head.weight": "embed.weight"}
+
+
+def test_several_shards_get_hugging_face_names_and_an_exact_index(tmp_path):
+    state = {f"layer{i}.weight": torch.full((10, 10), float(i)) for i in range(5)}  # 400 bytes each
+    result = bigmodel.save_checkpoint(
+        state, tmp_path, max_shard_size=1000, metadata={"producer": "test"}
+    )
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert result.files == names
+    assert result.index_file == "model.safetensors.index.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*names, "model.safetensors.index.json"]
+    )
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": 2000, "producer": "test"}
+    assert list(index["weight_map"]) == list(state)
+    assert index["weight_map"] == {
+        "layer0.weight": names[0],
+        "layer1.weight": names[0],
+        "layer2.weight": names[1],
+        "layer3.weight": names[1],
+        "layer4.weight": names[2],
+    }
+    for name in names:
+        assert _header(tmp_path / name)["__metadata__"] == {"format": "pt", "producer": "test"}
+        with safe_open(tmp_path / name, "pt") as f:
+            assert f.metadata() == {"format": "pt", "producer": "test"}
+    assert result.total_size == 2000
+
+
+def test_a_tensor_larger_than_the_limit_gets_a_shard_of_its_own(tmp_path):
+    state = {
+        "a": torch.zeros(10),
+        "big": torch.zeros(1000),
+        "b": torch.zeros(10),
+        "c": torch.zeros(10),
+    }
+    bigmodel.save_checkpoint(state, tmp_path, max_shard_size="100B")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {
+        "a": "model-00001-of-00003.safetensors",
+        "big": "model-00002-of-00003.safetensors",
+        "b": "model-00003-of-00003.safetensors",
+        "c": "model-00003-of-00003.safetensors",
+    }
+
+
+def test_legacy_bin_format_uses_pytorch_model_names(tmp_path):
+    state = {f"w{i}": torch.full((10, 10), float(i)) for i in range(3)}
+    result = bigmodel.save_checkpoint(state, tmp_path, max_shard_size=500, safe_serialization=False)
+    assert result.files == [f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)]
+    assert result.index_file == "pytorch_model.bin.index.json"
+    index = json.loads((tmp_path / "pytorch_model.bin.index.json").read_text())
+    assert index["metadata"]["total_size"] == 1200
+    loaded = torch.load(tmp_path / result.files[1], weights_only=True)
+    assert torch.equal(loaded["w1"], state["w1"])
+    single = tmp_path / "single"
+    assert bigmodel.save_checkpoint(state, single, safe_serialization=False).files == [
+        "pytorch_model.bin"
+    ]
+    assert_same_state(_state(bigmodel.open_checkpoint(single)), state)
+
+
+def test_tied_weights_are_stored_once_and_restored_as_aliases(tmp_path, tied_net):
+    result = bigmodel.save_checkpoint(tied_net, tmp_path, max_shard_size=1500)
+    assert result.aliases == {"head.weight": "embed.weight"}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert "head.weight" not in index["weight_map"]
+    assert index["metadata"]["bigmodel_aliases"] == {"head.weight": "embed.weight"}
+    expected_size = sum(
+        t.numel() * t.element_size() for k, t in tied_net.state_dict().items() if k != "head.weight"
+    )
+    assert index["metadata"]["total_size"] == expected_size
+    ckpt = bigmodel.open_checkpoint(tmp_path)
+    assert ckpt.tensor_info("head.weight").alias_of == "embed.weight"
+    assert_same_state(_state(ckpt), tied_net.state_dict())
+    with torch.device("meta"):
+        fresh = TiedNet()
+    bigmodel.load_sharded_checkpoint(fresh, tmp_path)
+    assert fresh.head.weight is fresh.embed.weight
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(fresh(ids), tied_net(ids))
+
+
+def test_non_contiguous_and_partially_overlapping_tensors_are_saved_as_their_values(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = {"t": base.t(), "rows": base[1:3], "cols": base[:, ::2], "whole": base}
+    result = bigmodel.save_checkpoint(state, tmp_path)
+    assert result.aliases == {}
+    assert_same_state(
+        _state(bigmodel.open_checkpoint(tmp_path)), {k: v.contiguous() for k, v in state.items()}
+    )
+
+
+def test_the_same_tensor_under_two_names_in_a_state_dict_is_an_alias(tmp_path):
+    w = torch.randn(3, 3)
+    result = bigmodel.save_checkpoint({"a": w, "b": w, "c": w.view(9)}, tmp_path)
+    assert result.aliases == {"b": "a"}
+    assert_same_state(_state(bigmodel.open_checkpoint(tmp_path)), {"a": w, "b": w, "c": w.view(9)})
+
+
+_DTYPES = sorted(NAME_FROM_DTYPE, key=str)
+
+
+def _random_tensor(draw, dtype, shape):
+    numel = 1
+    for d in shape:
+        numel *= d
+    data = draw(st.binary(min_size=numel * dtype.itemsize, max_size=numel * dtype.itemsize))
+    raw = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    if dtype == torch.bool:
+        raw = raw % 2
+    return raw.view(dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
+
+
+@st.composite
+def state_dicts(draw):
+    count = draw(st.integers(min_value=1, max_value=6))
+    names = draw(
+        st.lists(st.text(min_size=1, max_size=12), min_size=count, max_size=count, unique=True)
+    )
+    out = {}
+    for name in names:
+        dtype = draw(st.sampled_from(_DTYPES))
+        shape = tuple(draw(st.lists(st.integers(min_value=0, max_value=4), max_size=3)))
+        out[name] = _random_tensor(draw, dtype, shape)
+    return out
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(state=state_dicts(), shard_size=st.integers(min_value=0, max_value=200), safe=st.booleans())
+def test_every_supported_dtype_and_shape_round_trips_bit_for_bit(
+    tmp_path_factory, state, shard_size, safe
+):
+    folder = tmp_path_factory.mktemp("roundtrip")
+    if not safe:
+        state = {
+            k: v
+            for k, v in state.items()
+            if v.dtype
+            in {
+                torch.bool,
+                torch.uint8,
+                torch.int8,
+                torch.int16,
+                torch.int32,
+                torch.int64,
+                torch.float16,
+                torch.bfloat16,
+                torch.float32,
+                torch.float64,
+                torch.complex64,
+            }
+        }
+        if not state:
+            return
+    result = bigmodel.save_checkpoint(
+        state, folder, max_shard_size=shard_size, safe_serialization=safe
+    )
+    ckpt = bigmodel.open_checkpoint(folder)
+    assert_same_state(_state(ckpt), state)
+    assert result.total_size == sum(t.numel() * t.element_size() for t in state.values())
+    if safe:
+        for name in result.files:
+            with safe_open(folder / name, "pt") as f:
+                for key in f.keys():
+                    assert raw_bytes(f.get_tensor(key)) == raw_bytes(state[key])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.empty(2, device="meta"), "meta device"),
+        (torch.zeros(2, dtype=torch.complex128), "safetensors cannot store"),
+        (torch.eye(3).to_sparse(), "only dense tensors"),
+        ([1, 2], "not a tensor"),
+    ],
+)
+def test_tensors_that_cannot_be_saved_are_rejected_by_name_before_anything_is_written(
+    tmp_path, value, message
+):
+    with pytest.raises(bigmodel.UnsupportedTensorError, match=message) as info:
+        bigmodel.save_checkpoint({"good": torch.zeros(2), "bad.one": value}, tmp_path)
+    assert "'bad.one'" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_must_be_strings_and_must_not_use_reserved_keys(tmp_path):
+    with pytest.raises(TypeError, match="strings"):
+        bigmodel.save_checkpoint({"a": torch.zeros(1)}, tmp_path, metadata={"n": 1})
+    with pytest.raises(ValueError, match="format"):
+        bigmodel.save_checkpoint({"a": torch.zeros(1)}, tmp_path, metadata={"format": "np"})
+
+
+def test_saving_into_a_path_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        bigmodel.save_checkpoint({"a": torch.zeros(1)}, target)
+
+
+def test_a_scratch_save_without_fsync_is_still_a_complete_checkpoint(tmp_path, tied_net):
+    bigmodel.save_checkpoint(tied_net, tmp_path, durable=False, max_shard_size=1000)
+    assert_same_state(_state(bigmodel.open_checkpoint(tmp_path)), tied_net.state_dict())
