@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import torch
 
-from ._errors import CheckpointNotFoundError, InvalidCheckpointError, Problem
+from . import _json
+from ._errors import CheckpointNotFoundError, InvalidCheckpointError, Problem, UnsafeCheckpointError
 from .formats.safetensors import SafetensorsFile
 from .formats.torch_bin import load_bin
 from .sharding import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
@@ -360,7 +361,7 @@ def _unsafe_shard_name(name: str) -> str | None:
     return None
 
 
-def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Problem]]:
     file = str(index)
     size = index.stat().st_size
     if size > MAX_INDEX_SIZE:
@@ -370,18 +371,8 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
             f"the index is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
             hint=_INDEX_FIX,
         )
-    seen_keys: list[str] = []
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                seen_keys.append(k)
-            out[k] = v
-        return out
-
     try:
-        obj = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=hook)
+        obj = _json.loads(index.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidCheckpointError.one(
             file, "index-not-json", f"the index is not valid UTF-8 JSON ({exc}).", hint=_INDEX_FIX
@@ -406,8 +397,18 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
             key=k,
             hint=_INDEX_FIX,
         )
-        for k in seen_keys
+        for k in _json.duplicates(obj["weight_map"])
     ]
+    for field_name, value in (("the index", obj), ('"metadata"', metadata)):
+        if _json.duplicates(value):
+            problems.append(
+                Problem(
+                    file,
+                    "index-bad-json",
+                    f"{field_name} repeats the field(s) {_json.duplicates(value)}.",
+                    hint=_INDEX_FIX,
+                )
+            )
     weight_map: dict[str, str] = {}
     for key, shard in obj["weight_map"].items():
         if not isinstance(shard, str):
@@ -422,17 +423,21 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
             )
         else:
             weight_map[key] = shard
+    return weight_map, metadata, problems
+
+
+def _raise_problems(problems: list[Problem]) -> None:
+    """Raise one error for every problem; an unsafe pickle anywhere keeps its specific type."""
     if problems:
-        raise InvalidCheckpointError(problems)
-    return weight_map, metadata
+        unsafe = any(p.code == "unsafe-pickle" for p in problems)
+        raise (UnsafeCheckpointError if unsafe else InvalidCheckpointError)(problems)
 
 
 def _open_sharded(index: Path) -> Checkpoint:
     file = str(index)
     fmt: Format = "bin" if index.name.endswith(".bin.index.json") else "safetensors"
-    weight_map, metadata = _read_index(index)
+    weight_map, metadata, problems = _read_index(index)
     directory = index.parent
-    problems: list[Problem] = []
 
     shards: list[str] = []
     bad_shards: set[str] = set()
@@ -522,8 +527,7 @@ def _open_sharded(index: Path) -> Checkpoint:
             )
 
     aliases = _parse_aliases(file, metadata.get(ALIASES_KEY), weight_map, problems)
-    if problems:
-        raise InvalidCheckpointError(problems)
+    _raise_problems(problems)
     # Order files by first appearance in the weight map, keys grouped per file in that order.
     ordered = {shard: readers[shard] for shard in dict.fromkeys(weight_map.values())}
     return Checkpoint(

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .. import _json
 from .._errors import InvalidCheckpointError, Problem
 from .._io import write_all
 
@@ -103,20 +104,6 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKeyError(key)
-        seen[key] = value
-    return seen
-
-
-class _DuplicateKeyError(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -173,15 +160,7 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
             hint=_FIX_REWRITE,
         ) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except _DuplicateKeyError as exc:
-        raise InvalidCheckpointError.one(
-            file,
-            "duplicate-tensor",
-            "the header names this tensor more than once; the format forbids it and readers disagree on which copy wins.",
-            key=exc.key,
-            hint=_FIX_REWRITE,
-        ) from None
+        obj = _json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise InvalidCheckpointError.one(
             file, "header-not-json", f"the header is not valid JSON ({exc}).", hint=_FIX_REWRITE
@@ -195,9 +174,27 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
         )
 
     data_start = 8 + len(raw)
-    problems: list[Problem] = []
+    problems: list[Problem] = [
+        Problem(
+            file,
+            "duplicate-tensor",
+            "the header names this tensor more than once; the format forbids it and readers disagree on which copy wins.",
+            key=name,
+            hint=_FIX_REWRITE,
+        )
+        for name in _json.duplicates(obj)
+    ]
     metadata: dict[str, str] = {}
     raw_meta = obj.pop("__metadata__", None)
+    if _json.duplicates(raw_meta):
+        problems.append(
+            Problem(
+                file,
+                "bad-metadata",
+                f"__metadata__ repeats the key(s) {_json.duplicates(raw_meta)}.",
+                hint=_FIX_REWRITE,
+            )
+        )
     if raw_meta is not None:
         if not isinstance(raw_meta, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
@@ -237,6 +234,17 @@ def _parse_entry(
                 file,
                 "bad-entry",
                 f"the header entry must be an object with dtype, shape and data_offsets, not {type(info).__name__}.",
+                key=name,
+                hint=_FIX_REWRITE,
+            )
+        )
+        return None
+    if _json.duplicates(info):
+        problems.append(
+            Problem(
+                file,
+                "bad-entry",
+                f"the header entry repeats the field(s) {_json.duplicates(info)}.",
                 key=name,
                 hint=_FIX_REWRITE,
             )

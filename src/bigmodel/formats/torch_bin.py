@@ -23,6 +23,22 @@ __all__ = ["load_bin", "write_bin"]
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Read a ``.bin`` state dict lazily and safely; raise a typed error naming the file otherwise."""
     file = str(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":
+        if magic[:1] == b"\x80":  # a pickle protocol marker: pre-1.6 torch.save or a bare pickle
+            raise InvalidCheckpointError.one(
+                file,
+                "legacy-bin-format",
+                "this is a bare pickle (the pre-1.6 torch.save format), not a torch zip archive; it cannot be memory-mapped and bigmodel does not unpickle it.",
+                hint="if you trust the file, load it with torch.load and re-save it with bigmodel.save_checkpoint (safetensors).",
+            )
+        raise InvalidCheckpointError.one(
+            file,
+            "unreadable-bin",
+            f"the file is not a torch zip archive (it starts with {magic!r}{', it is empty' if not magic else ''}).",
+            hint="the file is probably truncated or corrupt; re-download or re-save it.",
+        )
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -34,20 +50,13 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
             hint="only load .bin files you trust through torch directly, then save them again with bigmodel.save_checkpoint (safetensors).",
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        text = str(exc)
-        if "zipfile" in text.lower() or "_use_new_zipfile_serialization" in text:
-            code, message = (
-                "legacy-bin-format",
-                "this .bin uses the pre-1.6 torch serialization, which cannot be memory-mapped.",
-            )
-            hint = "re-save it with a current torch (torch.save), or convert it to safetensors."
-        else:
-            code, message = (
-                "unreadable-bin",
-                f"torch.load could not read the file ({type(exc).__name__}: {text.splitlines()[0] if text else ''}).",
-            )
-            hint = "the file is probably truncated or corrupt; re-download or re-save it."
-        raise InvalidCheckpointError.one(file, code, message, hint=hint) from None
+        text = str(exc).strip()
+        raise InvalidCheckpointError.one(
+            file,
+            "unreadable-bin",
+            f"torch.load could not read the file ({type(exc).__name__}: {text.splitlines()[0] if text else ''}).",
+            hint="the file is probably truncated or corrupt; re-download or re-save it.",
+        ) from None
     if not isinstance(obj, Mapping):
         raise InvalidCheckpointError.one(
             file,
