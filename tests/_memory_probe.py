@@ -1,6 +1,6 @@
 """Run in a fresh subprocess by test_memory.py: measures anonymous memory around one operation.
 
-Usage: python _memory_probe.py {save,save-strided,load-built,load-meta,load-meta-bf16} FOLDER
+Usage: python _memory_probe.py {save,save-strided,load-built,load-meta,load-meta-bf16,assign-built} FOLDER
 Prints one JSON line: {"extra_peak": bytes, "extra_after": bytes, "tensor": bytes, "total": bytes}.
 """
 
@@ -63,18 +63,22 @@ def main() -> None:
         with Sampler() as s:
             bigmodel.save_checkpoint(state, folder, max_shard_size="10GB", progress=False)
     else:
-        if mode == "load-built":
+        if mode in ("load-built", "assign-built"):
             model = Stack()
-            for p in model.parameters():
-                p.data.normal_()  # a built model's pages are resident (torch.empty alone is lazy)
+            for param in model.parameters():
+                param.data.normal_()  # a built model's pages are resident (torch.empty alone is lazy)
+            del param
         else:
-            with torch.device("meta"):
+            with bigmodel.init_empty_weights():
                 model = Stack()
-            if mode == "load-meta-bf16":
-                model = model.to(torch.bfloat16)
         before = rss_anon()
         with Sampler() as s:
-            bigmodel.load_sharded_checkpoint(model, folder, progress=False)
+            if mode == "load-built":
+                bigmodel.load_sharded_checkpoint(model, folder, progress=False)
+            elif mode == "load-meta-bf16":
+                bigmodel.load_checkpoint(model, folder, dtype=torch.bfloat16, progress=False)
+            else:
+                bigmodel.load_checkpoint(model, folder, progress=False)
     tensor = ROWS * COLS * 4
     print(
         json.dumps(

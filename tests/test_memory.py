@@ -58,3 +58,11 @@ def test_loading_with_a_dtype_change_costs_the_converted_model_and_nothing_more(
     converted = m["total"] // 2
     assert m["extra_after"] < converted + SLACK, m
     assert m["extra_peak"] < converted + m["tensor"] + SLACK, m
+
+
+def test_assigning_into_a_built_model_releases_its_old_weights(checkpoint):
+    m = _probe("assign-built", checkpoint)
+    assert m["extra_peak"] < SLACK, m
+    assert m["extra_after"] < -m["total"] + SLACK, (
+        m
+    )  # the random init is freed; weights alias the file

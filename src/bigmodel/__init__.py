@@ -16,7 +16,17 @@ from ._errors import (
 )
 from ._units import parse_size
 from .checkpoint import Checkpoint, TensorInfo, TensorSlice, open_checkpoint
-from .load import LoadReport, load_sharded_checkpoint
+from .empty import init_empty_weights, init_on_device
+from .initialize import MissingInitializerError
+from .keys import KeyMappingError
+from .load import (
+    LoadReport,
+    MetaTensorError,
+    MismatchedKey,
+    load_checkpoint,
+    load_sharded_checkpoint,
+)
+from .pretrained import PretrainedMixin, from_pretrained
 from .save import SaveResult, UnsupportedTensorError, save_checkpoint
 
 __version__ = "0.1.0"
@@ -27,8 +37,13 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "InvalidCheckpointError",
+    "KeyMappingError",
     "KeyMismatchError",
     "LoadReport",
+    "MetaTensorError",
+    "MismatchedKey",
+    "MissingInitializerError",
+    "PretrainedMixin",
     "Problem",
     "SaveResult",
     "TensorInfo",
@@ -36,6 +51,10 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
     "__version__",
+    "from_pretrained",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint",
     "load_sharded_checkpoint",
     "open_checkpoint",
     "parse_size",

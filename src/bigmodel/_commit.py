@@ -128,8 +128,12 @@ class Commit:
         if removed:
             self._sync()
 
-    def publish(self, index_name: str | None) -> None:
-        """Make the staged files the checkpoint of the folder (see the module docstring)."""
+    def publish(self, index_name: str | None, *, replaces_checkpoint: bool = True) -> None:
+        """Make the staged files the checkpoint of the folder (see the module docstring).
+
+        With ``replaces_checkpoint=False`` (a side file such as ``config.json``) the staged
+        files are renamed into place and nothing else in the folder is removed.
+        """
         new_names = set(self._staged)
         data_names = [n for n in self._staged if n != index_name]
         self._protect_old_checkpoint(set(data_names))
@@ -139,7 +143,8 @@ class Commit:
         if index_name is not None:
             os.replace(self._staged.pop(index_name), self.directory / index_name)
             self._sync()
-        self._remove_stale(new_names)
+        if replaces_checkpoint:
+            self._remove_stale(new_names)
 
     def _protect_old_checkpoint(self, incoming: set[str]) -> None:
         for index_name in _INDEX_NAMES:

@@ -88,27 +88,35 @@ class KeyMismatchError(BigModelError, ValueError):
         checkpoint: str,
         missing_keys: Iterable[str] = (),
         unexpected_keys: Iterable[str] = (),
-        mismatched_keys: Iterable[str] = (),
+        mismatched: Iterable[tuple[str, Sequence[int], Sequence[int]]] = (),
+        can_ignore_mismatched: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
         self.missing_keys = list(missing_keys)
         self.unexpected_keys = list(unexpected_keys)
-        self.mismatched_keys = list(mismatched_keys)
-        parts = [f"Error(s) loading {checkpoint} into the model with strict=True [{self.code}]:"]
+        mismatched = list(mismatched)
+        self.mismatched_keys = [name for name, _, _ in mismatched]
+        described = [
+            f"{name} (checkpoint {list(ckpt)}, model {list(model)})"
+            for name, ckpt, model in mismatched
+        ]
+        parts = [f"Error(s) loading {checkpoint} into the model [{self.code}]:"]
         for title, keys in (
             ("missing from the checkpoint", self.missing_keys),
             ("in the checkpoint but not in the model", self.unexpected_keys),
-            ("with a different shape in the checkpoint and in the model", self.mismatched_keys),
+            ("with a different shape in the checkpoint and in the model", described),
         ):
             if keys:
                 shown = ", ".join(keys[:20]) + (
                     f", ... ({len(keys) - 20} more)" if len(keys) > 20 else ""
                 )
                 parts.append(f"  {len(keys)} key(s) {title}: {shown}")
-        parts.append(
-            "Fix: check that the checkpoint belongs to this model class and configuration, "
-            "or pass strict=False and inspect the returned missing_keys/unexpected_keys."
-        )
+        fix = "Fix: check that the checkpoint belongs to this model class and configuration"
+        if self.missing_keys or self.unexpected_keys:
+            fix += ", or pass strict=False and inspect the returned missing_keys/unexpected_keys"
+        if can_ignore_mismatched and mismatched:
+            fix += ", or pass ignore_mismatched_sizes=True to initialise the mis-shaped weights instead"
+        parts.append(fix + ".")
         super().__init__("\n".join(parts))
 
 

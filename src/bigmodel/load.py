@@ -1,40 +1,83 @@
-"""Loading a checkpoint into an existing module, tensor by tensor.
+"""Loading a checkpoint into a module, tensor by tensor, straight into place.
 
-The plan (which checkpoint key fills which module tensors) is computed and checked from the
-headers alone, before any weight is touched, so a strict load that fails leaves the model
-unchanged. Tensors are then read one at a time, in file order: a tensor of a materialised
-module is filled with ``copy_`` (converting dtype on the fly, no temporary), and a tensor on
-``meta`` is replaced by the file-backed tensor itself (zero-copy when the dtype matches).
+Call order inside :func:`load_checkpoint`:
+
+1. open and validate the checkpoint (headers only);
+2. match its keys to the module's (``key_mapping``, whole-model prefix) and check shapes —
+   a strict load that fails raises here, before any weight is touched;
+3. read each tensor in file order and put it in place: converted to its final dtype and
+   device in one step and *assigned* to the module (a same-dtype CPU tensor stays a view of
+   the file mapping: zero copy). Tied names receive the same tensor once;
+4. materialise and initialise only the tensors the checkpoint lacked;
+5. check that nothing is left on ``meta``.
+
+At most one converted tensor is in flight beyond the final model.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ._errors import KeyMismatchError
+from ._errors import BigModelError, KeyMismatchError
 from ._log import logger
 from ._progress import progress_bar
 from .checkpoint import Checkpoint, open_checkpoint
+from .initialize import InitFn, initialize_missing
+from .keys import match_keys
 
-__all__ = ["LoadReport", "load_sharded_checkpoint"]
+__all__ = [
+    "DtypeOverrides",
+    "LoadReport",
+    "MetaTensorError",
+    "MismatchedKey",
+    "load_checkpoint",
+    "load_sharded_checkpoint",
+]
+
+#: Per-module dtype overrides: a module class, or a dotted module name (matched on dot boundaries).
+DtypeOverrides = Mapping[str | type[nn.Module], torch.dtype]
+
+
+class MetaTensorError(BigModelError, ValueError):
+    """A load would leave a parameter or buffer on the ``meta`` device (no data)."""
+
+    code = "left-on-meta"
+
+
+class MismatchedKey(NamedTuple):
+    name: str
+    checkpoint_shape: tuple[int, ...]
+    model_shape: tuple[int, ...]
 
 
 @dataclass
 class LoadReport:
-    """What a load did. Tied names filled through their partner are not missing."""
+    """What a load did. Names are module keys; tied names filled through a partner are not missing."""
 
     checkpoint: str
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[MismatchedKey] = field(default_factory=list)
+    #: Module tensors the checkpoint did not provide, initialised by their module's initialiser.
+    initialized_keys: list[str] = field(default_factory=list)
+    #: Checkpoint keys that were read.
     loaded_keys: list[str] = field(default_factory=list)
+    #: Checkpoint key -> module key, for every key whose name changed.
+    renamed_keys: dict[str, str] = field(default_factory=dict)
+    #: ``"removed 'model.'"`` or ``"added 'model.'"`` if a whole-model prefix was detected.
+    prefix: str | None = None
+    bytes_read: int = 0
+    seconds: float = 0.0
 
 
-def _tie_groups(targets: dict[str, torch.Tensor]) -> list[list[str]]:
+def _tie_groups(targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Names of the module's state grouped by tensor object (a tied weight appears under several)."""
     groups: dict[int, list[str]] = {}
     for name, tensor in targets.items():
@@ -53,59 +96,253 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def _fill(model: nn.Module, names: list[str], target: torch.Tensor, source: torch.Tensor) -> None:
-    """Put ``source`` into the module tensors ``names`` (all the same object ``target``)."""
-    if target.device.type == "meta":
-        value = source if source.dtype == target.dtype else source.to(target.dtype)
-        new: torch.Tensor = (
-            nn.Parameter(value, requires_grad=target.requires_grad)
-            if isinstance(target, nn.Parameter)
-            else value
+def _place(model: nn.Module, names: list[str], old: torch.Tensor, value: torch.Tensor) -> None:
+    new: torch.Tensor = (
+        nn.Parameter(value, requires_grad=old.requires_grad)
+        if isinstance(old, nn.Parameter)
+        else value
+    )
+    for name in names:
+        _set_tensor(model, name, new)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Final dtype and device policy."""
+
+    dtype: torch.dtype | None
+    overrides: DtypeOverrides
+    device: torch.device | None
+    model: nn.Module
+
+    def dtype_for(self, name: str, current: torch.Tensor) -> torch.dtype:
+        """Floating-point tensors take ``dtype`` (or a per-module override); others keep the module's."""
+        if not current.dtype.is_floating_point or (self.dtype is None and not self.overrides):
+            return current.dtype
+        owner = name.rpartition(".")[0]
+        module = self.model.get_submodule(owner)
+        for selector, dtype in self.overrides.items():
+            if isinstance(selector, str):
+                if owner == selector or owner.startswith(selector + ".") or selector == "":
+                    return dtype
+            elif isinstance(module, selector):
+                return dtype
+        return self.dtype if self.dtype is not None else current.dtype
+
+    def device_for(self, current: torch.Tensor) -> torch.device:
+        if self.device is not None:
+            return self.device
+        return torch.device("cpu") if current.is_meta else current.device
+
+
+def _open(
+    checkpoint: str | os.PathLike[str] | Checkpoint, prefer_safe: bool
+) -> tuple[Checkpoint, bool]:
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint, False
+    return open_checkpoint(checkpoint, prefer_safe=prefer_safe), True
+
+
+def _check_nothing_on_meta(model: nn.Module) -> None:
+    left = [
+        f"parameter {n!r}" for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta
+    ]
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                full = f"{module_name}.{name}" if module_name else name
+                kind = (
+                    "non-persistent buffer"
+                    if name in module._non_persistent_buffers_set
+                    else "buffer"
+                )
+                left.append(f"{kind} {full!r}")
+    if left:
+        raise MetaTensorError(
+            f"After loading, {len(left)} tensor(s) are still on the meta device and hold no data: "
+            f"{', '.join(left[:20])}{' ...' if len(left) > 20 else ''} [{MetaTensorError.code}]. "
+            "Fix: build the model with bigmodel.init_empty_weights() (it keeps non-persistent buffers "
+            "real) instead of torch.device('meta'), and let missing weights be initialised (init_missing=True)."
         )
-        for name in names:
-            _set_tensor(model, name, new)
-    else:
-        with torch.no_grad():
-            target.copy_(source)
 
 
-def plan_load(model: nn.Module, ckpt: Checkpoint) -> tuple[dict[str, list[str]], LoadReport]:
-    """Match checkpoint keys to module tensors: {checkpoint key: [module names]} and the report."""
-    targets = model.state_dict(keep_vars=True)
-    report = LoadReport(checkpoint=str(ckpt.path))
-    plan: dict[str, list[str]] = {}
-    for group in _tie_groups(targets):
-        tensor = targets[group[0]]
-        source = None
-        for name in group:
-            if name not in ckpt:
+def _load(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Checkpoint,
+    *,
+    strict: bool,
+    prefer_safe: bool,
+    placement: _Placement,
+    assign: bool,
+    key_mapping: Mapping[str, str] | None,
+    detect_prefix: bool,
+    ignore_mismatched_sizes: bool,
+    init_missing: bool,
+    init_fn: InitFn | None,
+    progress: bool | None,
+) -> LoadReport:
+    start = time.perf_counter()
+    ckpt, owned = _open(checkpoint, prefer_safe)
+    try:
+        targets = model.state_dict(keep_vars=True)
+        keys = match_keys(
+            ckpt.keys(), targets, key_mapping=key_mapping, detect_prefix=detect_prefix
+        )
+        from_model = {m: c for c, m in keys.to_model.items()}
+        report = LoadReport(
+            checkpoint=str(ckpt.path), renamed_keys=keys.renamed, prefix=keys.prefix
+        )
+        if keys.prefix:
+            logger.info("checkpoint %s: %s to match the model's key names", ckpt.path, keys.prefix)
+
+        # -- plan: one checkpoint key per tie group ---------------------------------------
+        plan: list[tuple[str, list[str]]] = []
+        to_init: list[list[str]] = []
+        for group in _tie_groups(targets):
+            tensor = targets[group[0]]
+            source = None
+            for name in group:
+                if name not in from_model:
+                    continue
+                shape = ckpt.tensor_info(from_model[name]).shape
+                if shape != tuple(tensor.shape):
+                    report.mismatched_keys.append(MismatchedKey(name, shape, tuple(tensor.shape)))
+                elif source is None:
+                    source = from_model[name]
+            if source is not None:
+                plan.append((source, group))
                 continue
-            if ckpt.tensor_info(name).shape != tuple(tensor.shape):
-                report.mismatched_keys.append(name)
-            elif source is None:
-                source = name
-        if source is None:
-            report.missing_keys.extend(n for n in group if n not in report.mismatched_keys)
-        else:
-            plan[source] = group
-    report.unexpected_keys = [k for k in ckpt if k not in targets]
-    return plan, report
+            mismatched = {m.name for m in report.mismatched_keys}
+            report.missing_keys.extend(n for n in group if n not in mismatched)
+            to_init.append(group)
+        report.unexpected_keys = [c for c, m in keys.to_model.items() if m not in targets]
+        problems_found = bool(report.mismatched_keys) and not ignore_mismatched_sizes
+        if problems_found or (strict and (report.missing_keys or report.unexpected_keys)):
+            raise KeyMismatchError(
+                checkpoint=str(ckpt.path),
+                missing_keys=report.missing_keys if strict else (),
+                unexpected_keys=report.unexpected_keys if strict else (),
+                mismatched=report.mismatched_keys if problems_found else (),
+                can_ignore_mismatched=assign,
+            )
+
+        # -- read, convert, place -------------------------------------------------------
+        order = {file: i for i, file in enumerate(ckpt.files)}
+        plan.sort(key=lambda item: order[ckpt.tensor_info(item[0]).file])
+        total = sum(ckpt.tensor_info(k).nbytes for k, _ in plan)
+        with progress_bar(
+            total=total, desc=f"Loading {ckpt.directory.name}", progress=progress
+        ) as bar:
+            for key, group in plan:
+                old = targets[group[0]]
+                data = ckpt.get_tensor(key)
+                if assign or old.is_meta:
+                    value = data.to(
+                        device=placement.device_for(old), dtype=placement.dtype_for(group[0], old)
+                    )
+                    _place(model, group, old, value)
+                else:
+                    with torch.no_grad():
+                        old.copy_(data)
+                del data
+                nbytes = ckpt.tensor_info(key).nbytes
+                report.bytes_read += nbytes
+                report.loaded_keys.append(key)
+                bar.update(nbytes)
+    finally:
+        if owned:
+            ckpt.close()
+
+    # -- initialise what the checkpoint lacked ------------------------------------------------
+    if init_missing:
+        fresh: list[str] = []
+        for group in to_init:
+            old = targets[group[0]]
+            if not old.is_meta:
+                continue  # a materialised module keeps the values it was built with
+            empty = torch.empty(
+                old.shape,
+                dtype=placement.dtype_for(group[0], old),
+                device=placement.device_for(old),
+            )
+            _place(model, group, old, empty)
+            fresh.extend(group)
+        if fresh:
+            report.initialized_keys = initialize_missing(model, fresh, init_fn=init_fn)
+    if placement.device is not None:
+        model.to(placement.device)
+    _check_nothing_on_meta(model)
+    report.seconds = time.perf_counter() - start
+    if report.missing_keys or report.unexpected_keys or report.mismatched_keys:
+        logger.info(
+            "loaded %s: %d missing (%d initialised), %d unexpected, %d mismatched keys",
+            report.checkpoint,
+            len(report.missing_keys),
+            len(report.initialized_keys),
+            len(report.unexpected_keys),
+            len(report.mismatched_keys),
+        )
+    return report
 
 
-def load_checkpoint_into(
-    model: nn.Module, ckpt: Checkpoint, plan: dict[str, list[str]], *, progress: bool | None
-) -> list[str]:
-    """Execute ``plan`` file by file; return the checkpoint keys that were loaded."""
-    targets = model.state_dict(keep_vars=True)
-    order = {file: i for i, file in enumerate(ckpt.files)}
-    keys = sorted(plan, key=lambda k: order[ckpt.tensor_info(k).file])
-    total = sum(ckpt.tensor_info(k).nbytes for k in keys)
-    with progress_bar(total=total, desc=f"Loading {ckpt.directory.name}", progress=progress) as bar:
-        for key in keys:
-            names = plan[key]
-            _fill(model, names, targets[names[0]], ckpt.get_tensor(key))
-            bar.update(ckpt.tensor_info(key).nbytes)
-    return keys
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Checkpoint,
+    *,
+    strict: bool = True,
+    dtype: torch.dtype | None = None,
+    dtype_overrides: DtypeOverrides | None = None,
+    device: torch.device | str | int | None = None,
+    key_mapping: Mapping[str, str] | None = None,
+    ignore_mismatched_sizes: bool = False,
+    init_missing: bool = True,
+    init_fn: InitFn | None = None,
+    prefer_safe: bool = True,
+    progress: bool | None = None,
+) -> LoadReport:
+    """Load ``checkpoint`` (folder, index or weights file, or an open :class:`Checkpoint`) into ``model``.
+
+    Works whether the module's tensors are on ``meta`` (see :func:`bigmodel.init_empty_weights`),
+    materialised, or a mix. Each tensor goes from the file to its final ``device`` and dtype in
+    one step and is assigned into the module; on CPU with an unchanged dtype it stays a view of
+    the file mapping (no copy, no anonymous memory).
+
+    * ``dtype`` casts floating-point tensors; integer and bool tensors keep theirs. Without it,
+      each tensor takes the dtype the module declared. ``dtype_overrides`` maps a module class or
+      a dotted module name to a dtype, e.g. ``{nn.LayerNorm: torch.float32}`` to keep norms in fp32.
+    * ``device``: where tensors go (default: CPU for tensors on ``meta``, else where they are).
+    * Keys: ``key_mapping`` maps regex -> replacement over checkpoint keys (first match wins);
+      a whole-model prefix (``model.``, ``bert.``...) is added or removed when that is what
+      makes the names match. Both are reported in ``LoadReport.renamed_keys``/``prefix``.
+    * Tied parameters are read once and stay tied; storing one name of a tied pair is enough.
+    * ``strict=True`` raises one :class:`~bigmodel.KeyMismatchError` listing every missing,
+      unexpected and mis-shaped key before anything is loaded. A shape mismatch is an error
+      unless ``ignore_mismatched_sizes=True``, which reports it and initialises that weight.
+    * Tensors the checkpoint lacks are initialised by their module's own ``reset_parameters()``
+      (or ``init_fn(module)``) — only those tensors; loaded weights are never initialised.
+    * Afterwards no parameter or buffer is on ``meta``; if one would be,
+      :class:`MetaTensorError` names it.
+    """
+    placement = _Placement(
+        dtype=dtype,
+        overrides=dtype_overrides or {},
+        device=None if device is None else torch.device(device),
+        model=model,
+    )
+    return _load(
+        model,
+        checkpoint,
+        strict=strict,
+        prefer_safe=prefer_safe,
+        placement=placement,
+        assign=True,
+        key_mapping=key_mapping,
+        detect_prefix=True,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+        init_missing=init_missing,
+        init_fn=init_fn,
+        progress=progress,
+    )
 
 
 def load_sharded_checkpoint(
@@ -116,32 +353,27 @@ def load_sharded_checkpoint(
     *,
     progress: bool | None = None,
 ) -> LoadReport:
-    """Load the checkpoint in ``folder`` (sharded or not, safetensors or ``.bin``) into ``model``.
+    """Load the checkpoint in ``folder`` into ``model``: the drop-in for transformers' function.
 
-    The drop-in for ``transformers.modeling_utils.load_sharded_checkpoint``. Keys are matched
-    exactly; a name tied to another in the model (the same ``Parameter`` under two names) is
-    loaded once and is not missing when the checkpoint stores only its partner. With
+    Keys are matched exactly (no prefix detection). Materialised tensors are filled in place
+    with ``copy_`` (converted to their dtype; existing ``Parameter`` objects and optimizer
+    references survive); tensors on ``meta`` are replaced by the file-backed tensors. With
     ``strict=True`` any missing, unexpected or mis-shaped key raises one
-    :class:`~bigmodel.KeyMismatchError` listing them all, before anything is loaded.
-    Extra memory is at most one tensor (none when dtypes match); tensors of a module on
-    ``meta`` become views of the file mapping.
+    :class:`~bigmodel.KeyMismatchError` listing them all, before anything is loaded. Extra
+    memory is at most one tensor, none when dtypes match.
     """
-    with open_checkpoint(folder, prefer_safe=prefer_safe) as ckpt:
-        plan, report = plan_load(model, ckpt)
-        # Like torch's load_state_dict, a shape mismatch is an error even when strict=False.
-        if report.mismatched_keys or (strict and (report.missing_keys or report.unexpected_keys)):
-            raise KeyMismatchError(
-                checkpoint=str(ckpt.path),
-                missing_keys=report.missing_keys if strict else (),
-                unexpected_keys=report.unexpected_keys if strict else (),
-                mismatched_keys=report.mismatched_keys,
-            )
-        report.loaded_keys = load_checkpoint_into(model, ckpt, plan, progress=progress)
-    if report.missing_keys or report.unexpected_keys:
-        logger.info(
-            "loaded %s: %d missing, %d unexpected keys",
-            report.checkpoint,
-            len(report.missing_keys),
-            len(report.unexpected_keys),
-        )
-    return report
+    placement = _Placement(dtype=None, overrides={}, device=None, model=model)
+    return _load(
+        model,
+        folder,
+        strict=strict,
+        prefer_safe=prefer_safe,
+        placement=placement,
+        assign=False,
+        key_mapping=None,
+        detect_prefix=False,
+        ignore_mismatched_sizes=False,
+        init_missing=True,
+        init_fn=None,
+        progress=progress,
+    )

@@ -1,0 +1,106 @@
+"""Initialising only the weights a checkpoint did not provide, with the module's own initialiser.
+
+For each module that owns a missing tensor, the initialiser (``init_fn(module)`` if given,
+else the nearest ``reset_parameters()``/``_reset_parameters()`` on the module or an
+ancestor) runs while every *loaded* tensor in that module's subtree is temporarily swapped
+for a ``meta`` stand-in. Initialisers therefore write only the missing tensors: a loaded
+weight is never initialised, not even transiently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ._errors import BigModelError
+
+__all__ = ["InitFn", "MissingInitializerError", "initialize_missing"]
+
+InitFn = Callable[[nn.Module], object]
+
+
+class MissingInitializerError(BigModelError, ValueError):
+    """A tensor is missing from the checkpoint and no initialiser can create it."""
+
+    code = "no-initializer"
+
+
+def _initializer(module: nn.Module) -> Callable[[], object] | None:
+    for name in ("reset_parameters", "_reset_parameters"):
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn  # type: ignore[no-any-return]
+    return None
+
+
+@contextlib.contextmanager
+def _loaded_on_meta(module: nn.Module, missing: set[int]) -> Iterator[None]:
+    """Swap every tensor of ``module``'s subtree not in ``missing`` (by id) for a meta twin."""
+    swapped: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
+    twins: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in store.items():
+                if tensor is None or id(tensor) in missing or tensor.is_meta:
+                    continue
+                twin = twins.get(id(tensor))
+                if twin is None:
+                    twin = torch.empty_like(tensor, device="meta")
+                    if isinstance(tensor, nn.Parameter):
+                        twin = nn.Parameter(twin, requires_grad=tensor.requires_grad)
+                    twins[id(tensor)] = twin
+                swapped.append((store, name, tensor))  # type: ignore[arg-type]
+                store[name] = twin  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for store, name, tensor in swapped:
+            store[name] = tensor
+
+
+def initialize_missing(
+    model: nn.Module, names: list[str], *, init_fn: InitFn | None = None
+) -> list[str]:
+    """Run initialisers for the module tensors ``names`` (already materialised, uninitialised).
+
+    Returns the names initialised. Raises :class:`MissingInitializerError` naming the tensors
+    that no initialiser covers.
+    """
+    state = model.state_dict(keep_vars=True)
+    missing_ids = {id(state[n]) for n in names}
+    by_module: dict[str, list[str]] = {}
+    uncovered: list[str] = []
+    for name in names:
+        owner = name.rpartition(".")[0]
+        if init_fn is not None:
+            by_module.setdefault(owner, []).append(name)
+            continue
+        # The nearest module, from the owner up to the root, that knows how to initialise itself.
+        path = owner
+        while _initializer(model.get_submodule(path)) is None and path:
+            path = path.rpartition(".")[0]
+        if _initializer(model.get_submodule(path)) is None:
+            uncovered.append(name)
+        else:
+            by_module.setdefault(path, []).append(name)
+    if uncovered:
+        raise MissingInitializerError(
+            f"{len(uncovered)} tensor(s) are missing from the checkpoint and no module on their path has "
+            f"reset_parameters(): {', '.join(uncovered[:20])} [{MissingInitializerError.code}]. "
+            "Fix: pass init_fn=lambda module: ... to initialise them, or provide them in the checkpoint."
+        )
+    done: list[str] = []
+    for path, owned in by_module.items():
+        module = model.get_submodule(path)
+        with torch.no_grad(), _loaded_on_meta(module, missing_ids):
+            if init_fn is not None:
+                init_fn(module)
+            else:
+                fn = _initializer(module)
+                assert fn is not None
+                fn()
+        done.extend(owned)
+    return done
