@@ -9,6 +9,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def tiny_llama_config(*, tie: bool = True):
+    """A Llama config small enough for unit tests (transformers is imported lazily)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+
+
 class TiedNet(nn.Module):
     """Embedding, two blocks, a head tied to the embedding, and a persistent buffer."""
 

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 import bigmodel
+from conftest import tiny_llama_config
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -53,16 +54,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- tiny models ---------------------------------------------------------------------------
 def llama_config(*, tie: bool = True) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
+    return tiny_llama_config(tie=tie)
 
 
 def bert_config() -> BertConfig:

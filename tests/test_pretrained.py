@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import bigmodel
-from conftest import TiedNet, assert_same_state
+from conftest import TiedNet, assert_same_state, tiny_llama_config
 
 
 def test_from_pretrained_accepts_a_class_and_returns_an_eval_model_with_no_meta(tmp_path, tied_net):
@@ -33,28 +33,15 @@ def test_from_pretrained_refuses_a_factory_that_returns_no_module(tmp_path, tied
         bigmodel.from_pretrained(lambda: 3, tmp_path)
 
 
-def _tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-
-
 def test_a_transformers_model_built_empty_and_loaded_gives_the_logits_of_transformers_from_pretrained(
     tmp_path,
 ):
     torch.manual_seed(0)
-    original = LlamaForCausalLM(_tiny_llama_config())
+    original = LlamaForCausalLM(tiny_llama_config())
     original.save_pretrained(tmp_path, max_shard_size="40KB")
     reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
 
-    config = _tiny_llama_config()
+    config = tiny_llama_config()
     with bigmodel.init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     report = bigmodel.load_checkpoint(model, tmp_path)
@@ -74,12 +61,12 @@ def test_a_transformers_causal_lm_checkpoint_loads_into_the_base_model_by_droppi
     tmp_path,
 ):
     torch.manual_seed(0)
-    original = LlamaForCausalLM(_tiny_llama_config())
+    original = LlamaForCausalLM(tiny_llama_config())
     original.save_pretrained(tmp_path, max_shard_size="40KB")
     from transformers import LlamaModel
 
     with bigmodel.init_empty_weights():
-        base = LlamaModel(_tiny_llama_config())
+        base = LlamaModel(tiny_llama_config())
     report = bigmodel.load_checkpoint(base, tmp_path)
     assert report.prefix == "removed 'model.'"
     assert_same_state(base.state_dict(), original.model.state_dict())
