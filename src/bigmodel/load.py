@@ -166,100 +166,120 @@ def _check_nothing_on_meta(model: nn.Module) -> None:
         )
 
 
-def _load(
-    model: nn.Module,
-    checkpoint: str | os.PathLike[str] | Checkpoint,
-    *,
-    strict: bool,
-    prefer_safe: bool,
-    placement: _Placement,
-    assign: bool,
-    key_mapping: Mapping[str, str] | None,
-    detect_prefix: bool,
-    ignore_mismatched_sizes: bool,
-    init_missing: bool,
-    init_fn: InitFn | None,
-    progress: bool | None,
-) -> LoadReport:
-    start = time.perf_counter()
-    ckpt, owned = _open(checkpoint, prefer_safe)
-    try:
-        targets = model.state_dict(keep_vars=True)
-        keys = match_keys(
-            ckpt.keys(), targets, key_mapping=key_mapping, detect_prefix=detect_prefix
-        )
-        from_model = {m: c for c, m in keys.to_model.items()}
-        report = LoadReport(
-            checkpoint=str(ckpt.path), renamed_keys=keys.renamed, prefix=keys.prefix
-        )
-        if keys.prefix:
-            logger.info("checkpoint %s: %s to match the model's key names", ckpt.path, keys.prefix)
+@dataclass(frozen=True)
+class _Options:
+    """Policy of one load; ``assign`` replaces tensors (load_checkpoint) instead of copying
+    into materialised ones (the Hugging Face semantics of load_sharded_checkpoint)."""
 
-        # -- plan: one checkpoint key per tie group ---------------------------------------
-        plan: list[tuple[str, list[str]]] = []
-        to_init: list[list[str]] = []
-        for group in _tie_groups(targets):
-            tensor = targets[group[0]]
-            source = None
-            for name in group:
-                if name not in from_model:
-                    continue
-                shape = ckpt.tensor_info(from_model[name]).shape
-                if shape != tuple(tensor.shape):
-                    report.mismatched_keys.append(MismatchedKey(name, shape, tuple(tensor.shape)))
-                elif source is None:
-                    source = from_model[name]
-            if source is not None:
-                plan.append((source, group))
+    strict: bool
+    prefer_safe: bool
+    assign: bool
+    detect_prefix: bool
+    ignore_mismatched_sizes: bool
+    init_missing: bool
+    key_mapping: Mapping[str, str] | None = None
+    init_fn: InitFn | None = None
+    progress: bool | None = None
+
+
+_Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
+
+
+def _plan(
+    ckpt: Checkpoint, targets: dict[str, torch.Tensor], opts: _Options
+) -> tuple[_Plan, list[list[str]], LoadReport]:
+    """Match keys and shapes from the headers alone; raise before anything is loaded."""
+    keys = match_keys(
+        ckpt.keys(), targets, key_mapping=opts.key_mapping, detect_prefix=opts.detect_prefix
+    )
+    from_model = {m: c for c, m in keys.to_model.items()}
+    report = LoadReport(checkpoint=str(ckpt.path), renamed_keys=keys.renamed, prefix=keys.prefix)
+    if keys.prefix:
+        logger.info("checkpoint %s: %s to match the model's key names", ckpt.path, keys.prefix)
+    plan: _Plan = []
+    to_init: list[list[str]] = []
+    for group in _tie_groups(targets):
+        tensor = targets[group[0]]
+        source = None
+        mismatched = False
+        for name in group:
+            if name not in from_model:
                 continue
-            mismatched = {m.name for m in report.mismatched_keys}
-            report.missing_keys.extend(n for n in group if n not in mismatched)
+            shape = ckpt.tensor_info(from_model[name]).shape
+            if shape != tuple(tensor.shape):
+                report.mismatched_keys.append(MismatchedKey(name, shape, tuple(tensor.shape)))
+                mismatched = True
+            elif source is None:
+                source = from_model[name]
+        if source is not None:
+            plan.append((source, group))
+        else:
+            if not mismatched:
+                report.missing_keys.extend(group)
             to_init.append(group)
-        report.unexpected_keys = [c for c, m in keys.to_model.items() if m not in targets]
-        problems_found = bool(report.mismatched_keys) and not ignore_mismatched_sizes
-        if problems_found or (strict and (report.missing_keys or report.unexpected_keys)):
-            raise KeyMismatchError(
-                checkpoint=str(ckpt.path),
-                missing_keys=report.missing_keys if strict else (),
-                unexpected_keys=report.unexpected_keys if strict else (),
-                mismatched=report.mismatched_keys if problems_found else (),
-                can_ignore_mismatched=assign,
-            )
+    report.unexpected_keys = [c for c, m in keys.to_model.items() if m not in targets]
+    # Like torch's load_state_dict, a shape mismatch is an error even when strict=False.
+    bad_shapes = bool(report.mismatched_keys) and not opts.ignore_mismatched_sizes
+    if bad_shapes or (opts.strict and (report.missing_keys or report.unexpected_keys)):
+        raise KeyMismatchError(
+            checkpoint=str(ckpt.path),
+            missing_keys=report.missing_keys if opts.strict else (),
+            unexpected_keys=report.unexpected_keys if opts.strict else (),
+            mismatched=report.mismatched_keys if bad_shapes else (),
+            can_ignore_mismatched=opts.assign,
+        )
+    order = {file: i for i, file in enumerate(ckpt.files)}
+    plan.sort(key=lambda item: order[ckpt.tensor_info(item[0]).file])
+    return plan, to_init, report
 
-        # -- read, convert, place -------------------------------------------------------
-        order = {file: i for i, file in enumerate(ckpt.files)}
-        plan.sort(key=lambda item: order[ckpt.tensor_info(item[0]).file])
-        total = sum(ckpt.tensor_info(k).nbytes for k, _ in plan)
-        with progress_bar(
-            total=total, desc=f"Loading {ckpt.directory.name}", progress=progress
-        ) as bar:
-            for key, group in plan:
-                old = targets[group[0]]
-                data = ckpt.get_tensor(key)
-                if assign or old.is_meta:
-                    value = data.to(
-                        device=placement.device_for(old), dtype=placement.dtype_for(group[0], old)
-                    )
-                    _place(model, group, old, value)
-                else:
-                    with torch.no_grad():
-                        old.copy_(data)
-                del data
-                nbytes = ckpt.tensor_info(key).nbytes
-                report.bytes_read += nbytes
-                report.loaded_keys.append(key)
-                bar.update(nbytes)
-    finally:
-        if owned:
-            ckpt.close()
 
-    # -- initialise what the checkpoint lacked ------------------------------------------------
-    if init_missing:
-        fresh: list[str] = []
-        for group in to_init:
+def _read(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    targets: dict[str, torch.Tensor],
+    plan: _Plan,
+    placement: _Placement,
+    opts: _Options,
+    report: LoadReport,
+) -> None:
+    """Read each planned tensor in file order and put it in place (one tensor in flight)."""
+    total = sum(ckpt.tensor_info(k).nbytes for k, _ in plan)
+    with progress_bar(
+        total=total, desc=f"Loading {ckpt.directory.name}", progress=opts.progress
+    ) as bar:
+        for key, group in plan:
             old = targets[group[0]]
-            if not old.is_meta:
-                continue  # a materialised module keeps the values it was built with
+            data = ckpt.get_tensor(key)
+            if opts.assign or old.is_meta:
+                value = data.to(
+                    device=placement.device_for(old), dtype=placement.dtype_for(group[0], old)
+                )
+                _place(model, group, old, value)
+            else:
+                with torch.no_grad():
+                    old.copy_(data)
+            del data
+            nbytes = ckpt.tensor_info(key).nbytes
+            report.bytes_read += nbytes
+            report.loaded_keys.append(key)
+            bar.update(nbytes)
+
+
+def _initialise(
+    model: nn.Module,
+    targets: dict[str, torch.Tensor],
+    to_init: list[list[str]],
+    placement: _Placement,
+    opts: _Options,
+) -> list[str]:
+    """Materialise the tensors still on meta that the checkpoint lacked, then initialise them.
+
+    A materialised module keeps the values it was built with.
+    """
+    fresh: list[str] = []
+    for group in to_init:
+        old = targets[group[0]]
+        if old.is_meta:
             empty = torch.empty(
                 old.shape,
                 dtype=placement.dtype_for(group[0], old),
@@ -267,8 +287,26 @@ def _load(
             )
             _place(model, group, old, empty)
             fresh.extend(group)
-        if fresh:
-            report.initialized_keys = initialize_missing(model, fresh, init_fn=init_fn)
+    return initialize_missing(model, fresh, init_fn=opts.init_fn) if fresh else []
+
+
+def _load(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Checkpoint,
+    placement: _Placement,
+    opts: _Options,
+) -> LoadReport:
+    start = time.perf_counter()
+    ckpt, owned = _open(checkpoint, opts.prefer_safe)
+    try:
+        targets = model.state_dict(keep_vars=True)
+        plan, to_init, report = _plan(ckpt, targets, opts)
+        _read(model, ckpt, targets, plan, placement, opts, report)
+    finally:
+        if owned:
+            ckpt.close()
+    if opts.init_missing:
+        report.initialized_keys = _initialise(model, targets, to_init, placement, opts)
     if placement.device is not None:
         model.to(placement.device)
     _check_nothing_on_meta(model)
@@ -329,20 +367,18 @@ def load_checkpoint(
         device=None if device is None else torch.device(device),
         model=model,
     )
-    return _load(
-        model,
-        checkpoint,
+    opts = _Options(
         strict=strict,
         prefer_safe=prefer_safe,
-        placement=placement,
         assign=True,
-        key_mapping=key_mapping,
         detect_prefix=True,
         ignore_mismatched_sizes=ignore_mismatched_sizes,
         init_missing=init_missing,
+        key_mapping=key_mapping,
         init_fn=init_fn,
         progress=progress,
     )
+    return _load(model, checkpoint, placement, opts)
 
 
 def load_sharded_checkpoint(
@@ -363,17 +399,13 @@ def load_sharded_checkpoint(
     memory is at most one tensor, none when dtypes match.
     """
     placement = _Placement(dtype=None, overrides={}, device=None, model=model)
-    return _load(
-        model,
-        folder,
+    opts = _Options(
         strict=strict,
         prefer_safe=prefer_safe,
-        placement=placement,
         assign=False,
-        key_mapping=None,
         detect_prefix=False,
         ignore_mismatched_sizes=False,
         init_missing=True,
-        init_fn=None,
         progress=progress,
     )
+    return _load(model, folder, placement, opts)
