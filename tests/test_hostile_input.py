@@ -397,7 +397,7 @@ def test_an_unsafe_shard_name_is_refused_without_opening_anything_outside_the_fo
 
     opened: list[Path] = []
     real_read_header = st_format.read_header
-    real_load_bin = bigmodel.checkpoint.load_bin
+    real_load_bin = bigmodel.formats.torch_bin.load_bin
 
     def spy_read_header(path, *args, **kwargs):
         opened.append(Path(path))
@@ -408,7 +408,7 @@ def test_an_unsafe_shard_name_is_refused_without_opening_anything_outside_the_fo
         return real_load_bin(path)
 
     monkeypatch.setattr(st_format, "read_header", spy_read_header)
-    monkeypatch.setattr(bigmodel.checkpoint, "load_bin", spy_load_bin)
+    monkeypatch.setattr(bigmodel.formats.torch_bin, "load_bin", spy_load_bin)
 
     err = expect_invalid(directory, "unsafe-shard-name", file=SAFE_INDEX, key="a")
     assert codes(err) == ["unsafe-shard-name"]

@@ -5,6 +5,7 @@ import bigmodel
 EXPECTED = [
     "BigModelError",
     "Checkpoint",
+    "CheckpointConflictError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "InvalidCheckpointError",
@@ -21,6 +22,7 @@ EXPECTED = [
     "TensorSlice",
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
+    "VerifyResult",
     "__version__",
     "from_pretrained",
     "init_empty_weights",

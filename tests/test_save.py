@@ -44,7 +44,8 @@ def test_several_shards_get_hugging_face_names_and_an_exact_index(tmp_path):
         [*names, "model.safetensors.index.json"]
     )
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["metadata"] == {"total_size": 2000, "producer": "test"}
+    assert set(index["metadata"]["bigmodel_digests"]) == set(names)
+    assert {k: v for k, v in index["metadata"].items() if k != "bigmodel_digests"} == {"total_size": 2000, "producer": "test"}
     assert list(index["weight_map"]) == list(state)
     assert index["weight_map"] == {
         "layer0.weight": names[0],
@@ -54,9 +55,11 @@ def test_several_shards_get_hugging_face_names_and_an_exact_index(tmp_path):
         "layer4.weight": names[2],
     }
     for name in names:
-        assert _header(tmp_path / name)["__metadata__"] == {"format": "pt", "producer": "test"}
+        meta = _header(tmp_path / name)["__metadata__"]
+        assert meta.pop("bigmodel_digest") == index["metadata"]["bigmodel_digests"][name]
+        assert meta == {"format": "pt", "producer": "test"}
         with safe_open(tmp_path / name, "pt") as f:
-            assert f.metadata() == {"format": "pt", "producer": "test"}
+            assert f.metadata()["producer"] == "test"
     assert result.total_size == 2000
 
 

@@ -7,6 +7,7 @@ huggingface_hub and safetensors.
 
 from ._errors import (
     BigModelError,
+    CheckpointConflictError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     InvalidCheckpointError,
@@ -15,7 +16,7 @@ from ._errors import (
     UnsafeCheckpointError,
 )
 from ._units import parse_size
-from .checkpoint import Checkpoint, TensorInfo, TensorSlice, open_checkpoint
+from .checkpoint import Checkpoint, TensorInfo, TensorSlice, VerifyResult, open_checkpoint
 from .empty import init_empty_weights, init_on_device
 from .initialize import MissingInitializerError
 from .keys import KeyMappingError
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BigModelError",
     "Checkpoint",
+    "CheckpointConflictError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "InvalidCheckpointError",
@@ -50,6 +52,7 @@ __all__ = [
     "TensorSlice",
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
+    "VerifyResult",
     "__version__",
     "from_pretrained",
     "init_empty_weights",

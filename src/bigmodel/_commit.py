@@ -26,12 +26,14 @@ logged as a warning.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ._errors import CheckpointConflictError
 from ._io import (
     ALIAS_MARKER,
     TEMP_MARKER,
@@ -81,6 +83,36 @@ class Commit:
         self.durable = durable
         self.token = new_token()
         self._staged: dict[str, Path] = {}  # final name -> temp path
+        #: True once the new checkpoint is what the folder loads (later failures are cleanup only).
+        self.committed = False
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Take the folder's save lock (``flock`` on the directory itself; no lock file).
+
+        Raises :class:`CheckpointConflictError` if another save into the folder is running.
+        """
+        fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointConflictError(
+                f"Another save into {self.directory} is in progress [{CheckpointConflictError.code}]. "
+                "Fix: wait for it to finish, or save into another folder; the folder will hold one complete checkpoint."
+            ) from None
+        except OSError:  # pragma: no cover - filesystems without flock: proceed unlocked
+            os.close(fd)
+            logger.warning(
+                "cannot lock %s; concurrent saves into it are not detected", self.directory
+            )
+            return
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def _sync(self) -> None:
         if self.durable:
@@ -143,6 +175,7 @@ class Commit:
         if index_name is not None:
             os.replace(self._staged.pop(index_name), self.directory / index_name)
             self._sync()
+        self.committed = True
         if replaces_checkpoint:
             self._remove_stale(new_names)
 

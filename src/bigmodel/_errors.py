@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "BigModelError",
+    "CheckpointConflictError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "InvalidCheckpointError",
@@ -118,6 +119,12 @@ class KeyMismatchError(BigModelError, ValueError):
             fix += ", or pass ignore_mismatched_sizes=True to initialise the mis-shaped weights instead"
         parts.append(fix + ".")
         super().__init__("\n".join(parts))
+
+
+class CheckpointConflictError(BigModelError):
+    """Another save into the same folder is in progress."""
+
+    code = "save-conflict"
 
 
 class CheckpointWriteError(BigModelError, OSError):

@@ -17,6 +17,7 @@ __all__ = [
     "ALIAS_MARKER",
     "TEMP_MARKER",
     "alias_name",
+    "file_identity",
     "fsync_dir",
     "new_token",
     "open_temp",
@@ -28,6 +29,11 @@ __all__ = [
 TEMP_MARKER = ".bigmodel-tmp-"
 #: Infix of hard links that keep a previous checkpoint loadable while a save replaces its files.
 ALIAS_MARKER = ".bigmodel-old-"
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells two versions of a path apart: device, inode, size, modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def new_token() -> str:

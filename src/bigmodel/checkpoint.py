@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,12 +21,18 @@ from typing import Any, Literal
 import torch
 
 from . import _json
+from ._digest import DIGEST_KEY, DIGESTS_KEY, buffer_digest, path_digest
 from ._errors import CheckpointNotFoundError, InvalidCheckpointError, Problem, UnsafeCheckpointError
+from ._io import file_identity
+from ._log import logger
 from .formats.safetensors import SafetensorsFile
-from .formats.torch_bin import load_bin
+from .formats.torch_bin import BinFile
 from .sharding import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+Reader = SafetensorsFile | BinFile
+
 __all__ = [
+    "VerifyResult",
     "ALIASES_KEY",
     "MAX_INDEX_SIZE",
     "Checkpoint",
@@ -62,6 +70,20 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :meth:`Checkpoint.verify`: files whose digest matched, files with no digest
+    recorded (only structural checks apply to them), and every problem found."""
+
+    verified: list[str]
+    unverified: list[str]
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 class TensorSlice:
@@ -104,7 +126,7 @@ class Checkpoint:
         weight_map: dict[str, str],
         metadata: dict[str, Any],
         aliases: dict[str, str],
-        readers: dict[str, SafetensorsFile | dict[str, torch.Tensor]],
+        readers: dict[str, Reader],
     ) -> None:
         self.path = path
         self.directory = path.parent
@@ -165,13 +187,7 @@ class Checkpoint:
     def tensor_info(self, name: str) -> TensorInfo:
         stored = self._resolve(name)
         file = self._weight_map[stored]
-        reader = self._readers[file]
-        if isinstance(reader, SafetensorsFile):
-            entry = reader.entries[stored]
-            dtype, shape = entry.dtype, entry.shape
-        else:
-            tensor = reader[stored]
-            dtype, shape = tensor.dtype, tuple(tensor.shape)
+        dtype, shape = self._readers[file].describe(stored)
         return TensorInfo(
             name=name,
             dtype=dtype,
@@ -184,20 +200,80 @@ class Checkpoint:
     def get_tensor(self, name: str) -> torch.Tensor:
         """The whole tensor on CPU, zero-copy where the file allows it."""
         stored = self._resolve(name)
-        reader = self._readers[self._weight_map[stored]]
-        if isinstance(reader, SafetensorsFile):
-            return reader.get_tensor(stored)
-        return reader[stored]
+        return self._readers[self._weight_map[stored]].get_tensor(stored)
 
     def get_slice(self, name: str) -> TensorSlice:
         """A lazy handle: index it to read only part of the tensor."""
         return TensorSlice(self, self.tensor_info(name))
 
+    # -- integrity -----------------------------------------------------------------------
+    def digests(self) -> dict[str, str]:
+        """The digest recorded for each file (by the index, or embedded in the file)."""
+        recorded = self.metadata.get(DIGESTS_KEY) if self.is_sharded else None
+        out = dict(recorded) if isinstance(recorded, dict) else {}
+        for file, reader in self._readers.items():
+            embedded = reader.metadata.get(DIGEST_KEY)
+            if isinstance(embedded, str) and file not in out:
+                out[file] = embedded
+        return out
+
+    def verify(self, *, max_workers: int | None = None) -> VerifyResult:
+        """Re-hash every file that has a recorded digest and compare (files in parallel).
+
+        A file without a recorded digest is listed in ``unverified``; the structural checks
+        done when the checkpoint was opened (sizes, offsets, keys) still apply to it.
+        """
+        expected = self.digests()
+        problems: list[Problem] = []
+        verified: list[str] = []
+
+        def check(file: str) -> Problem | None:
+            reader = self._readers[file]
+            path = str(self.directory / file)
+            try:
+                if isinstance(reader, SafetensorsFile):
+                    embedded = reader.metadata.get(DIGEST_KEY) == expected[file]
+                    actual = buffer_digest(reader.mapping(), expected[file], embedded=embedded)
+                else:
+                    actual = path_digest(self.directory / file, expected[file], reader.identity)
+            except FileExistsError:
+                return Problem(
+                    path,
+                    "file-changed",
+                    "the file was replaced after the checkpoint was opened.",
+                    hint="reopen the checkpoint and verify again.",
+                )
+            if actual is None:
+                return Problem(
+                    path,
+                    "digest-unverifiable",
+                    f"the recorded digest {expected[file]!r} is malformed or cannot be located in the file.",
+                    hint="re-save the checkpoint to record fresh digests.",
+                )
+            if actual != expected[file]:
+                return Problem(
+                    path,
+                    "digest-mismatch",
+                    f"the file's contents do not match the digest recorded when it was written (expected {expected[file]}, got {actual}): it is corrupt.",
+                    hint="re-download or re-save this file.",
+                )
+            return None
+
+        files = [f for f in self._readers if f in expected]
+        workers = max_workers or min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for file, problem in zip(files, pool.map(check, files), strict=True):
+                if problem is None:
+                    verified.append(file)
+                else:
+                    problems.append(problem)
+        unverified = [f for f in self._readers if f not in expected]
+        return VerifyResult(verified=verified, unverified=unverified, problems=problems)
+
     def close(self) -> None:
         """Release the file mappings held by this object; tensors already returned stay valid."""
         for reader in self._readers.values():
-            if isinstance(reader, SafetensorsFile):
-                reader.close()
+            reader.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -255,9 +331,59 @@ def _file_format(name: str) -> Format | None:
     return None
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, prefer_safe: bool = True) -> Checkpoint:
-    """Open and validate the checkpoint at ``path`` (folder, index file or weights file)."""
-    target = discover(path, prefer_safe=prefer_safe)
+#: Problems a concurrent save can cause while a reader opens the folder; opening is retried.
+_TRANSIENT = frozenset({"missing-shard", "shard-not-from-this-index", "file-changed"})
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        return file_identity(path.stat())
+    except FileNotFoundError:
+        return None
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str], *, prefer_safe: bool = True, verify: bool = False
+) -> Checkpoint:
+    """Open and validate the checkpoint at ``path`` (folder, index file or weights file).
+
+    Every structural rule is checked (see :class:`~bigmodel.InvalidCheckpointError`). If a save
+    into the folder replaces the checkpoint while it is being opened, the open starts over, so
+    the result is one complete version. With ``verify=True`` every file that has a recorded
+    digest is also re-hashed (:meth:`Checkpoint.verify`) and a mismatch raises.
+    """
+    for attempt in range(_OPEN_ATTEMPTS):
+        target = discover(path, prefer_safe=prefer_safe)
+        before = _identity(target)
+        try:
+            ckpt = _open_target(target)
+        except (InvalidCheckpointError, FileNotFoundError) as exc:
+            changed = (
+                _identity(target) != before or discover(path, prefer_safe=prefer_safe) != target
+            )
+            transient = isinstance(exc, FileNotFoundError) or any(
+                p.code in _TRANSIENT for p in exc.problems
+            )
+            if changed and transient and attempt + 1 < _OPEN_ATTEMPTS:
+                logger.info(
+                    "%s changed while it was being opened (a concurrent save?); opening it again",
+                    target,
+                )
+                time.sleep(0.01 * (attempt + 1))
+                continue
+            raise
+        if verify:
+            result = ckpt.verify()
+            if result.problems:
+                _raise_problems(result.problems)
+        return ckpt
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_OPEN_ATTEMPTS = 5
+
+
+def _open_target(target: Path) -> Checkpoint:
     name = target.name
     if name.endswith(".index.json"):
         return _open_sharded(target)
@@ -323,16 +449,9 @@ def _parse_aliases(
 
 def _open_single(target: Path, fmt: Format) -> Checkpoint:
     problems: list[Problem] = []
-    reader: SafetensorsFile | dict[str, torch.Tensor]
-    if fmt == "safetensors":
-        reader = SafetensorsFile(target)
-        keys = list(reader.entries)
-        metadata: dict[str, Any] = dict(reader.metadata)
-    else:
-        reader = load_bin(target)
-        keys = list(reader)
-        metadata = {}
-    weight_map = dict.fromkeys(keys, target.name)
+    reader: Reader = SafetensorsFile(target) if fmt == "safetensors" else BinFile(target)
+    metadata: dict[str, Any] = dict(reader.metadata)
+    weight_map = dict.fromkeys(reader.names(), target.name)
     aliases = _parse_aliases(str(target), metadata.get(ALIASES_KEY), weight_map, problems)
     if problems:
         raise InvalidCheckpointError(problems)
@@ -433,6 +552,41 @@ def _raise_problems(problems: list[Problem]) -> None:
         raise (UnsafeCheckpointError if unsafe else InvalidCheckpointError)(problems)
 
 
+def _check_recorded_digests(
+    file: str, recorded: object, readers: Mapping[str, Reader]
+) -> list[Problem]:
+    """Cheap consistency: a shard whose embedded digest differs from the index's record is
+    not the shard this index was written with (a concurrent save replaced it, or a file was
+    copied in from another checkpoint). No data is hashed here."""
+    if recorded is None:
+        return []
+    if not isinstance(recorded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
+    ):
+        return [
+            Problem(
+                file,
+                "bad-digests",
+                f"metadata[{DIGESTS_KEY!r}] must map shard names to digest strings.",
+                hint=_INDEX_FIX,
+            )
+        ]
+    problems = []
+    for shard, reader in readers.items():
+        embedded = reader.metadata.get(DIGEST_KEY)
+        if isinstance(embedded, str) and shard in recorded and recorded[shard] != embedded:
+            problems.append(
+                Problem(
+                    str(reader.path),
+                    "shard-not-from-this-index",
+                    f"the shard's embedded digest {embedded} differs from the {recorded[shard]} recorded by the index: "
+                    "the shard was replaced after the index was written.",
+                    hint="if a save into this folder is running, open the checkpoint again when it finishes; otherwise re-save the checkpoint.",
+                )
+            )
+    return problems
+
+
 def _open_sharded(index: Path) -> Checkpoint:
     file = str(index)
     fmt: Format = "bin" if index.name.endswith(".bin.index.json") else "safetensors"
@@ -472,21 +626,20 @@ def _open_sharded(index: Path) -> Checkpoint:
         else:
             shards.append(shard)
 
-    readers: dict[str, SafetensorsFile | dict[str, torch.Tensor]] = {}
+    readers: dict[str, Reader] = {}
     holder: dict[str, str] = {}
     for shard in shards:
         try:
-            reader: SafetensorsFile | dict[str, torch.Tensor] = (
+            reader: Reader = (
                 SafetensorsFile(directory / shard)
                 if fmt == "safetensors"
-                else load_bin(directory / shard)
+                else BinFile(directory / shard)
             )
         except InvalidCheckpointError as exc:
             problems.extend(exc.problems)
             continue
         readers[shard] = reader
-        names = reader.entries if isinstance(reader, SafetensorsFile) else reader
-        for name in names:
+        for name in reader.names():
             if name in holder:
                 problems.append(
                     Problem(
@@ -526,6 +679,7 @@ def _open_sharded(index: Path) -> Checkpoint:
                 )
             )
 
+    problems.extend(_check_recorded_digests(file, metadata.get(DIGESTS_KEY), readers))
     aliases = _parse_aliases(file, metadata.get(ALIASES_KEY), weight_map, problems)
     _raise_problems(problems)
     # Order files by first appearance in the weight map, keys grouped per file in that order.

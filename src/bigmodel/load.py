@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._errors import BigModelError, KeyMismatchError
+from ._errors import BigModelError, InvalidCheckpointError, KeyMismatchError
 from ._log import logger
 from ._progress import progress_bar
 from .checkpoint import Checkpoint, open_checkpoint
@@ -136,11 +136,15 @@ class _Placement:
 
 
 def _open(
-    checkpoint: str | os.PathLike[str] | Checkpoint, prefer_safe: bool
+    checkpoint: str | os.PathLike[str] | Checkpoint, opts: _Options
 ) -> tuple[Checkpoint, bool]:
     if isinstance(checkpoint, Checkpoint):
+        if opts.verify:
+            result = checkpoint.verify()
+            if result.problems:
+                raise InvalidCheckpointError(result.problems)
         return checkpoint, False
-    return open_checkpoint(checkpoint, prefer_safe=prefer_safe), True
+    return open_checkpoint(checkpoint, prefer_safe=opts.prefer_safe, verify=opts.verify), True
 
 
 def _check_nothing_on_meta(model: nn.Module) -> None:
@@ -180,6 +184,7 @@ class _Options:
     key_mapping: Mapping[str, str] | None = None
     init_fn: InitFn | None = None
     progress: bool | None = None
+    verify: bool = False
 
 
 _Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
@@ -297,7 +302,7 @@ def _load(
     opts: _Options,
 ) -> LoadReport:
     start = time.perf_counter()
-    ckpt, owned = _open(checkpoint, opts.prefer_safe)
+    ckpt, owned = _open(checkpoint, opts)
     try:
         targets = model.state_dict(keep_vars=True)
         plan, to_init, report = _plan(ckpt, targets, opts)
@@ -336,6 +341,7 @@ def load_checkpoint(
     init_missing: bool = True,
     init_fn: InitFn | None = None,
     prefer_safe: bool = True,
+    verify: bool = False,
     progress: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` (folder, index or weights file, or an open :class:`Checkpoint`) into ``model``.
@@ -360,6 +366,8 @@ def load_checkpoint(
       (or ``init_fn(module)``) — only those tensors; loaded weights are never initialised.
     * Afterwards no parameter or buffer is on ``meta``; if one would be,
       :class:`MetaTensorError` names it.
+    * ``verify=True`` re-hashes every file against the digest recorded when it was saved
+      before loading (see :meth:`bigmodel.Checkpoint.verify`).
     """
     placement = _Placement(
         dtype=dtype,
@@ -377,6 +385,7 @@ def load_checkpoint(
         key_mapping=key_mapping,
         init_fn=init_fn,
         progress=progress,
+        verify=verify,
     )
     return _load(model, checkpoint, placement, opts)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._commit import Commit
+from ._digest import DEFAULT_ALGORITHM, DIGESTS_KEY, new_hasher
 from ._errors import BigModelError, CheckpointWriteError
 from ._log import logger
 from ._progress import progress_bar
@@ -99,15 +100,23 @@ def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 def _write_shard(
     fh: BinaryIO,
     *,
+    name: str,
     tensors: dict[str, torch.Tensor],
     safe: bool,
     metadata: dict[str, str],
+    digest: str | None,
+    digests: dict[str, str],
     on_bytes: Callable[[int], object],
 ) -> None:
     if safe:
-        write_safetensors(fh, tensors.items(), metadata, on_bytes=on_bytes)
+        _, value = write_safetensors(
+            fh, tensors.items(), metadata, on_bytes=on_bytes, digest=digest
+        )
     else:
-        on_bytes(write_bin(fh, tensors))
+        nbytes, value = write_bin(fh, tensors, digest=digest)
+        on_bytes(nbytes)
+    if value is not None:
+        digests[name] = value
 
 
 def save_checkpoint(
@@ -118,6 +127,7 @@ def save_checkpoint(
     safe_serialization: bool = True,
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
+    digest: str | None = DEFAULT_ALGORITHM,
     progress: bool | None = None,
 ) -> SaveResult:
     """Save ``obj`` (a module or state dict) into ``save_directory`` in the Hugging Face layout.
@@ -136,10 +146,17 @@ def save_checkpoint(
     the default; ``durable=False`` skips fsyncs but keeps the atomic publish), then published
     so that at every instant the folder loads as the previous checkpoint or the new one.
     Every artefact of the previous checkpoint (either layout, either format) is then removed;
-    other files in the folder (config, tokenizer) are left alone.
+    other files in the folder (config, tokenizer) are left alone. A second save into the same
+    folder while one is running raises :class:`~bigmodel.CheckpointConflictError`.
+
+    ``digest`` (``"xxh3_128"`` by default, ``"sha256"``, or None) names the hash computed while
+    writing each file; it is embedded in every safetensors file and listed in the index, and
+    :meth:`bigmodel.Checkpoint.verify` / ``open_checkpoint(..., verify=True)`` check it.
     """
     safe = bool(safe_serialization)
     limit = parse_size(max_shard_size)
+    if digest is not None:
+        new_hasher(digest)  # an unknown algorithm fails before anything is written
     user_meta = _user_metadata(metadata)
     state = _state_dict(obj, safe=safe)
     aliases = find_aliases(state) if safe else {}
@@ -165,11 +182,13 @@ def save_checkpoint(
         )
 
     commit = Commit(directory, durable=durable)
+    digests: dict[str, str] = {}
     step = "cleaning up after an earlier interrupted save"
     bar = progress_bar(
         total=plan.total_size, desc=f"Saving {directory.name or directory}", progress=progress
     )
     try:
+        commit.lock()
         commit.clean_debris()
         for name, keys in zip(names, plan.shards, strict=True):
             step = f"writing {name}"
@@ -178,9 +197,12 @@ def save_checkpoint(
                 name,
                 functools.partial(
                     _write_shard,
+                    name=name,
                     tensors=tensors,
                     safe=safe,
                     metadata=file_meta,
+                    digest=digest,
+                    digests=digests,
                     on_bytes=bar.update,
                 ),
             )
@@ -189,6 +211,8 @@ def save_checkpoint(
             index_meta: dict[str, object] = {"total_size": plan.total_size, **user_meta}
             if aliases:
                 index_meta[ALIASES_KEY] = aliases
+            if digests:
+                index_meta[DIGESTS_KEY] = digests
             weight_map = {
                 k: name for name, keys in zip(names, plan.shards, strict=True) for k in keys
             }
@@ -198,6 +222,13 @@ def save_checkpoint(
         commit.publish(index_name)
     except OSError as exc:
         commit.abort()
+        if commit.committed:
+            raise CheckpointWriteError(
+                exc.errno,
+                f"The new checkpoint in {directory} is complete, but removing the files of the previous "
+                f"one failed: {exc.strerror or exc}. Readers that prefer another layout may still see "
+                "the old files. Fix: save again (it removes leftovers) or delete the stale weight files.",
+            ) from exc
         raise CheckpointWriteError(
             exc.errno,
             f"Saving a checkpoint into {directory} failed while {step}: {exc.strerror or exc}. "
@@ -208,6 +239,7 @@ def save_checkpoint(
         commit.abort()
         raise
     finally:
+        commit.unlock()
         bar.close()
     logger.info(
         "saved %d tensors (%d bytes) into %d file(s) in %s",

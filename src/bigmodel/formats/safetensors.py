@@ -27,8 +27,9 @@ from typing import Any, BinaryIO
 import torch
 
 from .. import _json
+from .._digest import DIGEST_KEY, new_hasher, placeholder
 from .._errors import InvalidCheckpointError, Problem
-from .._io import write_all
+from .._io import file_identity, write_all
 
 __all__ = [
     "DTYPE_FROM_NAME",
@@ -385,32 +386,44 @@ def _check_coverage(
 class SafetensorsFile:
     """A validated safetensors file with lazy, zero-copy access to each tensor.
 
-    The file is mapped privately on first access; tensors returned by :meth:`get_tensor`
-    are views of that mapping (copy-on-write), so they cost no anonymous memory until written.
+    The file is mapped privately when it is opened (address space only: nothing is read), so
+    the header and the data always come from the same file even if the path is replaced by a
+    concurrent save. Tensors returned by :meth:`get_tensor` are views of that mapping
+    (copy-on-write): they cost no anonymous memory until written.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        header = read_header(path)
+        with open(path, "rb") as fh:
+            header = read_header(path, fh)
+            self.identity = file_identity(os.fstat(fh.fileno()))
+            self._map: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         self.entries = header.entries
         self.metadata = header.metadata
         self.data_start = header.data_start
         self.file_size = header.file_size
-        self._map: mmap.mmap | None = None
 
-    def _mapping(self) -> mmap.mmap:
+    def mapping(self) -> mmap.mmap:
+        """The private mapping of the file; reopened (and checked unchanged) after :meth:`close`."""
         if self._map is None:
             with open(self.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size != self.file_size:
+                identity = file_identity(os.fstat(fh.fileno()))
+                if identity != self.identity:
                     raise InvalidCheckpointError.one(
                         str(self.path),
                         "file-changed",
-                        f"the file changed size from {self.file_size} to {size} bytes after it was opened.",
-                        hint="do not modify checkpoints while they are being read; reopen the checkpoint.",
+                        "the file was replaced or modified after the checkpoint was opened and closed.",
+                        hint="reopen the checkpoint to read the new version.",
                     )
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._map
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def describe(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        entry = self.entries[name]
+        return entry.dtype, entry.shape
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as a CPU view of the mapping (a copy only if misaligned)."""
@@ -418,7 +431,7 @@ class SafetensorsFile:
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
         raw = torch.frombuffer(
-            self._mapping(), dtype=torch.uint8, count=entry.nbytes, offset=entry.begin
+            self.mapping(), dtype=torch.uint8, count=entry.nbytes, offset=entry.begin
         )
         if entry.begin % entry.dtype.itemsize:
             raw = raw.clone()  # other writers may leave tensors unaligned; views need alignment
@@ -470,22 +483,41 @@ def write_safetensors(
     tensors: Iterable[tuple[str, torch.Tensor]],
     metadata: Mapping[str, str] | None = None,
     on_bytes: Callable[[int], object] | None = None,
-) -> int:
-    """Stream ``tensors`` into ``fh`` in safetensors format; return the bytes of tensor data.
+    digest: str | None = None,
+) -> tuple[int, str | None]:
+    """Stream ``tensors`` into ``fh`` in safetensors format.
 
-    Each tensor is written straight from its own memory: contiguous CPU tensors are never
-    copied, and any other tensor is copied one at a time, so extra memory is at most one
-    tensor. The caller checks dtypes against :data:`NAME_FROM_DTYPE` beforehand.
+    Returns the bytes of tensor data and, if ``digest`` names an algorithm, the file's digest,
+    computed while writing and embedded in its header (see ``bigmodel._digest``); ``fh`` must
+    then be seekable. Each tensor is written straight from its own memory: contiguous CPU
+    tensors are never copied, and any other tensor is copied one at a time, so extra memory
+    is at most one tensor. The caller checks dtypes against :data:`NAME_FROM_DTYPE` beforehand.
     """
-    header, ordered = header_bytes(tensors, metadata)
+    meta = dict(metadata or {})
+    if digest is not None:
+        meta[DIGEST_KEY] = placeholder(digest)
+    header, ordered = header_bytes(tensors, meta)
+    hasher = new_hasher(digest) if digest is not None else None
     write_all(fh, header)
+    if hasher is not None:
+        hasher.update(header)
     total = 0
     for _name, tensor in ordered:
         if tensor.numel():
             data = _as_bytes(tensor)
             write_all(fh, data)
+            if hasher is not None:
+                hasher.update(data)
             total += data.nbytes
             if on_bytes is not None:
                 on_bytes(data.nbytes)
             del data
-    return total
+    if hasher is None or digest is None:
+        return total, None
+    value = f"{digest}:{hasher.hexdigest()}"
+    needle = f'"{DIGEST_KEY}":"{placeholder(digest)}"'.encode()
+    end = fh.tell()
+    fh.seek(header.index(needle) + len(f'"{DIGEST_KEY}":"'))
+    write_all(fh, value.encode())
+    fh.seek(end)
+    return total, value

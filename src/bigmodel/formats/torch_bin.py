@@ -7,6 +7,7 @@ plain containers, so a hostile file cannot run code. Plain unpickling is never u
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -15,9 +16,11 @@ from typing import BinaryIO
 
 import torch
 
+from .._digest import HashingWriter, new_hasher
 from .._errors import InvalidCheckpointError, UnsafeCheckpointError
+from .._io import file_identity
 
-__all__ = ["load_bin", "write_bin"]
+__all__ = ["BinFile", "load_bin", "write_bin"]
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -75,8 +78,34 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def write_bin(fh: BinaryIO, tensors: Mapping[str, torch.Tensor]) -> int:
-    """``torch.save`` a flat state dict into ``fh``; return the bytes of tensor data.
+class BinFile:
+    """A validated ``.bin`` state dict; tensors are views of torch's private file mapping."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        self.tensors = load_bin(path)
+        self.identity = file_identity(os.stat(path))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def describe(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        tensor = self.tensors[name]
+        return tensor.dtype, tuple(tensor.shape)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def close(self) -> None:
+        """Nothing to release: torch's mapping lives as long as the tensors."""
+
+
+def write_bin(
+    fh: BinaryIO, tensors: Mapping[str, torch.Tensor], digest: str | None = None
+) -> tuple[int, str | None]:
+    """``torch.save`` a flat state dict into ``fh``; return the bytes of tensor data and,
+    if ``digest`` names an algorithm, the digest of the whole file, computed while writing.
 
     A tensor that is a view into a larger storage is cloned first, because ``torch.save``
     writes whole storages: without it, a small view would drag its base tensor into the file.
@@ -89,5 +118,10 @@ def write_bin(fh: BinaryIO, tensors: Mapping[str, torch.Tensor]) -> int:
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
         out[name] = t
-    torch.save(out, fh)
-    return sum(t.numel() * t.element_size() for t in out.values())
+    nbytes = sum(t.numel() * t.element_size() for t in out.values())
+    if digest is None:
+        torch.save(out, fh)
+        return nbytes, None
+    writer = HashingWriter(fh, new_hasher(digest))
+    torch.save(out, writer)  # type: ignore[arg-type]
+    return nbytes, f"{digest}:{writer.hasher.hexdigest()}"
