@@ -424,7 +424,9 @@ def test_safe_open_reads_every_bigmodel_shard_with_format_pt_metadata_and_exact_
     assert metadata == {name: {"format": "pt"} for name in shards}
     # Each shard embeds its digest, and the index lists the same ones.
     assert index["metadata"]["bigmodel_digests"] == digests
-    assert all(d.startswith("xxh3_128:") and len(d) == len("xxh3_128:") + 32 for d in digests.values())
+    assert all(
+        d.startswith("xxh3_128:") and len(d) == len("xxh3_128:") + 32 for d in digests.values()
+    )
     expected = stored_state(original)
     assert_same_tensors(expected, tensors)
     for name in tensors:
@@ -465,7 +467,8 @@ def test_user_metadata_of_a_sharded_bigmodel_save_is_in_every_shard_and_the_inde
     _, metadata = read_all_shards(tmp_path)
     assert len(metadata) >= 3
     assert all(
-        {k: v for k, v in m.items() if k != "bigmodel_digest"} == {"format": "pt", "producer": "interop-test"}
+        {k: v for k, v in m.items() if k != "bigmodel_digest"}
+        == {"format": "pt", "producer": "interop-test"}
         for m in metadata.values()
     )
     assert read_index(tmp_path)["metadata"]["producer"] == "interop-test"

@@ -32,7 +32,10 @@ def test_a_folder_an_index_file_and_a_shard_file_all_open(sharded):
     assert not one.is_sharded
     assert one.keys() == ["a.weight"]
     assert one.metadata["format"] == "pt"
-    assert one.metadata["bigmodel_digest"] == by_folder.metadata["bigmodel_digests"][by_folder.files[0]]
+    assert (
+        one.metadata["bigmodel_digest"]
+        == by_folder.metadata["bigmodel_digests"][by_folder.files[0]]
+    )
 
 
 def test_tensor_info_describes_a_tensor_without_reading_it(sharded):

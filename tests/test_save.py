@@ -45,7 +45,10 @@ def test_several_shards_get_hugging_face_names_and_an_exact_index(tmp_path):
     )
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["metadata"]["bigmodel_digests"]) == set(names)
-    assert {k: v for k, v in index["metadata"].items() if k != "bigmodel_digests"} == {"total_size": 2000, "producer": "test"}
+    assert {k: v for k, v in index["metadata"].items() if k != "bigmodel_digests"} == {
+        "total_size": 2000,
+        "producer": "test",
+    }
     assert list(index["weight_map"]) == list(state)
     assert index["weight_map"] == {
         "layer0.weight": names[0],

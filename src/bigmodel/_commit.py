@@ -171,11 +171,13 @@ class Commit:
         self._protect_old_checkpoint(set(data_names))
         for name in data_names:
             os.replace(self._staged.pop(name), self.directory / name)
+        if index_name is None:
+            self.committed = True
         self._sync()
         if index_name is not None:
             os.replace(self._staged.pop(index_name), self.directory / index_name)
+            self.committed = True
             self._sync()
-        self.committed = True
         if replaces_checkpoint:
             self._remove_stale(new_names)
 

@@ -225,9 +225,10 @@ def save_checkpoint(
         if commit.committed:
             raise CheckpointWriteError(
                 exc.errno,
-                f"The new checkpoint in {directory} is complete, but removing the files of the previous "
-                f"one failed: {exc.strerror or exc}. Readers that prefer another layout may still see "
-                "the old files. Fix: save again (it removes leftovers) or delete the stale weight files.",
+                f"The new checkpoint's files are in place in {directory}, but a later step (flushing the "
+                f"folder or removing the previous checkpoint's files) failed: {exc.strerror or exc}. Both "
+                "versions are complete; until the old files are gone, readers that prefer their layout may "
+                "still load them. Fix: save again (it removes leftovers) or delete the stale weight files.",
             ) from exc
         raise CheckpointWriteError(
             exc.errno,
