@@ -854,3 +854,14 @@ def test_a_key_repeated_in_the_index_metadata_is_not_reported_as_a_tensor(tmp_pa
     (folder / SAFE_INDEX).write_text(text)
     err = expect_invalid(folder, "index-bad-json", file=SAFE_INDEX)
     assert "repeats the field(s) ['x']" in str(err)
+
+
+def test_a_header_with_an_absurd_number_of_tensors_is_refused_before_it_is_parsed(tmp_path):
+    from bigmodel.formats.safetensors import MAX_TENSORS
+
+    count = MAX_TENSORS + 1
+    entries = ",".join(f'"t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(count))
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(header_bytes("{" + entries + "}", b"\0" * count))
+    err = expect_invalid(path, "too-many-tensors", file="many.safetensors")
+    assert str(MAX_TENSORS) in str(err)

@@ -20,7 +20,8 @@ from ._log import logger
 from ._progress import progress_bar
 from ._units import parse_size
 from .checkpoint import ALIASES_KEY
-from .formats.safetensors import NAME_FROM_DTYPE, tensor_nbytes, write_safetensors
+from .formats import stored_dtype, stored_nbytes
+from .formats.safetensors import NAME_FROM_DTYPE, write_safetensors
 from .formats.torch_bin import write_bin
 from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, find_aliases, plan_shards, shard_name
 
@@ -47,7 +48,7 @@ class SaveResult:
 
 
 def _state_dict(
-    obj: nn.Module | Mapping[str, torch.Tensor], *, safe: bool
+    obj: nn.Module | Mapping[str, torch.Tensor], *, safe: bool, cast: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     state = obj.state_dict() if isinstance(obj, nn.Module) else obj
     if not isinstance(state, Mapping):
@@ -72,7 +73,7 @@ def _state_dict(
             raise UnsupportedTensorError(
                 f"Tensor {name!r} has layout {tensor.layout}; only dense tensors can be saved. Fix: save tensor.to_dense()."
             )
-        if safe and tensor.dtype not in NAME_FROM_DTYPE:
+        if safe and stored_dtype(tensor, cast) not in NAME_FROM_DTYPE:
             raise UnsupportedTensorError(
                 f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store. "
                 f"Fix: cast it to a supported dtype ({', '.join(str(d) for d in NAME_FROM_DTYPE)}) or pass safe_serialization=False."
@@ -107,13 +108,14 @@ def _write_shard(
     digest: str | None,
     digests: dict[str, str],
     on_bytes: Callable[[int], object],
+    cast: torch.dtype | None,
 ) -> None:
     if safe:
         _, value = write_safetensors(
-            fh, tensors.items(), metadata, on_bytes=on_bytes, digest=digest
+            fh, tensors.items(), metadata, on_bytes=on_bytes, digest=digest, cast=cast
         )
     else:
-        nbytes, value = write_bin(fh, tensors, digest=digest)
+        nbytes, value = write_bin(fh, tensors, digest=digest, cast=cast)
         on_bytes(nbytes)
     if value is not None:
         digests[name] = value
@@ -128,6 +130,7 @@ def save_checkpoint(
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
     digest: str | None = DEFAULT_ALGORITHM,
+    dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> SaveResult:
     """Save ``obj`` (a module or state dict) into ``save_directory`` in the Hugging Face layout.
@@ -152,16 +155,23 @@ def save_checkpoint(
     ``digest`` (``"xxh3_128"`` by default, ``"sha256"``, or None) names the hash computed while
     writing each file; it is embedded in every safetensors file and listed in the index, and
     :meth:`bigmodel.Checkpoint.verify` / ``open_checkpoint(..., verify=True)`` check it.
+
+    ``dtype`` casts floating-point tensors while they are written, one at a time (save an
+    fp32 model as bf16 without a second copy in memory); other tensors keep their dtype.
     """
     safe = bool(safe_serialization)
     limit = parse_size(max_shard_size)
     if digest is not None:
         new_hasher(digest)  # an unknown algorithm fails before anything is written
     user_meta = _user_metadata(metadata)
-    state = _state_dict(obj, safe=safe)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype} is not a floating-point dtype; only floating-point tensors are cast."
+        )
+    state = _state_dict(obj, safe=safe, cast=dtype)
     aliases = find_aliases(state) if safe else {}
     stored = {k: v for k, v in state.items() if k not in aliases}
-    plan = plan_shards({k: tensor_nbytes(v) for k, v in stored.items()}, limit)
+    plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
     count = len(plan.shards)
     names = [shard_name(i, count, safe=safe) for i in range(count)]
     index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
@@ -204,6 +214,7 @@ def save_checkpoint(
                     digest=digest,
                     digests=digests,
                     on_bytes=bar.update,
+                    cast=dtype,
                 ),
             )
         if index_name is not None:

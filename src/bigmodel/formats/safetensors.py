@@ -30,20 +30,24 @@ from .. import _json
 from .._digest import DIGEST_KEY, new_hasher, placeholder
 from .._errors import InvalidCheckpointError, Problem
 from .._io import file_identity, write_all
+from . import stored_dtype, stored_nbytes
 
 __all__ = [
     "DTYPE_FROM_NAME",
     "MAX_HEADER_SIZE",
+    "MAX_TENSORS",
     "NAME_FROM_DTYPE",
     "SafetensorsFile",
     "TensorEntry",
     "read_header",
-    "tensor_nbytes",
     "write_safetensors",
 ]
 
 #: Headers above this size are refused (the reference implementation uses the same limit).
 MAX_HEADER_SIZE = 100 * 1000 * 1000
+#: Files with more tensors than this are refused before their header is parsed (parsing costs
+#: about 1.5 KB of memory per entry). Real checkpoints have at most a few thousand per file.
+MAX_TENSORS = 100_000
 
 _DTYPE_NAMES: dict[str, str] = {
     "BOOL": "bool",
@@ -101,10 +105,6 @@ class SafetensorsHeader:
     file_size: int
 
 
-def tensor_nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -151,6 +151,15 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
 
 
 def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
+    # Every entry names "data_offsets" once: an upper bound on the entry count, without parsing.
+    approx_count = raw.count(b'"data_offsets"')
+    if approx_count > MAX_TENSORS:
+        raise InvalidCheckpointError.one(
+            file,
+            "too-many-tensors",
+            f"the header describes about {approx_count} tensors, above the limit of {MAX_TENSORS} per file.",
+            hint="split the checkpoint into more shards (bigmodel.save_checkpoint with a smaller max_shard_size).",
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -442,33 +451,36 @@ class SafetensorsFile:
         self._map = None
 
 
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    """A read-only byte view of ``tensor``'s data; copies only if it is not already a contiguous CPU tensor."""
+def _as_bytes(tensor: torch.Tensor, cast: torch.dtype | None = None) -> memoryview:
+    """A read-only byte view of ``tensor``'s data (cast if asked); copies only if it is not
+    already a contiguous CPU tensor of the stored dtype."""
     flat = tensor.detach()
     if flat.device.type != "cpu":
         flat = flat.to("cpu")
-    flat = flat.contiguous().reshape(-1)
+    flat = flat.to(stored_dtype(flat, cast)).contiguous().reshape(-1)
     array: Any = flat.view(torch.uint8).numpy()
     return memoryview(array).cast("B")
 
 
 def header_bytes(
-    tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None,
+    cast: torch.dtype | None = None,
 ) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
     """The encoded header (length prefix included) and the tensors in the order they are written.
 
     Tensors are ordered by descending element size, then by name, as the reference writer
     does, so that every tensor is aligned for zero-copy views.
     """
-    ordered = sorted(tensors, key=lambda item: (-item[1].element_size(), item[0]))
+    ordered = sorted(tensors, key=lambda item: (-stored_dtype(item[1], cast).itemsize, item[0]))
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
     for name, tensor in ordered:
-        size = tensor_nbytes(tensor)
+        size = stored_nbytes(tensor, cast)
         header[name] = {
-            "dtype": NAME_FROM_DTYPE[tensor.dtype],
+            "dtype": NAME_FROM_DTYPE[stored_dtype(tensor, cast)],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -484,6 +496,7 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     on_bytes: Callable[[int], object] | None = None,
     digest: str | None = None,
+    cast: torch.dtype | None = None,
 ) -> tuple[int, str | None]:
     """Stream ``tensors`` into ``fh`` in safetensors format.
 
@@ -491,12 +504,13 @@ def write_safetensors(
     computed while writing and embedded in its header (see ``bigmodel._digest``); ``fh`` must
     then be seekable. Each tensor is written straight from its own memory: contiguous CPU
     tensors are never copied, and any other tensor is copied one at a time, so extra memory
-    is at most one tensor. The caller checks dtypes against :data:`NAME_FROM_DTYPE` beforehand.
+    is at most one tensor. ``cast`` converts floating-point tensors as they are written (one
+    at a time). The caller checks dtypes against :data:`NAME_FROM_DTYPE` beforehand.
     """
     meta = dict(metadata or {})
     if digest is not None:
         meta[DIGEST_KEY] = placeholder(digest)
-    header, ordered = header_bytes(tensors, meta)
+    header, ordered = header_bytes(tensors, meta, cast)
     hasher = new_hasher(digest) if digest is not None else None
     write_all(fh, header)
     if hasher is not None:
@@ -504,7 +518,7 @@ def write_safetensors(
     total = 0
     for _name, tensor in ordered:
         if tensor.numel():
-            data = _as_bytes(tensor)
+            data = _as_bytes(tensor, cast)
             write_all(fh, data)
             if hasher is not None:
                 hasher.update(data)

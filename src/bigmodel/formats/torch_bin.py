@@ -19,6 +19,7 @@ import torch
 from .._digest import HashingWriter, new_hasher
 from .._errors import InvalidCheckpointError, UnsafeCheckpointError
 from .._io import file_identity
+from . import stored_dtype
 
 __all__ = ["BinFile", "load_bin", "write_bin"]
 
@@ -102,7 +103,10 @@ class BinFile:
 
 
 def write_bin(
-    fh: BinaryIO, tensors: Mapping[str, torch.Tensor], digest: str | None = None
+    fh: BinaryIO,
+    tensors: Mapping[str, torch.Tensor],
+    digest: str | None = None,
+    cast: torch.dtype | None = None,
 ) -> tuple[int, str | None]:
     """``torch.save`` a flat state dict into ``fh``; return the bytes of tensor data and,
     if ``digest`` names an algorithm, the digest of the whole file, computed while writing.
@@ -115,6 +119,7 @@ def write_bin(
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
+        t = t.to(stored_dtype(t, cast))
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
         out[name] = t
