@@ -860,7 +860,9 @@ def test_a_header_with_an_absurd_number_of_tensors_is_refused_before_it_is_parse
     from bigmodel.formats.safetensors import MAX_TENSORS
 
     count = MAX_TENSORS + 1
-    entries = ",".join(f'"t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(count))
+    entries = ",".join(
+        f'"t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(count)
+    )
     path = tmp_path / "many.safetensors"
     path.write_bytes(header_bytes("{" + entries + "}", b"\0" * count))
     err = expect_invalid(path, "too-many-tensors", file="many.safetensors")

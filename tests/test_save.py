@@ -252,13 +252,19 @@ def test_a_scratch_save_without_fsync_is_still_a_complete_checkpoint(tmp_path, t
 
 @pytest.mark.parametrize("safe", [True, False])
 def test_a_save_can_cast_floating_point_tensors_as_it_writes(tmp_path, tied_net, safe):
-    result = bigmodel.save_checkpoint(tied_net, tmp_path, dtype=torch.bfloat16, max_shard_size=800, safe_serialization=safe)
+    result = bigmodel.save_checkpoint(
+        tied_net, tmp_path, dtype=torch.bfloat16, max_shard_size=800, safe_serialization=safe
+    )
     ckpt = bigmodel.open_checkpoint(tmp_path)
     assert ckpt.tensor_info("embed.weight").dtype == torch.bfloat16
-    assert torch.equal(ckpt.get_tensor("embed.weight"), tied_net.embed.weight.detach().to(torch.bfloat16))
+    assert torch.equal(
+        ckpt.get_tensor("embed.weight"), tied_net.embed.weight.detach().to(torch.bfloat16)
+    )
     assert ckpt.get_tensor("step").dtype == torch.int64
     stored = {k: v for k, v in tied_net.state_dict().items() if not (safe and k == "head.weight")}
-    expected = sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in stored.values())
+    expected = sum(
+        v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in stored.values()
+    )
     assert result.total_size == expected
     assert tied_net.embed.weight.dtype == torch.float32  # the model itself is untouched
     with pytest.raises(ValueError, match="not a floating-point dtype"):
