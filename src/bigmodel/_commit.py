@@ -52,7 +52,7 @@ __all__ = ["Commit"]
 _INDEX_NAMES = (SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME)
 
 
-def _is_ours(name: str) -> bool:
+def is_ours(name: str) -> bool:
     """Debris of a bigmodel save: a staged temp file or an alias link."""
     return (name.startswith(".") and TEMP_MARKER in name) or (
         ALIAS_MARKER in name and name.endswith((".safetensors", ".bin"))
@@ -128,7 +128,7 @@ class Commit:
 
     def clean_debris(self) -> None:
         """Remove leftovers of earlier interrupted saves that no live index refers to."""
-        self._remove_unreferenced(_is_ours)
+        self._remove_unreferenced(is_ours)
 
     def stage(self, final_name: str, write: Callable[[BinaryIO], object]) -> None:
         """Write one file under a temporary name (flushed and, if durable, fsync'd)."""
@@ -147,7 +147,7 @@ class Commit:
         """
         self._staged.clear()
         with contextlib.suppress(OSError):
-            self._remove_unreferenced(lambda name: _is_ours(name) and self.token in name)
+            self._remove_unreferenced(lambda name: is_ours(name) and self.token in name)
 
     def _remove_unreferenced(self, predicate: Callable[[str], bool]) -> None:
         live = self._live_refs()
@@ -228,7 +228,7 @@ class Commit:
         stale = [
             n
             for n in names
-            if n not in keep and (is_weights_artifact(n) or (_is_ours(n) and self.token in n))
+            if n not in keep and (is_weights_artifact(n) or (is_ours(n) and self.token in n))
         ]
         # Index files first: while an old index exists, its data files must stay whole.
         stale.sort(key=lambda n: (not n.endswith(".index.json"), n))

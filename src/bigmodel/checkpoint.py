@@ -682,8 +682,8 @@ def _open_sharded(index: Path) -> Checkpoint:
     problems.extend(_check_recorded_digests(file, metadata.get(DIGESTS_KEY), readers))
     aliases = _parse_aliases(file, metadata.get(ALIASES_KEY), weight_map, problems)
     _raise_problems(problems)
-    # Order files by first appearance in the weight map, keys grouped per file in that order.
-    ordered = {shard: readers[shard] for shard in dict.fromkeys(weight_map.values())}
+    # Files in name order: shard order for Hugging Face names.
+    ordered = {shard: readers[shard] for shard in sorted(set(weight_map.values()))}
     return Checkpoint(
         path=index,
         format=fmt,

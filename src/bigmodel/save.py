@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._commit import Commit
-from ._digest import DEFAULT_ALGORITHM, DIGESTS_KEY, new_hasher
+from ._digest import DEFAULT_ALGORITHM, DIGEST_KEY, DIGESTS_KEY, new_hasher
 from ._errors import BigModelError, CheckpointWriteError
 from ._log import logger
 from ._progress import progress_bar
@@ -27,7 +27,7 @@ from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, find_aliases, plan_sh
 
 __all__ = ["SaveResult", "UnsupportedTensorError", "save_checkpoint"]
 
-_RESERVED_METADATA = frozenset({"format", "total_size", ALIASES_KEY})
+_RESERVED_METADATA = frozenset({"format", "total_size", ALIASES_KEY, DIGEST_KEY, DIGESTS_KEY})
 
 
 class UnsupportedTensorError(BigModelError, ValueError):
@@ -80,6 +80,11 @@ def _state_dict(
             )
         out[name] = tensor.detach()
     return out
+
+
+def reserved_metadata_keys() -> frozenset[str]:
+    """Metadata keys bigmodel writes itself; user metadata must not use them."""
+    return _RESERVED_METADATA
 
 
 def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:

@@ -1,0 +1,71 @@
+"""Shared pieces of the subcommands: exit codes, tables, JSON, checkpoint opening."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .._units import parse_size
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_PROBLEM",
+    "EXIT_USAGE",
+    "emit_json",
+    "print_table",
+    "progress_flag",
+    "size_arg",
+]
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, file: Any = None) -> None:
+    """A plain aligned text table (numbers right-aligned)."""
+    out = file or sys.stdout
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(row, widths, numeric, strict=True)
+        ).rstrip()
+
+    print(fmt(list(headers)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in cells:
+        print(fmt(row), file=out)
+
+
+def _is_number(text: str) -> bool:
+    head = text.split(" ")[0].rstrip("x%")
+    try:
+        float(head)
+    except ValueError:
+        return False
+    return True
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes, with parse_size's explanation on error."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def emit_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def progress_flag(args: argparse.Namespace) -> bool | None:
+    """``--quiet`` forces bars off; otherwise bigmodel's default (a terminal, no env var)."""
+    return False if getattr(args, "quiet", False) else None

@@ -1,0 +1,101 @@
+"""``bigmodel convert SRC DST``: pickled ``.bin`` checkpoints to safetensors, optionally cast."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .._units import format_size
+from ..rewrite import rewrite_checkpoint
+from ._common import EXIT_OK, emit_json, progress_flag, size_arg
+
+HELP = "convert a .bin checkpoint (single or sharded) to safetensors, optionally casting floats"
+EXAMPLE = """\
+examples:
+  bigmodel convert ./old-model ./old-model-st                 # pytorch_model*.bin -> model*.safetensors
+  bigmodel convert ./old-model ./old-model-bf16 --dtype bf16  # and cast floating-point tensors
+Pickles are read only through torch.load(weights_only=True); a file it refuses is reported
+with the reason and nothing is written. Tied (shared) tensors are stored once.
+"""
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}; choose one of {', '.join(sorted(DTYPES))}"
+        ) from None
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "convert",
+        help=HELP,
+        description=HELP + ".",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="checkpoint folder, index file or weights file")
+    p.add_argument("dst", help="output folder (created if missing)")
+    p.add_argument(
+        "--dtype", type=parse_dtype, help="cast floating-point tensors: bf16, fp16, fp32, fp64"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=size_arg,
+        default="5GB",
+        metavar="SIZE",
+        help="largest shard (default 5GB)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = rewrite_checkpoint(
+        args.src,
+        args.dst,
+        max_shard_size=args.max_shard_size,
+        safe_serialization=True,
+        dtype=args.dtype,
+        progress=progress_flag(args),
+    )
+    saved = result.saved
+    if args.json:
+        emit_json(
+            {
+                "directory": str(saved.directory),
+                "source_format": result.source_format,
+                "files": saved.files,
+                "index": saved.index_file,
+                "total_size": saved.total_size,
+                "aliases": saved.aliases,
+                "copied": result.copied_files,
+            }
+        )
+        return EXIT_OK
+    cast = f", cast to {str(args.dtype).removeprefix('torch.')}" if args.dtype else ""
+    print(
+        f"converted {result.source_format} -> safetensors{cast}: {len(saved.files)} file(s), {format_size(saved.total_size)}, into {saved.directory}"
+    )
+    if saved.aliases:
+        print(
+            f"tied tensors stored once: {', '.join(f'{a} -> {s}' for a, s in saved.aliases.items())}"
+        )
+    if result.copied_files:
+        print(f"copied {', '.join(result.copied_files)}")
+    return EXIT_OK

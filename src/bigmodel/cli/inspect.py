@@ -1,0 +1,152 @@
+"""``bigmodel inspect PATH``: what is inside a checkpoint, read from headers only."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+from collections import defaultdict
+from typing import Any
+
+from .._units import format_size
+from ..checkpoint import Checkpoint, open_checkpoint
+from ._common import EXIT_OK, emit_json, print_table
+
+HELP = "show format, layout, shards, dtypes, sizes and metadata of a checkpoint"
+EXAMPLE = """\
+examples:
+  bigmodel inspect ./my-model                     # a folder (sharded or single file)
+  bigmodel inspect ./my-model/model.safetensors.index.json --tensors
+  bigmodel inspect pytorch_model.bin --json       # machine-readable
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help=HELP,
+        description=HELP + ".",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="checkpoint folder, index file or weights file (.safetensors/.bin)")
+    p.add_argument(
+        "--tensors",
+        action="store_true",
+        help="also list every tensor: name, dtype, shape, size, file",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(run=run)
+
+
+def describe(ckpt: Checkpoint, *, tensors: bool) -> dict[str, Any]:
+    """Everything ``inspect`` reports, as plain data."""
+    infos = [ckpt.tensor_info(k) for k in ckpt.stored_keys()]
+    by_dtype: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_file: dict[str, list[int]] = {f: [0, 0] for f in ckpt.files}
+    for info in infos:
+        by_dtype[str(info.dtype).removeprefix("torch.")][0] += 1
+        by_dtype[str(info.dtype).removeprefix("torch.")][1] += info.nbytes
+        per_file[info.file][0] += 1
+        per_file[info.file][1] += info.nbytes
+    largest = max(infos, key=lambda i: i.nbytes, default=None)
+    out: dict[str, Any] = {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "layout": "sharded" if ckpt.is_sharded else "single file",
+        "tensors": len(infos),
+        "aliases": dict(ckpt.aliases),
+        "parameters": sum(i.numel for i in infos),
+        "total_bytes": sum(i.nbytes for i in infos),
+        "files": [
+            {
+                "name": f,
+                "bytes": (ckpt.directory / f).stat().st_size,
+                "tensors": n,
+                "tensor_bytes": b,
+            }
+            for f, (n, b) in per_file.items()
+        ],
+        "dtypes": {d: {"tensors": n, "bytes": b} for d, (n, b) in sorted(by_dtype.items())},
+        "largest": None
+        if largest is None
+        else {
+            "name": largest.name,
+            "dtype": str(largest.dtype).removeprefix("torch."),
+            "shape": list(largest.shape),
+            "bytes": largest.nbytes,
+        },
+        "metadata": ckpt.metadata,
+    }
+    if tensors:
+        out["tensor_list"] = [
+            {
+                "name": i.name,
+                "dtype": str(i.dtype).removeprefix("torch."),
+                "shape": list(i.shape),
+                "bytes": i.nbytes,
+                "file": i.file,
+            }
+            for i in infos
+        ]
+    return out
+
+
+def _count(n: int) -> str:
+    if n < 1000:
+        return str(n)
+    exponent = min(int(math.log10(n) // 3), 4)
+    return f"{n / 1000**exponent:.2f}{' KMBT'[exponent]}"
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_checkpoint(args.path) as ckpt:
+        data = describe(ckpt, tensors=args.tensors)
+    if args.json:
+        emit_json(data)
+        return EXIT_OK
+    print(f"Checkpoint  {data['path']}")
+    print(
+        f"Format      {data['format']}, {data['layout']} ({len(data['files'])} file{'s' if len(data['files']) != 1 else ''})"
+    )
+    print(
+        f"Tensors     {data['tensors']} stored"
+        + (f", {len(data['aliases'])} tied alias(es)" if data["aliases"] else "")
+    )
+    print(f"Parameters  {_count(data['parameters'])} ({data['parameters']:,})")
+    print(f"Data        {format_size(data['total_bytes'])}")
+    if data["largest"]:
+        big = data["largest"]
+        print(
+            f"Largest     {big['name']} {big['dtype']} {big['shape']} {format_size(big['bytes'])}"
+        )
+    print()
+    print_table(
+        ["dtype", "tensors", "size"],
+        [[d, v["tensors"], format_size(v["bytes"])] for d, v in data["dtypes"].items()],
+    )
+    print()
+    print_table(
+        ["file", "tensors", "size"],
+        [[f["name"], f["tensors"], format_size(f["bytes"])] for f in data["files"]],
+    )
+    meta = {
+        k: v
+        for k, v in data["metadata"].items()
+        if k not in ("bigmodel_digests", "bigmodel_aliases")
+    }
+    if meta:
+        print()
+        print("Metadata")
+        for key, value in meta.items():
+            print(textwrap.shorten(f"  {key}: {value}", width=120, placeholder=" ..."))
+    if args.tensors:
+        print()
+        print_table(
+            ["name", "dtype", "shape", "size", "file"],
+            [
+                [t["name"], t["dtype"], t["shape"], format_size(t["bytes"]), t["file"]]
+                for t in data["tensor_list"]
+            ],
+        )
+    return EXIT_OK

@@ -1,0 +1,74 @@
+"""Rewriting a checkpoint on disk (reshard, convert, cast) with memory bounded by one tensor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._commit import is_ours
+from .checkpoint import open_checkpoint
+from .save import SaveResult, reserved_metadata_keys, save_checkpoint
+from .sharding import is_weights_artifact
+
+__all__ = ["RewriteResult", "rewrite_checkpoint"]
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    saved: SaveResult
+    source_format: str
+    copied_files: list[str]
+
+
+def rewrite_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str,
+    safe_serialization: bool | None = None,
+    dtype: torch.dtype | None = None,
+    copy_extras: bool = True,
+    progress: bool | None = None,
+) -> RewriteResult:
+    """Write the checkpoint at ``src`` again at ``dst`` with new shards, format or dtype.
+
+    Tensors stream from the source's file mapping into the new files one at a time (page
+    cache only; with ``dtype``, one converted tensor at a time). ``safe_serialization=None``
+    keeps the source format. Tied tensors are written once. String metadata of the source is
+    kept. With ``copy_extras``, other files of the source folder (config, tokenizer) are copied
+    when ``dst`` is another folder. ``dst`` may be ``src`` itself: the save is atomic.
+    """
+    with open_checkpoint(src) as ckpt:
+        safe = ckpt.format == "safetensors" if safe_serialization is None else safe_serialization
+        state = {name: ckpt.get_tensor(name) for name in ckpt.keys()}
+        reserved = reserved_metadata_keys()
+        metadata = {
+            k: v for k, v in ckpt.metadata.items() if isinstance(v, str) and k not in reserved
+        }
+        saved = save_checkpoint(
+            state,
+            dst,
+            max_shard_size=max_shard_size,
+            safe_serialization=safe,
+            metadata=metadata or None,
+            dtype=dtype,
+            progress=progress,
+        )
+        source_dir, source_format = ckpt.directory, ckpt.format
+    copied: list[str] = []
+    target = Path(dst)
+    if copy_extras and source_dir.resolve() != target.resolve():
+        for entry in sorted(source_dir.iterdir()):
+            if (
+                entry.is_file()
+                and not is_weights_artifact(entry.name)
+                and not is_ours(entry.name)
+                and not (target / entry.name).exists()
+            ):
+                shutil.copy2(entry, target / entry.name)
+                copied.append(entry.name)
+    return RewriteResult(saved=saved, source_format=source_format, copied_files=copied)
