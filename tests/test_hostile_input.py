@@ -867,3 +867,48 @@ def test_a_header_with_an_absurd_number_of_tensors_is_refused_before_it_is_parse
     path.write_bytes(header_bytes("{" + entries + "}", b"\0" * count))
     err = expect_invalid(path, "too-many-tensors", file="many.safetensors")
     assert str(MAX_TENSORS) in str(err)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_SHARD_NAMES = st.sampled_from(
+    [
+        "s1.safetensors",
+        "s2.safetensors",
+        "../s1.safetensors",
+        "missing.safetensors",
+        "s1.bin",
+        "",
+        "/abs.safetensors",
+        "a\\b.safetensors",
+    ]
+)
+
+
+@FUZZ_SETTINGS
+@given(
+    weight_map=st.dictionaries(
+        st.sampled_from(["a", "b", "c", "zz"]), _SHARD_NAMES | _JSON_VALUES, max_size=5
+    ),
+    metadata=_JSON_VALUES,
+    extra=st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=3),
+)
+def test_arbitrary_index_files_never_escape_as_another_exception(
+    tmp_path_factory, weight_map, metadata, extra
+):
+    folder = tmp_path_factory.mktemp("index")
+    save_file({"a": torch.zeros(1)}, folder / "s1.safetensors", metadata={"format": "pt"})
+    save_file(
+        {"b": torch.zeros(1), "c": torch.zeros(2)},
+        folder / "s2.safetensors",
+        metadata={"format": "pt"},
+    )
+    (folder / SAFE_INDEX).write_text(
+        json.dumps({**extra, "metadata": metadata, "weight_map": weight_map})
+    )
+    _open_or_refuse(folder / SAFE_INDEX)

@@ -25,6 +25,7 @@ from ._digest import DIGEST_KEY, DIGESTS_KEY, buffer_digest, path_digest
 from ._errors import CheckpointNotFoundError, InvalidCheckpointError, Problem, UnsafeCheckpointError
 from ._io import file_identity
 from ._log import logger
+from ._progress import progress_bar
 from .formats.safetensors import SafetensorsFile
 from .formats.torch_bin import BinFile
 from .sharding import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
@@ -217,7 +218,9 @@ class Checkpoint:
                 out[file] = embedded
         return out
 
-    def verify(self, *, max_workers: int | None = None) -> VerifyResult:
+    def verify(
+        self, *, max_workers: int | None = None, progress: bool | None = None
+    ) -> VerifyResult:
         """Re-hash every file that has a recorded digest and compare (files in parallel).
 
         A file without a recorded digest is listed in ``unverified``; the structural checks
@@ -261,8 +264,15 @@ class Checkpoint:
 
         files = [f for f in self._readers if f in expected]
         workers = max_workers or min(4, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        total = sum((self.directory / f).stat().st_size for f in files)
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            progress_bar(
+                total=total, desc=f"Verifying {self.directory.name}", progress=progress
+            ) as bar,
+        ):
             for file, problem in zip(files, pool.map(check, files), strict=True):
+                bar.update((self.directory / file).stat().st_size)
                 if problem is None:
                     verified.append(file)
                 else:

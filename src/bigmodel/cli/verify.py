@@ -7,7 +7,7 @@ import sys
 
 from .._errors import InvalidCheckpointError, Problem
 from ..checkpoint import open_checkpoint
-from ._common import EXIT_OK, EXIT_PROBLEM, emit_json
+from ._common import EXIT_OK, EXIT_PROBLEM, emit_json, progress_flag
 
 HELP = "check a checkpoint's structure and, where recorded, the digest of every file"
 EXAMPLE = """\
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("path", help="checkpoint folder, index file or weights file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         unverified: list[str] = []
     else:
         with ckpt:
-            result = ckpt.verify()
+            result = ckpt.verify(progress=progress_flag(args))
         problems, verified, unverified = result.problems, result.verified, result.unverified
     if args.json:
         emit_json(
