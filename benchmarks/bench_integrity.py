@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import SIZES, _Sampler, ensure_checkpoint
+from bench_load import SIZES, ensure_checkpoint, warm_page_cache
 
 
 def ensure_bigmodel_copy(cache: Path, size: str) -> Path:
@@ -197,10 +197,11 @@ def build_corpus(root: Path) -> list[Path]:
 
 def child_hostile(paths: list[str]) -> None:
     import bigmodel
+    from bigmodel._memory import MemorySampler
 
     out = []
     for path in paths:
-        with _Sampler() as sampler:
+        with MemorySampler() as sampler:
             start = time.perf_counter()
             try:
                 bigmodel.open_checkpoint(path)
@@ -215,7 +216,7 @@ def child_hostile(paths: list[str]) -> None:
                 "case": Path(path).parent.name if path.endswith(".json") else Path(path).name,
                 "outcome": outcome,
                 "seconds": seconds,
-                "anon": sampler.peak["RssAnon"] - sampler.base["RssAnon"],
+                "anon": sampler.increase("anon"),
             }
         )
     print(json.dumps(out))
@@ -260,10 +261,7 @@ def main() -> None:
         return
 
     folder = ensure_bigmodel_copy(args.cache, args.size)
-    for shard in folder.glob("*.safetensors"):  # warm the page cache
-        with open(shard, "rb") as f:
-            while f.read(1 << 24):
-                pass
+    warm_page_cache(folder)
     times: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.repeats):
         for dtype in ("fp32", "bf16"):

@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -78,36 +77,12 @@ def ensure_checkpoint(cache: Path, size: str) -> Path:
 
 
 # -- the child: one measurement ------------------------------------------------------------------
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class _Sampler:
-    def __init__(self) -> None:
-        self.base = _status()
-        self.peak = dict(self.base)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for key, value in _status().items():
-                self.peak[key] = max(self.peak[key], value)
-            time.sleep(0.005)
-
-    def __enter__(self) -> _Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def warm_page_cache(folder: Path) -> None:
+    """Read every shard once so that the runs compare loads, not disk reads."""
+    for shard in folder.glob("*.safetensors"):
+        with open(shard, "rb") as f:
+            while f.read(1 << 24):
+                pass
 
 
 def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
@@ -116,13 +91,14 @@ def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
     from transformers import LlamaForCausalLM
 
     import bigmodel
+    from bigmodel._memory import MemorySampler
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     config = _config(size)
     with bigmodel.init_empty_weights():  # warm up torch's lazy imports outside the timing
         LlamaForCausalLM(_config("small"))
     construct = None
-    with _Sampler() as sampler:
+    with MemorySampler() as sampler:
         start = time.perf_counter()
         if method == "bigmodel":
             model = bigmodel.from_pretrained(
@@ -152,8 +128,8 @@ def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
                 "ready_s": ready,
                 "construct_s": construct,
                 "empty_construct_s": empty,
-                "anon": sampler.peak["RssAnon"] - sampler.base["RssAnon"],
-                "file": sampler.peak["RssFile"] - sampler.base["RssFile"],
+                "anon": sampler.increase("anon"),
+                "file": sampler.increase("file"),
                 "model_bytes": model_bytes,
                 "checksum": total,
             }
@@ -215,10 +191,7 @@ def main() -> None:
     folder = ensure_checkpoint(args.cache, args.size)
     ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     largest = _largest_tensor(folder)
-    for shard in folder.glob("*.safetensors"):  # warm the page cache
-        with open(shard, "rb") as f:
-            while f.read(1 << 24):
-                pass
+    warm_page_cache(folder)
 
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for _ in range(args.repeats):

@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._units import parse_size
 
 __all__ = [
+    "add_command",
     "EXIT_OK",
     "EXIT_PROBLEM",
     "EXIT_USAGE",
@@ -51,6 +52,26 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subparsers = argparse._SubParsersAction
+
+
+def add_command(
+    sub: Subparsers, name: str, *, help: str, example: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help ends with real examples, shown verbatim."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description or help + ".",
+        epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
 
 
 def size_arg(text: str) -> int:

@@ -8,7 +8,7 @@ import torch
 
 from .._units import format_size
 from ..rewrite import rewrite_checkpoint
-from ._common import EXIT_OK, emit_json, progress_flag, size_arg
+from ._common import EXIT_OK, Subparsers, add_command, emit_json, progress_flag, size_arg
 
 HELP = "convert a .bin checkpoint (single or sharded) to safetensors, optionally casting floats"
 EXAMPLE = """\
@@ -40,14 +40,8 @@ def parse_dtype(text: str) -> torch.dtype:
         ) from None
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "convert",
-        help=HELP,
-        description=HELP + ".",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "convert", help=HELP, example=EXAMPLE)
     p.add_argument("src", help="checkpoint folder, index file or weights file")
     p.add_argument("dst", help="output folder (created if missing)")
     p.add_argument(

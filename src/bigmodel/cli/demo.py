@@ -26,7 +26,16 @@ from torch.nn import functional
 
 from .._memory import MemorySampler
 from .._units import format_size
-from ._common import EXIT_OK, EXIT_PROBLEM, emit_json, print_table, progress_flag, size_arg
+from ._common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    Subparsers,
+    add_command,
+    emit_json,
+    print_table,
+    progress_flag,
+    size_arg,
+)
 
 HELP = (
     "save a built-in GPT-style model sharded and load it back with bigmodel and with plain PyTorch"
@@ -112,14 +121,8 @@ class DemoGPT(nn.Module):
         return logits
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help=HELP,
-        description=__doc__,
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "demo", help=HELP, example=EXAMPLE, description=__doc__)
     p.add_argument(
         "--size", type=size_arg, default="1GB", help="float32 size of the model (default 1GB)"
     )

@@ -10,7 +10,7 @@ import torch
 from .._units import format_size
 from ..checkpoint import open_checkpoint
 from ..estimate import estimate_checkpoint, parse_max_memory
-from ._common import EXIT_OK, EXIT_PROBLEM, emit_json, print_table
+from ._common import EXIT_OK, EXIT_PROBLEM, Subparsers, add_command, emit_json, print_table
 from .convert import parse_dtype
 
 HELP = "estimate the memory a checkpoint needs per device, and whether it fits"
@@ -25,14 +25,8 @@ Leave room for activations: the budget is for weights only.
 """
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "estimate",
-        help=HELP,
-        description=HELP + ".",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "estimate", help=HELP, example=EXAMPLE)
     p.add_argument("path", help="checkpoint folder, index file or weights file")
     p.add_argument(
         "--max-memory",

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._units import format_size
 from ..checkpoint import Checkpoint, open_checkpoint
-from ._common import EXIT_OK, emit_json, print_table
+from ._common import EXIT_OK, Subparsers, add_command, emit_json, print_table
 
 HELP = "show format, layout, shards, dtypes, sizes and metadata of a checkpoint"
 EXAMPLE = """\
@@ -21,14 +21,8 @@ examples:
 """
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help=HELP,
-        description=HELP + ".",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "inspect", help=HELP, example=EXAMPLE)
     p.add_argument("path", help="checkpoint folder, index file or weights file (.safetensors/.bin)")
     p.add_argument(
         "--tensors",

@@ -6,7 +6,7 @@ import argparse
 
 from .._units import format_size
 from ..rewrite import rewrite_checkpoint
-from ._common import EXIT_OK, emit_json, progress_flag, size_arg
+from ._common import EXIT_OK, Subparsers, add_command, emit_json, progress_flag, size_arg
 
 HELP = "rewrite a checkpoint with a new shard size (streaming, memory bounded by one tensor)"
 EXAMPLE = """\
@@ -18,14 +18,8 @@ Sizes: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB. The format is k
 """
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "reshard",
-        help=HELP,
-        description=HELP + ".",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "reshard", help=HELP, example=EXAMPLE)
     p.add_argument("src", help="checkpoint folder, index file or weights file")
     p.add_argument("dst", help="output folder (created if missing; may be the source folder)")
     p.add_argument(

@@ -7,7 +7,7 @@ import sys
 
 from .._errors import InvalidCheckpointError, Problem
 from ..checkpoint import open_checkpoint
-from ._common import EXIT_OK, EXIT_PROBLEM, emit_json, progress_flag
+from ._common import EXIT_OK, EXIT_PROBLEM, Subparsers, add_command, emit_json, progress_flag
 
 HELP = "check a checkpoint's structure and, where recorded, the digest of every file"
 EXAMPLE = """\
@@ -17,14 +17,8 @@ examples:
 """
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "verify",
-        help=HELP,
-        description=HELP + ".",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "verify", help=HELP, example=EXAMPLE)
     p.add_argument("path", help="checkpoint folder, index file or weights file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
