@@ -17,7 +17,9 @@ from ._errors import (
 )
 from ._units import parse_size
 from .checkpoint import Checkpoint, TensorInfo, TensorSlice, VerifyResult, open_checkpoint
+from .device_map import PlanError, compute_module_sizes, infer_device_map
 from .empty import init_empty_weights, init_on_device
+from .estimate import Estimate, estimate_memory
 from .initialize import MissingInitializerError
 from .keys import KeyMappingError
 from .load import (
@@ -38,6 +40,7 @@ __all__ = [
     "CheckpointConflictError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "Estimate",
     "InvalidCheckpointError",
     "KeyMappingError",
     "KeyMismatchError",
@@ -45,6 +48,7 @@ __all__ = [
     "MetaTensorError",
     "MismatchedKey",
     "MissingInitializerError",
+    "PlanError",
     "PretrainedMixin",
     "Problem",
     "SaveResult",
@@ -54,7 +58,10 @@ __all__ = [
     "UnsupportedTensorError",
     "VerifyResult",
     "__version__",
+    "compute_module_sizes",
+    "estimate_memory",
     "from_pretrained",
+    "infer_device_map",
     "init_empty_weights",
     "init_on_device",
     "load_checkpoint",

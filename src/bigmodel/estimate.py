@@ -9,14 +9,24 @@ order, each whole, on the devices in the order given (accelerators, then ``cpu``
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ._units import parse_size
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
+from .device_map import (
+    PlanError,
+    compute_module_sizes,
+    default_max_memory,
+    device_for,
+    infer_device_map,
+    repeated_block_classes,
+)
 
 __all__ = [
     "Block",
@@ -146,3 +156,78 @@ def estimate_checkpoint(
     return Estimate(
         devices=devices, unplaced=unplaced, largest=largest, total=sum(b.nbytes for b in blocks)
     )
+
+
+def _model_estimate(
+    model: nn.Module,
+    budgets: dict[str, int | None],
+    dtype: torch.dtype | None,
+    no_split: Iterable[type[nn.Module] | str] | None,
+) -> Estimate:
+    sizes = compute_module_sizes(model, dtype)
+    classes = {
+        c if isinstance(c, str) else c.__name__
+        for c in (no_split if no_split is not None else repeated_block_classes(model))
+    }
+    blocks = [
+        Block(name, sizes[name], 0)
+        for name, module in model.named_modules()
+        if type(module).__name__ in classes
+    ]
+    largest = max(
+        blocks or [Block(n, sizes[n]) for n, _ in model.named_children()] or [Block("", sizes[""])],
+        key=lambda b: b.nbytes,
+    )
+    try:
+        plan = infer_device_map(
+            model, max_memory=budgets, no_split_module_classes=no_split, dtype=dtype
+        )
+    except PlanError:
+        return Estimate(
+            devices=[DevicePlan(d, b) for d, b in budgets.items()],
+            unplaced=[Block("", sizes[""])],
+            largest=largest,
+            total=sizes[""],
+        )
+    devices = {d: DevicePlan(d, b) for d, b in budgets.items()}
+    for name, device in plan.items():
+        devices[device].blocks.append(name)
+    seen: set[int] = set()
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        placed = device_for(name, plan)
+        assert placed is not None, name
+        devices[placed].used += tensor.numel() * (
+            dtype.itemsize
+            if dtype is not None and tensor.is_floating_point()
+            else tensor.element_size()
+        )
+    return Estimate(devices=list(devices.values()), unplaced=[], largest=largest, total=sizes[""])
+
+
+def estimate_memory(
+    model_or_checkpoint: nn.Module | Checkpoint | str | os.PathLike[str],
+    *,
+    max_memory: str | Mapping[str, int | str | None] | None = None,
+    dtype: torch.dtype | None = None,
+    no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
+) -> Estimate:
+    """Bytes needed per device for a plan within ``max_memory``, the largest block, and whether
+    it all fits — the numbers ``bigmodel estimate`` prints.
+
+    A module (on ``meta`` is fine) is planned with :func:`bigmodel.infer_device_map`; a
+    checkpoint (object or path) from its tensor names alone (:func:`group_blocks`).
+    ``max_memory`` defaults to free memory minus a reserve, then disk.
+    """
+    budgets = default_max_memory() if max_memory is None else parse_max_memory(max_memory)
+    if isinstance(model_or_checkpoint, nn.Module):
+        return _model_estimate(model_or_checkpoint, budgets, dtype, no_split_module_classes)
+    if isinstance(model_or_checkpoint, Checkpoint):
+        return estimate_checkpoint(model_or_checkpoint, budgets, dtype=dtype)
+    with open_checkpoint(model_or_checkpoint) as ckpt:
+        return estimate_checkpoint(ckpt, budgets, dtype=dtype)
