@@ -27,6 +27,7 @@ EXPECTED = [
     "VerifyResult",
     "__version__",
     "compute_module_sizes",
+    "dispatch_model",
     "estimate_memory",
     "from_pretrained",
     "infer_device_map",

@@ -18,6 +18,7 @@ from ._errors import (
 from ._units import parse_size
 from .checkpoint import Checkpoint, TensorInfo, TensorSlice, VerifyResult, open_checkpoint
 from .device_map import PlanError, compute_module_sizes, infer_device_map
+from .dispatch import dispatch_model
 from .empty import init_empty_weights, init_on_device
 from .estimate import Estimate, estimate_memory
 from .initialize import MissingInitializerError
@@ -59,6 +60,7 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "compute_module_sizes",
+    "dispatch_model",
     "estimate_memory",
     "from_pretrained",
     "infer_device_map",

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -29,8 +29,11 @@ from ._errors import BigModelError, InvalidCheckpointError, KeyMismatchError
 from ._log import logger
 from ._progress import progress_bar
 from .checkpoint import Checkpoint, open_checkpoint
+from .device_map import device_for, infer_device_map, normalize_device
+from .dispatch import attach_offload_hooks
 from .initialize import InitFn, initialize_missing
 from .keys import match_keys
+from .offload import OffloadedTensor, offload_sources
 
 __all__ = [
     "DtypeOverrides",
@@ -114,6 +117,7 @@ class _Placement:
     overrides: DtypeOverrides
     device: torch.device | None
     model: nn.Module
+    device_map: Mapping[str, str] | None = None
 
     def dtype_for(self, name: str, current: torch.Tensor) -> torch.dtype:
         """Floating-point tensors take ``dtype`` (or a per-module override); others keep the module's."""
@@ -129,10 +133,20 @@ class _Placement:
                 return dtype
         return self.dtype if self.dtype is not None else current.dtype
 
-    def device_for(self, current: torch.Tensor) -> torch.device:
+    def device_for(self, name: str, current: torch.Tensor) -> torch.device:
+        if self.device_map is not None:
+            mapped = device_for(name, self.device_map)
+            if mapped is None:
+                raise ValueError(
+                    f"The device map places no entry over {name!r}; add it (or an ancestor module, or '') to device_map."
+                )
+            return torch.device("cpu" if mapped == "disk" else mapped)
         if self.device is not None:
             return self.device
         return torch.device("cpu") if current.is_meta else current.device
+
+    def offloaded(self, name: str) -> bool:
+        return self.device_map is not None and device_for(name, self.device_map) == "disk"
 
 
 def _open(
@@ -147,14 +161,17 @@ def _open(
     return open_checkpoint(checkpoint, prefer_safe=opts.prefer_safe, verify=opts.verify), True
 
 
-def _check_nothing_on_meta(model: nn.Module) -> None:
+def _check_nothing_on_meta(model: nn.Module, skip: frozenset[str] = frozenset()) -> None:
+    """Raise naming every tensor left on ``meta``, except the offloaded ones in ``skip``."""
     left = [
-        f"parameter {n!r}" for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta
+        f"parameter {n!r}"
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if p.is_meta and n not in skip
     ]
     for module_name, module in model.named_modules(remove_duplicate=False):
         for name, buf in module._buffers.items():
-            if buf is not None and buf.is_meta:
-                full = f"{module_name}.{name}" if module_name else name
+            full = f"{module_name}.{name}" if module_name else name
+            if buf is not None and buf.is_meta and full not in skip:
                 kind = (
                     "non-persistent buffer"
                     if name in module._non_persistent_buffers_set
@@ -185,6 +202,9 @@ class _Options:
     init_fn: InitFn | None = None
     progress: bool | None = None
     verify: bool = False
+    offload_folder: str | os.PathLike[str] | None = None
+    main_device: str | None = None
+    prefetch: bool = True
 
 
 _Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
@@ -254,10 +274,13 @@ def _read(
     ) as bar:
         for key, group in plan:
             old = targets[group[0]]
+            if placement.offloaded(group[0]):
+                continue  # read on demand by the offload hooks
             data = ckpt.get_tensor(key)
             if opts.assign or old.is_meta:
                 value = data.to(
-                    device=placement.device_for(old), dtype=placement.dtype_for(group[0], old)
+                    device=placement.device_for(group[0], old),
+                    dtype=placement.dtype_for(group[0], old),
                 )
                 _place(model, group, old, value)
             else:
@@ -288,7 +311,7 @@ def _initialise(
             empty = torch.empty(
                 old.shape,
                 dtype=placement.dtype_for(group[0], old),
-                device=placement.device_for(old),
+                device=placement.device_for(group[0], old),
             )
             _place(model, group, old, empty)
             fresh.extend(group)
@@ -303,18 +326,35 @@ def _load(
 ) -> LoadReport:
     start = time.perf_counter()
     ckpt, owned = _open(checkpoint, opts)
+    offloaded: dict[str, OffloadedTensor] = {}
     try:
         targets = model.state_dict(keep_vars=True)
         plan, to_init, report = _plan(ckpt, targets, opts)
         _read(model, ckpt, targets, plan, placement, opts, report)
+        if placement.device_map is not None:
+            offloaded = offload_sources(
+                ckpt,
+                targets,
+                [(k, g) for k, g in plan if placement.offloaded(g[0])],
+                placement.dtype_for,
+                opts.offload_folder,
+            )
     finally:
-        if owned:
-            ckpt.close()
+        if owned and not offloaded:
+            ckpt.close()  # offloaded tensors keep reading from it
     if opts.init_missing:
         report.initialized_keys = _initialise(model, targets, to_init, placement, opts)
     if placement.device is not None:
         model.to(placement.device)
-    _check_nothing_on_meta(model)
+    if offloaded:
+        attach_offload_hooks(
+            model,
+            offloaded,
+            placement.device_map or {},
+            execution_device=opts.main_device or "cpu",
+            prefetch=opts.prefetch,
+        )
+    _check_nothing_on_meta(model, skip=frozenset(offloaded))
     report.seconds = time.perf_counter() - start
     if report.missing_keys or report.unexpected_keys or report.mismatched_keys:
         logger.info(
@@ -342,6 +382,12 @@ def load_checkpoint(
     init_fn: InitFn | None = None,
     prefer_safe: bool = True,
     verify: bool = False,
+    device_map: str | Mapping[str, str | int] | None = None,
+    max_memory: Mapping[Any, int | str | None] | None = None,
+    no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    main_device: str | int | None = None,
+    prefetch: bool = True,
     progress: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` (folder, index or weights file, or an open :class:`Checkpoint`) into ``model``.
@@ -368,13 +414,38 @@ def load_checkpoint(
       :class:`MetaTensorError` names it.
     * ``verify=True`` re-hashes every file against the digest recorded when it was saved
       before loading (see :meth:`bigmodel.Checkpoint.verify`).
+    * ``device_map`` (``"auto"`` with ``max_memory``, or ``{module name: device}``) places
+      modules on accelerators, ``cpu`` or ``disk``. Disk modules are not loaded: hooks read
+      their weights just before they run and release them after (from the original shards,
+      or, when a dtype change is needed, from converted copies written once into
+      ``offload_folder``), prefetching the next entry in a background thread.
     """
+    resolved: dict[str, str] | None = None
+    if device_map == "auto":
+        resolved = infer_device_map(
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=no_split_module_classes,
+            dtype=dtype,
+        )
+    elif isinstance(device_map, str):
+        raise ValueError(
+            f"device_map={device_map!r}: pass 'auto' or a dict {{module name: device}}."
+        )
+    elif device_map is not None:
+        resolved = {k: normalize_device(v) for k, v in device_map.items()}
+    if resolved is not None and device is not None:
+        raise ValueError("Pass either device= or device_map=, not both.")
     placement = _Placement(
         dtype=dtype,
         overrides=dtype_overrides or {},
         device=None if device is None else torch.device(device),
         model=model,
+        device_map=resolved,
     )
+    if main_device is None and resolved is not None:
+        accelerators = sorted(d for d in resolved.values() if d not in ("cpu", "disk"))
+        main_device = accelerators[0] if accelerators else "cpu"
     opts = _Options(
         strict=strict,
         prefer_safe=prefer_safe,
@@ -386,6 +457,9 @@ def load_checkpoint(
         init_fn=init_fn,
         progress=progress,
         verify=verify,
+        offload_folder=offload_folder,
+        main_device=None if main_device is None else normalize_device(main_device),
+        prefetch=prefetch,
     )
     return _load(model, checkpoint, placement, opts)
 

@@ -1,0 +1,134 @@
+"""Sources of disk-offloaded tensors: the original shards, or converted copies written once.
+
+A tensor that keeps its stored dtype is read straight from the checkpoint's own file mapping
+each time it is needed: nothing is rewritten. A tensor that needs a conversion is converted
+once, streamed into a safetensors file in ``offload_folder`` (one file per target dtype,
+named by bigmodel — tensor names only ever appear inside the file's header, so a hostile
+name can never reach the filesystem), and read from there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._io import new_token, open_temp
+from .checkpoint import Checkpoint
+from .formats.safetensors import SafetensorsFile, write_safetensors
+
+__all__ = ["OffloadedTensor", "offload_sources", "offload_state"]
+
+
+@dataclass(frozen=True)
+class OffloadedTensor:
+    """Where an offloaded tensor's data comes from, and what it must become."""
+
+    load: Callable[[], torch.Tensor]  # returns a CPU tensor (usually a view of a file mapping)
+    dtype: torch.dtype
+    is_parameter: bool
+    requires_grad: bool = False
+
+
+def _folder(offload_folder: str | os.PathLike[str] | None) -> Path:
+    if offload_folder is not None:
+        path = Path(offload_folder)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    path = Path(tempfile.mkdtemp(prefix="bigmodel-offload-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def offload_sources(
+    ckpt: Checkpoint,
+    targets: dict[str, torch.Tensor],
+    items: list[tuple[str, list[str]]],
+    dtype_for: Callable[[str, torch.Tensor], torch.dtype],
+    offload_folder: str | os.PathLike[str] | None,
+) -> dict[str, OffloadedTensor]:
+    """An :class:`OffloadedTensor` for every module name in ``items`` ((checkpoint key, names))."""
+    specs: dict[str, OffloadedTensor] = {}
+    to_convert: dict[torch.dtype, list[tuple[str, list[str]]]] = {}
+    for key, group in items:
+        target = targets[group[0]]
+        dtype = dtype_for(group[0], target)
+        if ckpt.tensor_info(key).dtype == dtype:
+            load = functools.partial(ckpt.get_tensor, key)
+            for name in group:
+                specs[name] = OffloadedTensor(
+                    load=load,
+                    dtype=dtype,
+                    is_parameter=isinstance(target, nn.Parameter),
+                    requires_grad=target.requires_grad,
+                )
+        else:
+            to_convert.setdefault(dtype, []).append((key, group))
+    if not to_convert:
+        return specs
+    folder = _folder(offload_folder)
+    token = new_token()
+    for dtype, entries in to_convert.items():
+        final = folder / f"offload-{str(dtype).removeprefix('torch.')}-{token}.safetensors"
+        temp = folder / f".{final.name}.tmp"
+        with open_temp(temp, durable=False) as fh:
+            write_safetensors(
+                fh,
+                [(key, ckpt.get_tensor(key)) for key, _ in entries],
+                {"format": "pt"},
+                cast=dtype,
+            )
+        os.replace(temp, final)
+        reader = SafetensorsFile(final)
+        for key, group in entries:
+            target = targets[group[0]]
+            load = functools.partial(reader.get_tensor, key)
+            for name in group:
+                specs[name] = OffloadedTensor(
+                    load=load,
+                    dtype=dtype,
+                    is_parameter=isinstance(target, nn.Parameter),
+                    requires_grad=target.requires_grad,
+                )
+    return specs
+
+
+def _write(
+    folder: Path, label: str, tensors: list[tuple[str, torch.Tensor]], cast: torch.dtype | None
+) -> SafetensorsFile:
+    final = folder / f"offload-{label}-{new_token()}.safetensors"
+    temp = folder / f".{final.name}.tmp"
+    with open_temp(temp, durable=False) as fh:
+        write_safetensors(fh, tensors, {"format": "pt"}, cast=cast)
+    os.replace(temp, final)
+    return SafetensorsFile(final)
+
+
+def offload_state(
+    state: dict[str, torch.Tensor], offload_folder: str | os.PathLike[str] | None
+) -> dict[str, OffloadedTensor]:
+    """Write the tensors of a loaded model that go to disk (tied names once) and describe them."""
+    unique: dict[int, str] = {}
+    for name, tensor in state.items():
+        unique.setdefault(id(tensor), name)
+    reader = _write(
+        _folder(offload_folder), "state", [(n, state[n]) for n in unique.values()], None
+    )
+    specs = {}
+    for name, tensor in state.items():
+        stored = unique[id(tensor)]
+        specs[name] = OffloadedTensor(
+            load=functools.partial(reader.get_tensor, stored),
+            dtype=tensor.dtype,
+            is_parameter=isinstance(tensor, nn.Parameter),
+            requires_grad=tensor.requires_grad,
+        )
+    return specs

@@ -1,0 +1,197 @@
+import pytest
+import torch
+from torch import nn
+
+import bigmodel
+from bigmodel.offload import offload_state
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, width: int = 16, layers: int = 6, vocab: int = 40) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+IDS = torch.tensor([[1, 5, 7, 2, 39]])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = Model().eval()
+    bigmodel.save_checkpoint(model, tmp_path / "ckpt", max_shard_size=3000)
+    return model, tmp_path / "ckpt"
+
+
+def _empty() -> Model:
+    with bigmodel.init_empty_weights():
+        return Model().eval()
+
+
+MAP = {
+    "embed": "cpu",
+    "layers.0": "cpu",
+    "layers.1": "disk",
+    "layers.2": "disk",
+    "layers.3": "cpu",
+    "layers.4": "disk",
+    "layers.5": "disk",
+    "norm": "disk",
+    "head": "cpu",
+}
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_cpu_and_disk_map_gives_the_outputs_of_the_in_memory_model(saved, prefetch):
+    reference, folder = saved
+    model = _empty()
+    bigmodel.load_checkpoint(model, folder, device_map=MAP, prefetch=prefetch)
+    assert model.layers[1].up.weight.is_meta  # not resident between forwards
+    assert not model.layers[0].up.weight.is_meta
+    with torch.no_grad():
+        for _ in range(2):  # the second pass reads the weights again
+            assert torch.equal(model(IDS), reference(IDS))
+    assert model.layers[1].up.weight.is_meta and model.norm.weight.is_meta  # released after use
+
+
+def test_disk_weights_that_need_a_new_dtype_are_converted_once_into_the_offload_folder(
+    saved, tmp_path
+):
+    reference, folder = saved
+    model = _empty()
+    bigmodel.load_checkpoint(
+        model, folder, device_map=MAP, dtype=torch.bfloat16, offload_folder=tmp_path / "offload"
+    )
+    files = sorted(p.name for p in (tmp_path / "offload").iterdir())
+    assert (
+        len(files) == 1
+        and files[0].startswith("offload-bfloat16-")
+        and files[0].endswith(".safetensors")
+    )
+    expected = reference.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), expected(IDS))
+
+
+def test_an_auto_map_within_a_small_cpu_budget_offloads_the_rest_and_still_matches(saved):
+    reference, folder = saved
+    model = _empty()
+    bigmodel.load_checkpoint(
+        model, folder, device_map="auto", max_memory={"cpu": 4000, "disk": None}
+    )
+    on_disk = [n for n, p in model.named_parameters() if p.is_meta]
+    assert on_disk, "the budget should have pushed some blocks to disk"
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference(IDS))
+
+
+def test_an_impossible_auto_map_says_what_to_change(saved):
+    _, folder = saved
+    with pytest.raises(bigmodel.PlanError, match="add 'disk'"):
+        bigmodel.load_checkpoint(_empty(), folder, device_map="auto", max_memory={"cpu": 100})
+
+
+def test_dispatch_model_offloads_an_already_loaded_model(saved, tmp_path):
+    reference, folder = saved
+    model = bigmodel.from_pretrained(Model, folder)
+    bigmodel.dispatch_model(model, MAP, offload_folder=tmp_path / "off")
+    assert model.layers[2].down.weight.is_meta
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference(IDS))
+
+
+def test_offload_files_are_named_by_bigmodel_whatever_the_tensor_names(tmp_path):
+    hostile = {"../../escape": torch.ones(2), "/etc/passwd": torch.zeros(3), "a\\b": torch.ones(1)}
+    specs = offload_state(hostile, tmp_path / "off")
+    assert [p.name for p in tmp_path.iterdir()] == ["off"]
+    (only,) = list((tmp_path / "off").iterdir())
+    assert only.name.startswith("offload-state-") and only.suffix == ".safetensors"
+    for name, tensor in hostile.items():
+        assert torch.equal(specs[name].load(), tensor)
+
+
+def test_device_and_device_map_are_exclusive_and_bad_maps_are_explained(saved):
+    _, folder = saved
+    with pytest.raises(ValueError, match="either device= or device_map="):
+        bigmodel.load_checkpoint(_empty(), folder, device="cpu", device_map={"": "cpu"})
+    with pytest.raises(ValueError, match="places no entry over"):
+        bigmodel.load_checkpoint(_empty(), folder, device_map={"embed": "cpu"})
+    with pytest.raises(ValueError, match="pass 'auto'"):
+        bigmodel.load_checkpoint(_empty(), folder, device_map="balanced")
+
+
+PROBE = """
+import json, sys, torch
+from torch import nn
+import bigmodel
+from bigmodel._memory import MemorySampler
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Linear(2048, 2048, bias=False)  # 16 MiB fp32
+        self.v = nn.Linear(2048, 2048, bias=False)
+    def forward(self, x):
+        return x + self.v(torch.relu(self.w(x)))
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(12))  # 384 MiB
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+folder, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+if sys.argv[3] == "save":
+    torch.manual_seed(0)
+    bigmodel.save_checkpoint(Model(), folder, max_shard_size="100MB", progress=False)
+    raise SystemExit
+with bigmodel.init_empty_weights():
+    model = Model()
+with MemorySampler(interval=0.001) as mem:
+    bigmodel.load_checkpoint(model, folder, device_map="auto", max_memory={"cpu": "64MB", "disk": None}, dtype=dtype, offload_folder=sys.argv[3], progress=False)
+    with torch.no_grad():
+        model(torch.randn(4, 2048, dtype=dtype))
+print(json.dumps({"anon": mem.increase("anon"), "block": 2 * 2048 * 2048 * dtype.itemsize}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_disk_offloaded_model_keeps_its_cpu_budget(tmp_path, dtype):
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ckpt"
+    subprocess.run([sys.executable, "-c", PROBE, str(folder), "float32", "save"], check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(folder), dtype, str(tmp_path / "off")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    # budget + the block that runs + the one prefetched + a small constant; the model is 384 MiB.
+    assert m["anon"] < 64e6 + 2 * m["block"] + 32e6, m
