@@ -59,46 +59,42 @@ def offload_sources(
     specs: dict[str, OffloadedTensor] = {}
     to_convert: dict[torch.dtype, list[tuple[str, list[str]]]] = {}
     for key, group in items:
-        target = targets[group[0]]
-        dtype = dtype_for(group[0], target)
+        dtype = dtype_for(group[0], targets[group[0]])
         if ckpt.tensor_info(key).dtype == dtype:
-            load = functools.partial(ckpt.get_tensor, key)
-            for name in group:
-                specs[name] = OffloadedTensor(
-                    load=load,
-                    dtype=dtype,
-                    is_parameter=isinstance(target, nn.Parameter),
-                    requires_grad=target.requires_grad,
-                )
+            _describe(
+                specs, group, targets[group[0]], functools.partial(ckpt.get_tensor, key), dtype
+            )
         else:
             to_convert.setdefault(dtype, []).append((key, group))
-    if not to_convert:
-        return specs
-    folder = _folder(offload_folder)
-    token = new_token()
     for dtype, entries in to_convert.items():
-        final = folder / f"offload-{str(dtype).removeprefix('torch.')}-{token}.safetensors"
-        temp = folder / f".{final.name}.tmp"
-        with open_temp(temp, durable=False) as fh:
-            write_safetensors(
-                fh,
-                [(key, ckpt.get_tensor(key)) for key, _ in entries],
-                {"format": "pt"},
-                cast=dtype,
-            )
-        os.replace(temp, final)
-        reader = SafetensorsFile(final)
+        label = str(dtype).removeprefix("torch.")
+        reader = _write(
+            _folder(offload_folder),
+            label,
+            [(key, ckpt.get_tensor(key)) for key, _ in entries],
+            dtype,
+        )
         for key, group in entries:
-            target = targets[group[0]]
-            load = functools.partial(reader.get_tensor, key)
-            for name in group:
-                specs[name] = OffloadedTensor(
-                    load=load,
-                    dtype=dtype,
-                    is_parameter=isinstance(target, nn.Parameter),
-                    requires_grad=target.requires_grad,
-                )
+            _describe(
+                specs, group, targets[group[0]], functools.partial(reader.get_tensor, key), dtype
+            )
     return specs
+
+
+def _describe(
+    specs: dict[str, OffloadedTensor],
+    names: list[str],
+    target: torch.Tensor,
+    load: Callable[[], torch.Tensor],
+    dtype: torch.dtype,
+) -> None:
+    for name in names:
+        specs[name] = OffloadedTensor(
+            load=load,
+            dtype=dtype,
+            is_parameter=isinstance(target, nn.Parameter),
+            requires_grad=target.requires_grad,
+        )
 
 
 def _write(
@@ -122,13 +118,13 @@ def offload_state(
     reader = _write(
         _folder(offload_folder), "state", [(n, state[n]) for n in unique.values()], None
     )
-    specs = {}
+    specs: dict[str, OffloadedTensor] = {}
     for name, tensor in state.items():
-        stored = unique[id(tensor)]
-        specs[name] = OffloadedTensor(
-            load=functools.partial(reader.get_tensor, stored),
-            dtype=tensor.dtype,
-            is_parameter=isinstance(tensor, nn.Parameter),
-            requires_grad=tensor.requires_grad,
+        _describe(
+            specs,
+            [name],
+            tensor,
+            functools.partial(reader.get_tensor, unique[id(tensor)]),
+            tensor.dtype,
         )
     return specs
