@@ -15,7 +15,6 @@ Writes docs/benchmarks/integrity.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import SIZES, ensure_checkpoint, warm_page_cache
+from bench_load import SIZES, common_parser, ensure_checkpoint, warm_page_cache
 
 
 def ensure_bigmodel_copy(cache: Path, size: str) -> Path:
@@ -239,17 +238,7 @@ def _run(args: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", choices=sorted(SIZES), default="large")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "bigmodel-bench")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "integrity.md",
-    )
+    parser = common_parser(__doc__, "integrity.md")
     parser.add_argument("--child-load", nargs=3, metavar=("FOLDER", "DTYPE", "VERIFY"))
     parser.add_argument("--child-hostile", nargs="+")
     args = parser.parse_args()

@@ -168,9 +168,10 @@ def _largest_tensor(folder: Path) -> int:
         return max(ckpt.tensor_info(k).nbytes for k in ckpt.keys())
 
 
-def main() -> None:
+def common_parser(doc: str | None, table: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: model size, repeats, checkpoint cache, output table."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
     parser.add_argument("--repeats", type=int, default=3)
@@ -178,8 +179,13 @@ def main() -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "load.md",
+        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / table,
     )
+    return parser
+
+
+def main() -> None:
+    parser = common_parser(__doc__, "load.md")
     parser.add_argument("--child", choices=METHODS)
     parser.add_argument("--folder", type=Path)
     parser.add_argument("--dtype", default="fp32")

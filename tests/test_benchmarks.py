@@ -4,30 +4,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_load.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run_tiny(script: str, tmp_path: Path) -> str:
+    """Run a benchmark on the tiny model with one repeat; return the table it wrote."""
+    out = tmp_path / "table.md"
+    command = [sys.executable, str(BENCHMARKS / script), "--size", "tiny", "--repeats", "1"]
+    command += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    return out.read_text()
 
 
 def test_the_load_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
-    out = tmp_path / "load.md"
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--size",
-            "tiny",
-            "--repeats",
-            "1",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    table = out.read_text()
+    table = _run_tiny("bench_load.py", tmp_path)
     for row in (
         "| fp32 | bigmodel |",
         "| fp32 | transformers |",
@@ -40,27 +30,7 @@ def test_the_load_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
 
 
 def test_the_integrity_benchmark_runs_end_to_end_and_refuses_every_hostile_file(tmp_path):
-    out = tmp_path / "integrity.md"
-    bench = BENCH.with_name("bench_integrity.py")
-    subprocess.run(
-        [
-            sys.executable,
-            str(bench),
-            "--size",
-            "tiny",
-            "--repeats",
-            "1",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    table = out.read_text()
+    table = _run_tiny("bench_integrity.py", tmp_path)
     assert "| fp32 |" in table and "| bf16 |" in table
     assert "0 escaped" in table
     assert "code-execution payload ran: no" in table
