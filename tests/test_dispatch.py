@@ -195,3 +195,12 @@ def test_a_disk_offloaded_model_keeps_its_cpu_budget(tmp_path, dtype):
     m = json.loads(out.stdout.strip().splitlines()[-1])
     # budget + the block that runs + the one prefetched + a small constant; the model is 384 MiB.
     assert m["anon"] < 64e6 + 2 * m["block"] + 32e6, m
+
+
+def test_a_whole_model_on_disk_is_one_entry_and_still_runs(saved):
+    reference, folder = saved
+    model = _empty()
+    bigmodel.load_checkpoint(model, folder, device_map={"": "disk"})
+    assert all(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference(IDS))

@@ -21,6 +21,7 @@ from ._units import format_size, parse_size
 __all__ = [
     "PlanError",
     "compute_module_sizes",
+    "covering_key",
     "default_max_memory",
     "device_for",
     "infer_device_map",
@@ -60,15 +61,21 @@ def _device_rank(device: Device) -> tuple[int, int]:
     return (0, int(device.split(":")[1]))
 
 
-def device_for(name: str, device_map: Mapping[str, Device]) -> Device | None:
-    """The device of module or tensor ``name``: the longest key that is ``name`` or a dotted
-    prefix of it (``""`` is the whole model)."""
+def covering_key(name: str, device_map: Mapping[str, Device]) -> str | None:
+    """The device-map key that decides ``name``: the longest key equal to it or a dotted
+    prefix of it (``""`` covers the whole model)."""
     best: str | None = None
     for key in device_map:
         covers = key == "" or name == key or name.startswith(key + ".")
         if covers and (best is None or len(key) > len(best)):
             best = key
-    return None if best is None else device_map[best]
+    return best
+
+
+def device_for(name: str, device_map: Mapping[str, Device]) -> Device | None:
+    """The device of module or tensor ``name`` (see :func:`covering_key`), or None."""
+    key = covering_key(name, device_map)
+    return None if key is None else device_map[key]
 
 
 def _nbytes(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .device_map import device_for, normalize_device
+from .device_map import covering_key, device_for, normalize_device
 from .offload import OffloadedTensor, offload_state
 
 __all__ = ["Offloader", "attach_offload_hooks", "dispatch_model"]
@@ -63,26 +63,18 @@ class Offloader:
         )
         self._pending: dict[int, Future[dict[str, torch.Tensor]]] = {}
         self._lock = threading.Lock()
-        keys = [
-            k
-            for k in device_map
-            if any(
-                device_for(n, device_map) == device_map[k] and (n == k or n.startswith(k + "."))
-                for n in self.tensors
-            )
-        ]
+        owners = {name: covering_key(name, device_map) for name in self.tensors}
+        order = {key: i for i, key in enumerate(device_map)}
+        keys = sorted({k for k in owners.values() if k is not None}, key=order.__getitem__)
         self._entries = [_Entry(k) for k in keys]
+        index = {k: i for i, k in enumerate(keys)}
         self._entry_of: dict[str, int] = {}
-        for name in self.tensors:
-            owner = max(
-                (
-                    i
-                    for i, e in enumerate(self._entries)
-                    if name == e.key or name.startswith(e.key + ".") or e.key == ""
-                ),
-                key=lambda i: len(self._entries[i].key),
-            )
-            self._entry_of[name] = owner
+        for name, key in owners.items():
+            if key is None:
+                raise ValueError(
+                    f"The device map places no entry over {name!r}; add it (or an ancestor, or '') to device_map."
+                )
+            self._entry_of[name] = index[key]
         by_module: dict[str, dict[str, str]] = {}
         for name in self.tensors:
             module_name, _, leaf = name.rpartition(".")
