@@ -18,7 +18,6 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,14 +28,6 @@ from .device_map import covering_key, device_for, normalize_device
 from .offload import OffloadedTensor, offload_state
 
 __all__ = ["Offloader", "attach_offload_hooks", "dispatch_model"]
-
-
-@dataclass
-class _Entry:
-    key: str  # device-map key
-    modules: list[tuple[nn.Module, dict[str, str]]] = field(
-        default_factory=list
-    )  # (module, {leaf: full name})
 
 
 class Offloader:
@@ -66,7 +57,7 @@ class Offloader:
         owners = {name: covering_key(name, device_map) for name in self.tensors}
         order = {key: i for i, key in enumerate(device_map)}
         keys = sorted({k for k in owners.values() if k is not None}, key=order.__getitem__)
-        self._entries = [_Entry(k) for k in keys]
+        self._keys = keys  # device-map entries with offloaded tensors, in run order
         index = {k: i for i, k in enumerate(keys)}
         self._entry_of: dict[str, int] = {}
         for name, key in owners.items():
@@ -82,14 +73,13 @@ class Offloader:
         for module_name, leaves in by_module.items():
             module = model.get_submodule(module_name)
             entry = self._entry_of[next(iter(leaves.values()))]
-            self._entries[entry].modules.append((module, leaves))
             self.handles.append(
                 module.register_forward_pre_hook(
-                    self._make_pre_hook(module, leaves, entry), with_kwargs=True
+                    self._make_pre_hook(leaves, entry), with_kwargs=True
                 )
             )
             self.handles.append(
-                module.register_forward_hook(self._make_post_hook(module, leaves), with_kwargs=True)
+                module.register_forward_hook(self._make_post_hook(leaves), with_kwargs=True)
             )
 
     # -- reading ----------------------------------------------------------------------------
@@ -103,7 +93,7 @@ class Offloader:
         return {n: self._materialise(n) for n in names}
 
     def _start_prefetch(self, index: int) -> None:
-        if self._pool is None or index >= len(self._entries):
+        if self._pool is None or index >= len(self._keys):
             return
         with self._lock:
             if index not in self._pending:
@@ -125,9 +115,7 @@ class Offloader:
         return out
 
     # -- hooks --------------------------------------------------------------------------------
-    def _make_pre_hook(
-        self, module: nn.Module, leaves: Mapping[str, str], index: int
-    ) -> Callable[..., Any]:
+    def _make_pre_hook(self, leaves: Mapping[str, str], index: int) -> Callable[..., Any]:
         def hook(
             mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -143,7 +131,7 @@ class Offloader:
 
         return hook
 
-    def _make_post_hook(self, module: nn.Module, leaves: Mapping[str, str]) -> Callable[..., Any]:
+    def _make_post_hook(self, leaves: Mapping[str, str]) -> Callable[..., Any]:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             for leaf, name in leaves.items():
                 placeholder = _placeholder(mod, leaf)
