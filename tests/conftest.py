@@ -2,7 +2,14 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# Property tests are derandomized by default so that CI is deterministic; run with
+# HYPOTHESIS_PROFILE=explore to search new examples (failures are saved in .hypothesis/).
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 os.environ.setdefault("BIGMODEL_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,11 +8,10 @@ validated when the checkpoint is opened and every problem is reported in one
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any, Literal
 
 import torch
 
-from . import _json
 from ._digest import DIGEST_KEY, DIGESTS_KEY, buffer_digest, path_digest
 from ._errors import CheckpointNotFoundError, InvalidCheckpointError, Problem, UnsafeCheckpointError
 from ._io import file_identity
@@ -28,9 +26,17 @@ from ._log import logger
 from ._progress import progress_bar
 from .formats.safetensors import SafetensorsFile
 from .formats.torch_bin import BinFile
+from .index import (
+    ALIASES_KEY,
+    INDEX_FIX,
+    MAX_INDEX_SIZE,
+    Reader,
+    check_recorded_digests,
+    parse_aliases,
+    read_index,
+    unsafe_shard_name,
+)
 from .sharding import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-
-Reader = SafetensorsFile | BinFile
 
 __all__ = [
     "VerifyResult",
@@ -43,14 +49,6 @@ __all__ = [
 ]
 
 Format = Literal["safetensors", "bin"]
-
-#: Key (in index ``metadata``, or in a single file's ``__metadata__`` as a JSON string) of the
-#: map {alias name: stored name} for tensors that shared storage and were written once.
-ALIASES_KEY = "bigmodel_aliases"
-#: Index files above this size are refused before parsing.
-MAX_INDEX_SIZE = 256 * 1000 * 1000
-
-_INDEX_FIX = "re-save the checkpoint, or repair the index so that it lists each tensor once with the shard that holds it."
 
 
 @dataclass(frozen=True)
@@ -408,61 +406,12 @@ def _open_target(target: Path) -> Checkpoint:
     return _open_single(target, fmt)
 
 
-def _parse_aliases(
-    file: str, raw: object, stored: Mapping[str, str], problems: list[Problem]
-) -> dict[str, str]:
-    if raw is None:
-        return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raw = None
-    if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
-    ):
-        problems.append(
-            Problem(
-                file,
-                "bad-alias",
-                f"metadata[{ALIASES_KEY!r}] must map alias names to stored tensor names.",
-                hint=_INDEX_FIX,
-            )
-        )
-        return {}
-    aliases: dict[str, str] = {}
-    for alias, source in raw.items():
-        if alias in stored:
-            problems.append(
-                Problem(
-                    file,
-                    "bad-alias",
-                    "an alias must not also be stored; readers would disagree on its value.",
-                    key=alias,
-                    hint=_INDEX_FIX,
-                )
-            )
-        elif source not in stored:
-            problems.append(
-                Problem(
-                    file,
-                    "bad-alias",
-                    f"an alias of {source!r}, which the checkpoint does not store.",
-                    key=alias,
-                    hint=_INDEX_FIX,
-                )
-            )
-        else:
-            aliases[alias] = source
-    return aliases
-
-
 def _open_single(target: Path, fmt: Format) -> Checkpoint:
     problems: list[Problem] = []
     reader: Reader = SafetensorsFile(target) if fmt == "safetensors" else BinFile(target)
     metadata: dict[str, Any] = dict(reader.metadata)
     weight_map = dict.fromkeys(reader.names(), target.name)
-    aliases = _parse_aliases(str(target), metadata.get(ALIASES_KEY), weight_map, problems)
+    aliases = parse_aliases(str(target), metadata.get(ALIASES_KEY), weight_map, problems)
     if problems:
         raise InvalidCheckpointError(problems)
     return Checkpoint(
@@ -476,85 +425,6 @@ def _open_single(target: Path, fmt: Format) -> Checkpoint:
     )
 
 
-def _unsafe_shard_name(name: str) -> str | None:
-    if not name:
-        return "is empty"
-    if "\x00" in name:
-        return "contains a NUL byte"
-    if "/" in name or "\\" in name:
-        return "contains a path separator; shards must be plain file names inside the checkpoint folder"
-    if name in {".", ".."}:
-        return "is not a file name"
-    if os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
-        return "is an absolute path"
-    return None
-
-
-def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Problem]]:
-    file = str(index)
-    size = index.stat().st_size
-    if size > MAX_INDEX_SIZE:
-        raise InvalidCheckpointError.one(
-            file,
-            "index-too-large",
-            f"the index is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
-            hint=_INDEX_FIX,
-        )
-    try:
-        obj = _json.loads(index.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidCheckpointError.one(
-            file, "index-not-json", f"the index is not valid UTF-8 JSON ({exc}).", hint=_INDEX_FIX
-        ) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
-        raise InvalidCheckpointError.one(
-            file,
-            "index-no-weight-map",
-            'the index must be a JSON object with a "weight_map" object.',
-            hint=_INDEX_FIX,
-        )
-    metadata = obj.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise InvalidCheckpointError.one(
-            file, "index-bad-metadata", '"metadata" must be a JSON object.', hint=_INDEX_FIX
-        )
-    problems = [
-        Problem(
-            file,
-            "duplicate-key",
-            "the index lists this key more than once.",
-            key=k,
-            hint=_INDEX_FIX,
-        )
-        for k in _json.duplicates(obj["weight_map"])
-    ]
-    for field_name, value in (("the index", obj), ('"metadata"', metadata)):
-        if _json.duplicates(value):
-            problems.append(
-                Problem(
-                    file,
-                    "index-bad-json",
-                    f"{field_name} repeats the field(s) {_json.duplicates(value)}.",
-                    hint=_INDEX_FIX,
-                )
-            )
-    weight_map: dict[str, str] = {}
-    for key, shard in obj["weight_map"].items():
-        if not isinstance(shard, str):
-            problems.append(
-                Problem(
-                    file,
-                    "index-bad-value",
-                    f"the weight_map value must be a shard file name, not {type(shard).__name__}.",
-                    key=key,
-                    hint=_INDEX_FIX,
-                )
-            )
-        else:
-            weight_map[key] = shard
-    return weight_map, metadata, problems
-
-
 def _raise_problems(problems: list[Problem]) -> None:
     """Raise one error for every problem; an unsafe pickle anywhere keeps its specific type."""
     if problems:
@@ -562,45 +432,10 @@ def _raise_problems(problems: list[Problem]) -> None:
         raise (UnsafeCheckpointError if unsafe else InvalidCheckpointError)(problems)
 
 
-def _check_recorded_digests(
-    file: str, recorded: object, readers: Mapping[str, Reader]
-) -> list[Problem]:
-    """Cheap consistency: a shard whose embedded digest differs from the index's record is
-    not the shard this index was written with (a concurrent save replaced it, or a file was
-    copied in from another checkpoint). No data is hashed here."""
-    if recorded is None:
-        return []
-    if not isinstance(recorded, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
-    ):
-        return [
-            Problem(
-                file,
-                "bad-digests",
-                f"metadata[{DIGESTS_KEY!r}] must map shard names to digest strings.",
-                hint=_INDEX_FIX,
-            )
-        ]
-    problems = []
-    for shard, reader in readers.items():
-        embedded = reader.metadata.get(DIGEST_KEY)
-        if isinstance(embedded, str) and shard in recorded and recorded[shard] != embedded:
-            problems.append(
-                Problem(
-                    str(reader.path),
-                    "shard-not-from-this-index",
-                    f"the shard's embedded digest {embedded} differs from the {recorded[shard]} recorded by the index: "
-                    "the shard was replaced after the index was written.",
-                    hint="if a save into this folder is running, open the checkpoint again when it finishes; otherwise re-save the checkpoint.",
-                )
-            )
-    return problems
-
-
 def _open_sharded(index: Path) -> Checkpoint:
     file = str(index)
     fmt: Format = "bin" if index.name.endswith(".bin.index.json") else "safetensors"
-    weight_map, metadata, problems = _read_index(index)
+    weight_map, metadata, problems = read_index(index)
     directory = index.parent
 
     shards: list[str] = []
@@ -608,7 +443,7 @@ def _open_sharded(index: Path) -> Checkpoint:
     for key, shard in weight_map.items():
         if shard in shards or shard in bad_shards:
             continue
-        reason = _unsafe_shard_name(shard)
+        reason = unsafe_shard_name(shard)
         if reason is None and _file_format(shard) != fmt:
             reason = f"is not a {fmt} file, but the index is a {fmt} index"
         if reason is None and not (directory / shard).is_file():
@@ -629,7 +464,7 @@ def _open_sharded(index: Path) -> Checkpoint:
                     "unsafe-shard-name",
                     f"shard name {shard!r} {reason}.",
                     key=key,
-                    hint=_INDEX_FIX,
+                    hint=INDEX_FIX,
                 )
             )
             bad_shards.add(shard)
@@ -657,16 +492,16 @@ def _open_sharded(index: Path) -> Checkpoint:
                         "duplicate-key",
                         f"the tensor is stored in both {holder[name]!r} and {shard!r}; which copy wins is undefined.",
                         key=name,
-                        hint=_INDEX_FIX,
+                        hint=INDEX_FIX,
                     )
                 )
                 continue
             holder[name] = shard
             if weight_map.get(name) != shard:
                 where = (
-                    "is not listed in the index"
+                    f"is not listed in the index {index.name}"
                     if name not in weight_map
-                    else f"is listed in the index under {weight_map[name]!r}"
+                    else f"is listed in the index {index.name} under {weight_map[name]!r}"
                 )
                 problems.append(
                     Problem(
@@ -674,7 +509,7 @@ def _open_sharded(index: Path) -> Checkpoint:
                         "shard-key-not-in-index",
                         f"the shard holds this tensor, which {where}.",
                         key=name,
-                        hint=_INDEX_FIX,
+                        hint=INDEX_FIX,
                     )
                 )
     for key, shard in weight_map.items():
@@ -685,12 +520,12 @@ def _open_sharded(index: Path) -> Checkpoint:
                     "index-key-not-in-shard",
                     f"the index maps this key to {shard!r}, whose header does not contain it.",
                     key=key,
-                    hint=_INDEX_FIX,
+                    hint=INDEX_FIX,
                 )
             )
 
-    problems.extend(_check_recorded_digests(file, metadata.get(DIGESTS_KEY), readers))
-    aliases = _parse_aliases(file, metadata.get(ALIASES_KEY), weight_map, problems)
+    problems.extend(check_recorded_digests(file, metadata.get(DIGESTS_KEY), readers))
+    aliases = parse_aliases(file, metadata.get(ALIASES_KEY), weight_map, problems)
     _raise_problems(problems)
     # Files in name order: shard order for Hugging Face names.
     ordered = {shard: readers[shard] for shard in sorted(set(weight_map.values()))}
