@@ -27,7 +27,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import SIZES, common_parser, ensure_checkpoint, warm_page_cache
+from bench_load import (
+    SIZES,
+    child_env,
+    common_parser,
+    ensure_checkpoint,
+    publish_table,
+    warm_page_cache,
+)
 
 
 def ensure_bigmodel_copy(cache: Path, size: str) -> Path:
@@ -222,12 +229,7 @@ def child_hostile(paths: list[str]) -> None:
 
 
 def _run(args: list[str]) -> str:
-    env = dict(
-        os.environ,
-        BIGMODEL_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-    )
+    env = child_env()
     return (
         subprocess.run(
             [sys.executable, __file__, *args], capture_output=True, text=True, check=True, env=env
@@ -301,10 +303,7 @@ def main() -> None:
             for r in results
         ],
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    publish_table(lines, args.out)
 
 
 if __name__ == "__main__":

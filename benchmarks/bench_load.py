@@ -77,6 +77,24 @@ def ensure_checkpoint(cache: Path, size: str) -> Path:
 
 
 # -- the child: one measurement ------------------------------------------------------------------
+def child_env() -> dict[str, str]:
+    """Environment for measured child processes: no progress bars, no network, quiet logs."""
+    return dict(
+        os.environ,
+        BIGMODEL_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+
+
+def publish_table(lines: list[str], out: Path) -> None:
+    """Print the markdown table and write it to ``out`` (under docs/benchmarks by default)."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+
+
 def warm_page_cache(folder: Path) -> None:
     """Read every shard once so that the runs compare loads, not disk reads."""
     for shard in folder.glob("*.safetensors"):
@@ -151,12 +169,7 @@ def _run_child(method: str, folder: Path, size: str, dtype: str) -> dict[str, fl
         "--dtype",
         dtype,
     ]
-    env = dict(
-        os.environ,
-        BIGMODEL_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-    )
+    env = child_env()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -244,10 +257,7 @@ def main() -> None:
         f"| construction under init_empty_weights ≥ 50x faster | {naive_construct / empty_construct:.0f}x ({empty_construct * 1e3:.1f} ms vs {naive_construct:.2f} s) |",
         f"| vs naive (construct + load_state_dict), fp32 | time {med('bigmodel', 'fp32', 'ready_s') / med('naive', 'fp32', 'ready_s'):.2f}x, RssAnon {med('bigmodel', 'fp32', 'anon') / max(med('naive', 'fp32', 'anon'), 1):.3f}x |",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    publish_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes docs/benchmarks/offload.md.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import _config, common_parser, ensure_checkpoint, warm_page_cache
+from bench_load import (
+    _config,
+    child_env,
+    common_parser,
+    ensure_checkpoint,
+    publish_table,
+    warm_page_cache,
+)
 
 METHODS = ("bigmodel", "accelerate", "in-memory")
 
@@ -108,12 +114,7 @@ def main() -> None:
     folder = ensure_checkpoint(args.cache, args.size)
     warm_page_cache(folder)
     budget = bigmodel.parse_size(args.budget)
-    env = dict(
-        os.environ,
-        BIGMODEL_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-    )
+    env = child_env()
     runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
@@ -171,10 +172,7 @@ def main() -> None:
         f"| steady forward ≤ 0.7x accelerate | {med('bigmodel', 'steady_s') / med('accelerate', 'steady_s'):.2f}x |",
         f"| peak RssAnon ≤ budget + 2 blocks + 0.1 GB | bigmodel {med('bigmodel', 'anon') / 1e9:.2f} GB, accelerate {med('accelerate', 'anon') / 1e9:.2f} GB, budget {budget / 1e9:.2f} GB |",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    publish_table(lines, args.out)
 
 
 if __name__ == "__main__":
