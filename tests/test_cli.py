@@ -238,10 +238,17 @@ def test_the_installed_entry_point_and_python_dash_m_both_work(tmp_path):
     script = shutil.which("bigmodel", path=str(Path(sys.executable).parent))
     assert script is not None
     out = subprocess.run(
-        [script, "inspect", str(tmp_path), "--json"], capture_output=True, text=True, check=True
+        [script, "inspect", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     assert json.loads(out.stdout)["tensors"] == 1
     out = subprocess.run(
-        [sys.executable, "-m", "bigmodel", "verify", str(tmp_path)], capture_output=True, text=True
+        [sys.executable, "-m", "bigmodel", "verify", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0 and "intact" in out.stdout

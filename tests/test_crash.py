@@ -2,12 +2,15 @@
 
 import contextlib
 import errno
+import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +59,53 @@ def _expected_listing(result):
     return set(result.files) | ({result.index_file} if result.index_file else set())
 
 
+SERVER = Path(__file__).with_name("_save_server.py")
+SEEDS = {"old": 1, "new": 2}
+
+
+def _process_state(pid):
+    """What the kernel says a process is doing (for a message about a child that will not die)."""
+    facts = []
+    for name in ("stat", "wchan"):
+        with contextlib.suppress(OSError):
+            facts.append(f"{name}: {Path(f'/proc/{pid}/{name}').read_text().strip()}")
+    return "; ".join(facts) or "no /proc entry"
+
+
+class SaveServer:
+    """The parent side of ``_save_server.py``: every read has a deadline, so nothing hangs."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.ask(None, timeout=120)  # wait for "ready": the server has imported torch
+
+    def ask(self, cmd, *, timeout=60.0, about=""):
+        if cmd is not None:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"the save server did not answer {cmd} within {timeout} s {about}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the save server exited with {self.proc.wait(timeout=10)}")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _kill_trials(tmp_path, scenario, trials):
     old_layout, new_layout = SCENARIOS[scenario]
     rng = random.Random(scenario)
@@ -65,24 +115,31 @@ def _kill_trials(tmp_path, scenario, trials):
     bigmodel.save_checkpoint(NEW, probe, **new_layout)
     duration = time.perf_counter() - start
     outcomes = []
-    for trial in range(trials):
-        folder = tmp_path / f"trial{trial}"
-        bigmodel.save_checkpoint(OLD, folder, **old_layout)
-        pid = os.fork()
-        if pid == 0:  # the child saves and is killed; it never returns into pytest
-            try:
-                bigmodel.save_checkpoint(NEW, folder, **new_layout, progress=False)
-            finally:
-                os._exit(0)
-        time.sleep(rng.uniform(0, duration * 1.2))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        outcomes.append(_old_or_new(folder))
-        result = bigmodel.save_checkpoint(NEWEST, folder, **new_layout)
-        assert {p.name for p in folder.iterdir()} == _expected_listing(result), (
-            f"leftovers after trial {trial}"
-        )
-        assert_same_state(_loaded(folder), NEWEST)
+    server = SaveServer()
+    try:
+        for trial in range(trials):
+            folder = tmp_path / f"trial{trial}"
+            bigmodel.save_checkpoint(OLD, folder, **old_layout)
+            pid = server.ask(
+                {"op": "save", "seed": SEEDS["new"], "folder": str(folder), "layout": new_layout}
+            )["pid"]
+            time.sleep(rng.uniform(0, duration * 1.2))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            status = server.ask(
+                {"op": "reap", "pid": pid}, about=f"(child {pid}: {_process_state(pid)})"
+            )["status"]
+            assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, (
+                f"trial {trial}: the saving child failed before it was killed"
+            )
+            outcomes.append(_old_or_new(folder))
+            result = bigmodel.save_checkpoint(NEWEST, folder, **new_layout)
+            assert {p.name for p in folder.iterdir()} == _expected_listing(result), (
+                f"leftovers after trial {trial}"
+            )
+            assert_same_state(_loaded(folder), NEWEST)
+    finally:
+        server.close()
     return outcomes
 
 

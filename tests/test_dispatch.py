@@ -185,12 +185,15 @@ def test_a_disk_offloaded_model_keeps_its_cpu_budget(tmp_path, dtype):
     import sys
 
     folder = tmp_path / "ckpt"
-    subprocess.run([sys.executable, "-c", PROBE, str(folder), "float32", "save"], check=True)
+    subprocess.run(
+        [sys.executable, "-c", PROBE, str(folder), "float32", "save"], check=True, timeout=300
+    )
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(folder), dtype, str(tmp_path / "off")],
         check=True,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     m = json.loads(out.stdout.strip().splitlines()[-1])
     # budget + the block that runs + the one prefetched + a small constant; the model is 384 MiB.

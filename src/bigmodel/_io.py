@@ -7,6 +7,7 @@ these primitives into its commit protocol (see ``save.py``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -61,6 +62,8 @@ def write_all(fh: BinaryIO, data: memoryview | bytes) -> None:
         written = fh.write(view)
         if written is None:  # pragma: no cover - only non-blocking files return None
             raise BlockingIOError("non-blocking write made no progress")
+        if written == 0:  # never spin: a file that accepts nothing is full
+            raise OSError(errno.ENOSPC, "write accepted no bytes", getattr(fh, "name", None))
         view = view[written:]
 
 
