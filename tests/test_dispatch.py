@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import bigmodel
+from bigmodel.dispatch import attach_offload_hooks
 from bigmodel.offload import offload_state
 
 
@@ -207,3 +210,123 @@ def test_a_whole_model_on_disk_is_one_entry_and_still_runs(saved):
     assert all(p.is_meta for p in model.parameters())
     with torch.no_grad():
         assert torch.equal(model(IDS), reference(IDS))
+
+
+# -- prefetch bound, tied sources, placement ------------------------------------------------------
+def _entries_in_flight_while_running(model, names):
+    """For each module name, the entries read ahead when that module starts running."""
+    offloader = model._bigmodel_offloader
+    seen = {}
+
+    def record(name):
+        def hook(mod, args):
+            seen.setdefault(name, offloader.in_flight())  # returns None: inputs unchanged
+
+        return hook
+
+    for name in names:
+        model.get_submodule(name).register_forward_pre_hook(record(name))
+    return seen
+
+
+DISK_LAYERS = {
+    "embed": "cpu",
+    **{f"layers.{i}": "disk" for i in range(6)},
+    "norm": "cpu",
+    "head": "cpu",
+}
+
+
+@pytest.mark.parametrize(
+    ("prefetch", "ahead"),
+    [(False, 0), (True, 1), (1, 0), ("1MB", 4)],
+    ids=["off", "default-one-entry", "one-byte", "whole-model"],
+)
+def test_prefetch_reads_ahead_only_as_many_bytes_as_its_bound(saved, prefetch, ahead):
+    reference, folder = saved
+    model = _empty()
+    bigmodel.load_checkpoint(model, folder, device_map=DISK_LAYERS, prefetch=prefetch)
+    offloader = model._bigmodel_offloader
+    block = offloader.entry_bytes[0]
+    assert offloader.entry_bytes == [block] * 6
+    seen = _entries_in_flight_while_running(model, ["layers.1.down"])
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference(IDS))
+    # when layers.1 runs, the entries after it that are in flight fit within the bound
+    in_flight = [k for k in seen["layers.1.down"] if k != "layers.1"]
+    assert len(in_flight) == ahead, in_flight
+    assert in_flight == [f"layers.{i}" for i in range(2, 2 + ahead)]
+    assert offloader.in_flight() == []  # everything read ahead was used
+
+
+class TiedPair(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.first = nn.Linear(width, width, bias=False)
+        self.second = nn.Linear(width, width, bias=False)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+class TwoStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.pair = TiedPair()
+
+    def forward(self, x):
+        return self.pair(self.a(x))
+
+
+def test_tied_weights_read_ahead_together_are_materialised_once(tmp_path):
+    torch.manual_seed(0)
+    reference = TwoStage().eval()
+    state = reference.state_dict(keep_vars=True)
+    specs = offload_state(state, tmp_path)
+    loads = {}
+
+    def counted(name, spec):
+        def load():
+            loads[name] = loads.get(name, 0) + 1
+            return spec.load()
+
+        return dataclasses.replace(spec, load=load)
+
+    specs = {n: counted(n, s) for n, s in specs.items()}
+    model = TwoStage().eval()
+    attach_offload_hooks(model, specs, {"a": "disk", "pair": "disk"})
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    # the pair's entry was read ahead while `a` ran: its one stored weight was read once
+    assert loads["pair.first.weight"] + loads.get("pair.second.weight", 0) == 1, loads
+
+
+def test_a_map_that_stays_on_the_cpu_adds_no_placement_hooks(saved):
+    _, folder = saved
+    model = _empty()
+    bigmodel.load_checkpoint(model, folder, device_map=MAP)
+    assert model._bigmodel_placement_hooks == []
+    assert not any(p.is_meta for n, p in model.named_parameters() if n.startswith("layers.0"))
+
+
+def test_the_execution_device_is_the_first_accelerator_by_index_and_never_disk():
+    from bigmodel.device_map import execution_device
+
+    assert execution_device({"a": "cuda:10", "b": "cuda:2", "c": "disk"}) == "cuda:2"
+    assert execution_device({"a": "cpu", "b": "disk"}) == "cpu"
+    assert execution_device({"a": "cuda:1"}, main_device=0) == "cuda:0"
+    with pytest.raises(ValueError, match="cannot run on disk"):
+        execution_device({"a": "cpu"}, main_device="disk")
+
+
+def test_inputs_and_outputs_keep_their_container_types_when_moved():
+    from collections import namedtuple
+
+    from bigmodel.dispatch import _to
+
+    Pair = namedtuple("Pair", "x y")
+    moved = _to({"p": Pair(torch.ones(1), [torch.zeros(1)])}, torch.device("cpu"))
+    assert isinstance(moved["p"], Pair) and isinstance(moved["p"].y, list)

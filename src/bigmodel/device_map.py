@@ -24,6 +24,7 @@ __all__ = [
     "covering_key",
     "default_max_memory",
     "device_for",
+    "execution_device",
     "infer_device_map",
     "normalize_device",
 ]
@@ -59,6 +60,24 @@ def _device_rank(device: Device) -> tuple[int, int]:
     if device == "cpu":
         return (1, 0)
     return (0, int(device.split(":")[1]))
+
+
+def execution_device(
+    device_map: Mapping[str, Device], main_device: str | int | torch.device | None = None
+) -> Device:
+    """Where offloaded modules run and outputs are returned: ``main_device`` if given, else the
+    first accelerator of the map (``cuda:2`` before ``cuda:10``), else ``cpu``."""
+    if main_device is not None:
+        device = normalize_device(main_device)
+        if device == "disk":
+            raise ValueError(
+                "main_device='disk': modules cannot run on disk; pick 'cpu' or an accelerator."
+            )
+        return device
+    accelerators = sorted(
+        {d for d in device_map.values() if d not in ("cpu", "disk")}, key=_device_rank
+    )
+    return accelerators[0] if accelerators else "cpu"
 
 
 def covering_key(name: str, device_map: Mapping[str, Device]) -> str | None:

@@ -1,15 +1,24 @@
-"""Running a model whose weights do not all fit: per-module hooks, disk offload, prefetch.
+"""Running a model whose weights do not all fit: per-module hooks, offload, prefetch.
 
-Modules whose weights live on ``disk`` keep ``meta`` placeholders. Just before such a module
-runs, a forward pre-hook puts its real tensors in place (read from the original checkpoint
-shard when no conversion is needed — a view of the file mapping, so no private memory — or
-from ``offload_folder`` where converted copies were written once); right after, a forward
-hook puts the placeholders back, so the weights are released. Inputs are moved to the
-module's execution device and outputs back to the caller's.
+Offloaded modules keep ``meta`` placeholders. Just before such a module runs, a forward
+pre-hook puts its real tensors in place on the execution device; right after, a forward hook
+puts the placeholders back, so the weights are released. Two kinds of module are offloaded:
 
-Prefetch: the device map's entries run in order; when entry *i* starts, entry *i + 1*'s
-tensors are read in a background thread (at most one entry in flight), so disk reads overlap
-compute.
+* ``disk`` modules: read from the original checkpoint shard when no conversion is needed (a
+  view of the file mapping, so no private memory) or from ``offload_folder`` where converted
+  copies were written once;
+* ``cpu`` modules when the execution device is an accelerator: the CPU tensor is the source
+  and is copied over for each forward (on CUDA through pinned memory on a side stream).
+
+Tied names that are needed together are materialised once.
+
+Prefetch: the device map's entries run in order; when entry *i* starts, the entries after it
+are read in a background thread while the bytes they hold stay within the prefetch bound (by
+default the largest entry, i.e. one entry ahead), so reads overlap compute and the memory in
+flight is fixed. Entries that were skipped (a module whose forward did not run) are dropped.
+
+Placement hooks: each device-map entry moves its inputs to its execution device, and the
+model's outputs come back to the device of the caller's inputs.
 """
 
 from __future__ import annotations
@@ -18,20 +27,46 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .device_map import covering_key, device_for, normalize_device
-from .offload import OffloadedTensor, offload_state
+from ._units import parse_size
+from .device_map import covering_key, device_for, execution_device, normalize_device
+from .offload import OffloadedTensor, offload_state, resident_sources
 
-__all__ = ["Offloader", "attach_offload_hooks", "dispatch_model"]
+__all__ = ["Offloader", "attach_offload_hooks", "attach_placement_hooks", "dispatch_model"]
+
+
+@dataclass
+class _Batch:
+    """Tensors of one entry on the execution device, and the copies they may still wait on."""
+
+    tensors: dict[str, torch.Tensor]
+    events: list[Any] = field(default_factory=list)  # torch.cuda.Event per async copy
+    staging: list[torch.Tensor] = field(default_factory=list)  # pinned buffers kept alive
+
+    def wait(self, device: torch.device) -> None:
+        if not self.events:
+            return
+        stream = torch.cuda.current_stream(device)
+        for event in self.events:
+            stream.wait_event(event)
+        for tensor in self.tensors.values():
+            tensor.record_stream(stream)  # the allocator must not reuse it before the stream ran
+        self.events.clear()
+        self.staging.clear()
 
 
 class Offloader:
-    """Owns the offloaded tensors of one model and the hooks that bring them in and out."""
+    """Owns the offloaded tensors of one model and the hooks that bring them in and out.
+
+    ``prefetch``: ``False`` reads each entry when it runs; ``True`` prefetches up to the size of
+    the largest entry ahead; an int or a size string (``"512MB"``) sets that bound in bytes.
+    """
 
     def __init__(
         self,
@@ -40,20 +75,15 @@ class Offloader:
         device_map: Mapping[str, str],
         *,
         execution_device: torch.device,
-        prefetch: bool = True,
+        prefetch: bool | int | str = True,
     ) -> None:
         self.model = model
         self.tensors = dict(tensors)
         self.execution_device = execution_device
-        self.prefetch = prefetch
         self.handles: list[RemovableHandle] = []
-        self._pool = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
-            if prefetch
-            else None
-        )
-        self._pending: dict[int, Future[dict[str, torch.Tensor]]] = {}
+        self._pending: dict[int, Future[_Batch]] = {}
         self._lock = threading.Lock()
+        self._stream: Any = None
         owners = {name: covering_key(name, device_map) for name in self.tensors}
         order = {key: i for i, key in enumerate(device_map)}
         keys = sorted({k for k in owners.values() if k is not None}, key=order.__getitem__)
@@ -66,6 +96,16 @@ class Offloader:
                     f"The device map places no entry over {name!r}; add it (or an ancestor, or '') to device_map."
                 )
             self._entry_of[name] = index[key]
+        self._names: list[list[str]] = [[] for _ in keys]
+        for name, entry in self._entry_of.items():
+            self._names[entry].append(name)
+        self.entry_bytes = [self._unique_bytes(names) for names in self._names]
+        self.prefetch_bytes = self._bound(prefetch)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
+            if self.prefetch_bytes
+            else None
+        )
         by_module: dict[str, dict[str, str]] = {}
         for name in self.tensors:
             module_name, _, leaf = name.rpartition(".")
@@ -82,36 +122,90 @@ class Offloader:
                 module.register_forward_hook(self._make_post_hook(leaves), with_kwargs=True)
             )
 
+    def _unique_bytes(self, names: list[str]) -> int:
+        seen: dict[tuple[str, torch.dtype], int] = {}
+        for name in names:
+            spec = self.tensors[name]
+            seen[(spec.source or name, spec.dtype)] = spec.nbytes
+        return sum(seen.values())
+
+    def _bound(self, prefetch: bool | int | str) -> int:
+        if prefetch is True:
+            return max(self.entry_bytes, default=0) or 1
+        if prefetch is False:
+            return 0
+        bound = parse_size(prefetch)
+        if bound < 0:
+            raise ValueError(f"prefetch={prefetch!r}: a bound in bytes must be >= 0.")
+        return bound
+
     # -- reading ----------------------------------------------------------------------------
-    def _materialise(self, name: str) -> torch.Tensor:
-        spec = self.tensors[name]
+    def _read(self, names: list[str]) -> _Batch:
+        """Materialise ``names`` on the execution device; tied names share one tensor."""
+        batch = _Batch({})
+        made: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        for name in names:
+            spec = self.tensors[name]
+            ident = (spec.source or name, spec.dtype)
+            if ident not in made:
+                made[ident] = self._copy(spec, batch)
+            batch.tensors[name] = made[ident]
+        return batch
+
+    def _copy(self, spec: OffloadedTensor, batch: _Batch) -> torch.Tensor:
         data = spec.load()
-        return data.to(device=self.execution_device, dtype=spec.dtype, non_blocking=True)
+        device = self.execution_device
+        if device.type != "cuda":
+            return data.to(device=device, dtype=spec.dtype)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        staged = data.to(dtype=spec.dtype).pin_memory()
+        with torch.cuda.stream(self._stream):
+            out = staged.to(device, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self._stream)
+        batch.events.append(event)
+        batch.staging.append(staged)
+        return out
 
-    def _read_entry(self, index: int) -> dict[str, torch.Tensor]:
-        names = [n for n, e in self._entry_of.items() if e == index]
-        return {n: self._materialise(n) for n in names}
-
-    def _start_prefetch(self, index: int) -> None:
-        if self._pool is None or index >= len(self._keys):
+    def _schedule(self, running: int) -> None:
+        """Drop batches of entries already passed; read ahead of ``running`` within the bound."""
+        if self._pool is None:
             return
         with self._lock:
-            if index not in self._pending:
-                self._pending[index] = self._pool.submit(self._read_entry, index)
+            for stale in [i for i in self._pending if i < running]:
+                self._pending.pop(stale).cancel()
+            # the running entry's tensors are the block that runs, not read-ahead
+            inflight = sum(self.entry_bytes[i] for i in self._pending if i > running)
+            nxt = running + 1
+            while nxt < len(self._keys):
+                if nxt not in self._pending:
+                    if inflight + self.entry_bytes[nxt] > self.prefetch_bytes:
+                        break
+                    self._pending[nxt] = self._pool.submit(self._read, self._names[nxt])
+                    inflight += self.entry_bytes[nxt]
+                nxt += 1
 
     def _take(self, index: int, leaves: Mapping[str, str]) -> dict[str, torch.Tensor]:
         with self._lock:
             future = self._pending.get(index)
+        out: dict[str, torch.Tensor] = {}
         if future is not None:
-            ready = future.result()
-            out = {leaf: ready.pop(name) for leaf, name in leaves.items() if name in ready}
-            if not ready:
+            batch = future.result()
+            batch.wait(self.execution_device)
+            for leaf, name in leaves.items():
+                if name in batch.tensors:
+                    out[leaf] = batch.tensors.pop(name)
+            if not batch.tensors:  # every module of the entry has taken its tensors
                 with self._lock:
-                    self._pending.pop(index, None)
-            missing = {leaf: name for leaf, name in leaves.items() if leaf not in out}
-        else:
-            out, missing = {}, dict(leaves)
-        out.update({leaf: self._materialise(name) for leaf, name in missing.items()})
+                    if self._pending.get(index) is future:
+                        del self._pending[index]
+        missing = [name for leaf, name in leaves.items() if leaf not in out]
+        if missing:
+            batch = self._read(missing)
+            batch.wait(self.execution_device)
+            by_name = {name: leaf for leaf, name in leaves.items()}
+            out.update({by_name[n]: t for n, t in batch.tensors.items()})
         return out
 
     # -- hooks --------------------------------------------------------------------------------
@@ -120,7 +214,7 @@ class Offloader:
             mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
             tensors = self._take(index, leaves)
-            self._start_prefetch(index + 1)
+            self._schedule(index)
             for leaf, tensor in tensors.items():
                 spec = self.tensors[leaves[leaf]]
                 if spec.is_parameter:
@@ -145,6 +239,11 @@ class Offloader:
 
         return hook
 
+    def in_flight(self) -> list[str]:
+        """Device-map entries whose tensors are read ahead and not yet taken (for tests, logs)."""
+        with self._lock:
+            return [self._keys[i] for i in sorted(self._pending)]
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -165,12 +264,65 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True) if value.device != device else value
     if isinstance(value, tuple):
+        if hasattr(value, "_fields"):  # namedtuple
+            return type(value)(*(_to(v, device) for v in value))
         return tuple(_to(v, device) for v in value)
     if isinstance(value, list):
         return [_to(v, device) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return type(value)((k, _to(v, device)) for k, v in value.items())
     return value
+
+
+def _first_device(value: Any) -> torch.device | None:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, (tuple, list, dict)):
+        for item in items:
+            found = _first_device(item)
+            if found is not None:
+                return found
+    return None
+
+
+def attach_placement_hooks(
+    model: nn.Module, device_map: Mapping[str, str], execution: torch.device
+) -> list[RemovableHandle]:
+    """Move each entry's inputs to where it runs, and the outputs back to the caller's device.
+
+    Needed only when the map involves more than the CPU; returns no hooks otherwise.
+    """
+    devices = {normalize_device(execution)} | {d for d in device_map.values() if d != "disk"}
+    if devices <= {"cpu"}:
+        return []
+    handles: list[RemovableHandle] = []
+    for key, device in device_map.items():
+        target = torch.device(execution if device in ("disk", "cpu") else device)
+        module = model.get_submodule(key) if key else model
+        handles.append(module.register_forward_pre_hook(_inputs_to(target), with_kwargs=True))
+    callers: list[torch.device | None] = []
+
+    def remember(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        callers.append(_first_device((args, kwargs)))
+
+    def give_back(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        caller = callers.pop() if callers else None
+        return output if caller is None else _to(output, caller)
+
+    # prepend: the caller's device is recorded before any hook moves the inputs
+    handles.append(model.register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
+    handles.append(model.register_forward_hook(give_back))
+    return handles
+
+
+def _inputs_to(device: torch.device) -> Callable[..., Any]:
+    def hook(
+        mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return _to(args, device), _to(kwargs, device)
+
+    return hook
 
 
 def attach_offload_hooks(
@@ -179,10 +331,28 @@ def attach_offload_hooks(
     device_map: Mapping[str, str],
     *,
     execution_device: torch.device | str = "cpu",
-    prefetch: bool = True,
-) -> Offloader:
-    """Replace every offloaded tensor by a ``meta`` placeholder and attach the hooks."""
-    for name, spec in tensors.items():
+    prefetch: bool | int | str = True,
+) -> Offloader | None:
+    """Hook up a placed model: offload ``tensors`` (disk) — and, when the execution device is an
+    accelerator, the ``cpu`` modules too — and attach the placement hooks.
+
+    Offloaded tensors are replaced by ``meta`` placeholders. Returns the :class:`Offloader`
+    (also kept on the model), or ``None`` when nothing is offloaded.
+    """
+    execution = torch.device(normalize_device(execution_device))
+    specs = dict(tensors)
+    if execution.type != "cpu":
+        state = model.state_dict(keep_vars=True)
+        specs.update(
+            resident_sources(
+                {
+                    n: t
+                    for n, t in state.items()
+                    if n not in specs and device_for(n, device_map) == "cpu"
+                }
+            )
+        )
+    for name, spec in specs.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         current = (
@@ -196,14 +366,15 @@ def attach_offload_hooks(
             module._parameters[leaf] = nn.Parameter(meta, requires_grad=spec.requires_grad)
         else:
             module._buffers[leaf] = meta
-    offloader = Offloader(
-        model,
-        tensors,
-        device_map,
-        execution_device=torch.device(execution_device),
-        prefetch=prefetch,
+    offloader = (
+        Offloader(model, specs, device_map, execution_device=execution, prefetch=prefetch)
+        if specs
+        else None
     )
-    model._bigmodel_offloader = offloader  # type: ignore[assignment]  # keeps hooks and sources alive with the model
+    handles = attach_placement_hooks(model, device_map, execution)
+    # keeps hooks and sources alive with the model
+    model._bigmodel_offloader = offloader  # type: ignore[assignment]
+    model._bigmodel_placement_hooks = handles  # type: ignore[assignment]
     return offloader
 
 
@@ -213,12 +384,14 @@ def dispatch_model(
     *,
     offload_folder: str | os.PathLike[str] | None = None,
     main_device: str | int | None = None,
-    prefetch: bool = True,
+    prefetch: bool | int | str = True,
 ) -> nn.Module:
     """Place an already-loaded model by ``device_map``: modules on an accelerator or ``cpu`` are
     moved there; modules on ``disk`` are written once into ``offload_folder`` (a temporary
-    folder by default) and released, then brought back just for their forward. Outputs come
-    back on ``main_device`` (default: the first accelerator in the map, else ``cpu``)."""
+    folder by default) and released, then brought back just for their forward. Offloaded
+    modules run on ``main_device`` (default: the first accelerator in the map, else ``cpu``);
+    outputs come back to the device of the inputs. ``prefetch`` bounds the bytes read ahead
+    (see :class:`Offloader`)."""
     resolved = {k: normalize_device(v) for k, v in device_map.items()}
     for key, device in resolved.items():
         if device != "disk":
@@ -226,16 +399,12 @@ def dispatch_model(
             target.to(device)
     state = model.state_dict(keep_vars=True)
     disk = {name: tensor for name, tensor in state.items() if device_for(name, resolved) == "disk"}
-    if main_device is None:
-        accelerators = sorted(d for d in resolved.values() if d not in ("cpu", "disk"))
-        main_device = accelerators[0] if accelerators else "cpu"
-    if disk:
-        specs = offload_state(disk, offload_folder)
-        attach_offload_hooks(
-            model,
-            specs,
-            resolved,
-            execution_device=normalize_device(main_device),
-            prefetch=prefetch,
-        )
+    specs = offload_state(disk, offload_folder) if disk else {}
+    attach_offload_hooks(
+        model,
+        specs,
+        resolved,
+        execution_device=execution_device(resolved, main_device),
+        prefetch=prefetch,
+    )
     return model

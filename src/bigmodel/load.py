@@ -29,7 +29,7 @@ from ._errors import BigModelError, InvalidCheckpointError, KeyMismatchError
 from ._log import logger
 from ._progress import progress_bar
 from .checkpoint import Checkpoint, open_checkpoint
-from .device_map import device_for, infer_device_map, normalize_device
+from .device_map import device_for, execution_device, infer_device_map, normalize_device
 from .dispatch import attach_offload_hooks
 from .initialize import InitFn, initialize_missing
 from .keys import match_keys
@@ -203,8 +203,8 @@ class _Options:
     progress: bool | None = None
     verify: bool = False
     offload_folder: str | os.PathLike[str] | None = None
-    main_device: str | None = None
-    prefetch: bool = True
+    main_device: str | int | None = None
+    prefetch: bool | int | str = True
 
 
 _Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
@@ -346,15 +346,15 @@ def _load(
         report.initialized_keys = _initialise(model, targets, to_init, placement, opts)
     if placement.device is not None:
         model.to(placement.device)
-    if offloaded:
+    _check_nothing_on_meta(model, skip=frozenset(offloaded))
+    if placement.device_map is not None:
         attach_offload_hooks(
             model,
             offloaded,
-            placement.device_map or {},
-            execution_device=opts.main_device or "cpu",
+            placement.device_map,
+            execution_device=execution_device(placement.device_map, opts.main_device),
             prefetch=opts.prefetch,
         )
-    _check_nothing_on_meta(model, skip=frozenset(offloaded))
     report.seconds = time.perf_counter() - start
     if report.missing_keys or report.unexpected_keys or report.mismatched_keys:
         logger.info(
@@ -387,7 +387,7 @@ def load_checkpoint(
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
     main_device: str | int | None = None,
-    prefetch: bool = True,
+    prefetch: bool | int | str = True,
     progress: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` (folder, index or weights file, or an open :class:`Checkpoint`) into ``model``.
@@ -418,7 +418,10 @@ def load_checkpoint(
       modules on accelerators, ``cpu`` or ``disk``. Disk modules are not loaded: hooks read
       their weights just before they run and release them after (from the original shards,
       or, when a dtype change is needed, from converted copies written once into
-      ``offload_folder``), prefetching the next entry in a background thread.
+      ``offload_folder``), reading ahead in a background thread up to ``prefetch`` bytes
+      (``True``: the largest entry; ``False``: no read-ahead). Offloaded modules — and ``cpu``
+      modules when an accelerator is in the map — run on ``main_device`` (default: the first
+      accelerator, else ``cpu``); outputs come back to the device of the inputs.
     """
     resolved: dict[str, str] | None = None
     if device_map == "auto":
@@ -443,9 +446,6 @@ def load_checkpoint(
         model=model,
         device_map=resolved,
     )
-    if main_device is None and resolved is not None:
-        accelerators = sorted(d for d in resolved.values() if d not in ("cpu", "disk"))
-        main_device = accelerators[0] if accelerators else "cpu"
     opts = _Options(
         strict=strict,
         prefer_safe=prefer_safe,
@@ -458,7 +458,7 @@ def load_checkpoint(
         progress=progress,
         verify=verify,
         offload_folder=offload_folder,
-        main_device=None if main_device is None else normalize_device(main_device),
+        main_device=main_device,
         prefetch=prefetch,
     )
     return _load(model, checkpoint, placement, opts)

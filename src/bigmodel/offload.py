@@ -25,17 +25,23 @@ from ._io import new_token, open_temp
 from .checkpoint import Checkpoint
 from .formats.safetensors import SafetensorsFile, write_safetensors
 
-__all__ = ["OffloadedTensor", "offload_sources", "offload_state"]
+__all__ = ["OffloadedTensor", "offload_sources", "offload_state", "resident_sources"]
 
 
 @dataclass(frozen=True)
 class OffloadedTensor:
-    """Where an offloaded tensor's data comes from, and what it must become."""
+    """Where an offloaded tensor's data comes from, and what it must become.
+
+    Names with the same ``source`` (tied weights) are materialised once when they are needed
+    together. ``nbytes`` is the size once materialised (what prefetch counts in flight).
+    """
 
     load: Callable[[], torch.Tensor]  # returns a CPU tensor (usually a view of a file mapping)
     dtype: torch.dtype
     is_parameter: bool
     requires_grad: bool = False
+    source: str = ""
+    nbytes: int = 0
 
 
 def _folder(offload_folder: str | os.PathLike[str] | None) -> Path:
@@ -62,7 +68,12 @@ def offload_sources(
         dtype = dtype_for(group[0], targets[group[0]])
         if ckpt.tensor_info(key).dtype == dtype:
             _describe(
-                specs, group, targets[group[0]], functools.partial(ckpt.get_tensor, key), dtype
+                specs,
+                group,
+                targets[group[0]],
+                functools.partial(ckpt.get_tensor, key),
+                dtype,
+                source=key,
             )
         else:
             to_convert.setdefault(dtype, []).append((key, group))
@@ -76,7 +87,12 @@ def offload_sources(
         )
         for key, group in entries:
             _describe(
-                specs, group, targets[group[0]], functools.partial(reader.get_tensor, key), dtype
+                specs,
+                group,
+                targets[group[0]],
+                functools.partial(reader.get_tensor, key),
+                dtype,
+                source=key,
             )
     return specs
 
@@ -87,6 +103,8 @@ def _describe(
     target: torch.Tensor,
     load: Callable[[], torch.Tensor],
     dtype: torch.dtype,
+    *,
+    source: str,
 ) -> None:
     for name in names:
         specs[name] = OffloadedTensor(
@@ -94,6 +112,8 @@ def _describe(
             dtype=dtype,
             is_parameter=isinstance(target, nn.Parameter),
             requires_grad=target.requires_grad,
+            source=source,
+            nbytes=target.numel() * dtype.itemsize,
         )
 
 
@@ -126,5 +146,32 @@ def offload_state(
             tensor,
             functools.partial(reader.get_tensor, unique[id(tensor)]),
             tensor.dtype,
+            source=unique[id(tensor)],
         )
     return specs
+
+
+def resident_sources(state: dict[str, torch.Tensor]) -> dict[str, OffloadedTensor]:
+    """Describe tensors kept in CPU memory that run on an accelerator (tied names once).
+
+    The CPU tensor itself is the source; each forward copies it to the execution device.
+    """
+    unique: dict[int, str] = {}
+    for name, tensor in state.items():
+        unique.setdefault(id(tensor), name)
+    specs: dict[str, OffloadedTensor] = {}
+    for name, tensor in state.items():
+        data = tensor.detach()
+        _describe(
+            specs,
+            [name],
+            tensor,
+            functools.partial(_identity, data),
+            tensor.dtype,
+            source=unique[id(tensor)],
+        )
+    return specs
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
