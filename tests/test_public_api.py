@@ -8,6 +8,7 @@ EXPECTED = [
     "CheckpointConflictError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "DistributedError",
     "Estimate",
     "InvalidCheckpointError",
     "KeyMappingError",

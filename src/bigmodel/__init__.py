@@ -19,6 +19,7 @@ from ._units import parse_size
 from .checkpoint import Checkpoint, TensorInfo, TensorSlice, VerifyResult, open_checkpoint
 from .device_map import PlanError, compute_module_sizes, infer_device_map
 from .dispatch import dispatch_model
+from .distributed import DistributedError
 from .empty import init_empty_weights, init_on_device
 from .estimate import Estimate, estimate_memory
 from .initialize import MissingInitializerError
@@ -41,6 +42,7 @@ __all__ = [
     "CheckpointConflictError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "DistributedError",
     "Estimate",
     "InvalidCheckpointError",
     "KeyMappingError",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,6 +31,19 @@ from ._progress import progress_bar
 from .checkpoint import Checkpoint, open_checkpoint
 from .device_map import device_for, execution_device, infer_device_map, normalize_device
 from .dispatch import attach_offload_hooks
+from .distributed import (
+    Group,
+    NodeCopy,
+    assign_owners,
+    broadcast_tensor,
+    choose_strategy,
+    is_dtensor,
+    local_shard,
+    rank_of,
+    resolve_group,
+    run_step,
+    world_of,
+)
 from .initialize import InitFn, initialize_missing
 from .keys import match_keys
 from .offload import OffloadedTensor, offload_sources
@@ -205,6 +218,8 @@ class _Options:
     offload_folder: str | os.PathLike[str] | None = None
     main_device: str | int | None = None
     prefetch: bool | int | str = True
+    process_group: Group | None = None
+    strategy: str = "auto"
 
 
 _Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
@@ -266,31 +281,205 @@ def _read(
     placement: _Placement,
     opts: _Options,
     report: LoadReport,
+    group: Group | None = None,
 ) -> None:
-    """Read each planned tensor in file order and put it in place (one tensor in flight)."""
-    total = sum(ckpt.tensor_info(k).nbytes for k, _ in plan)
+    """Read each planned tensor in file order and put it in place (one tensor in flight).
+
+    Offloaded tensors are skipped (their hooks read them); DTensor targets get only this rank's
+    slice; under a process group, replicated tensors follow ``opts.strategy``.
+    """
+    todo = [(k, g) for k, g in plan if not placement.offloaded(g[0])]
+    sharded = [(k, g) for k, g in todo if is_dtensor(targets[g[0]])]
+    replicated = [(k, g) for k, g in todo if not is_dtensor(targets[g[0]])]
+    total = sum(ckpt.tensor_info(k).nbytes for k, _ in todo)
     with progress_bar(
         total=total, desc=f"Loading {ckpt.directory.name}", progress=opts.progress
     ) as bar:
-        for key, group in plan:
-            old = targets[group[0]]
-            if placement.offloaded(group[0]):
-                continue  # read on demand by the offload hooks
-            data = ckpt.get_tensor(key)
-            if opts.assign or old.is_meta:
-                value = data.to(
-                    device=placement.device_for(group[0], old),
-                    dtype=placement.dtype_for(group[0], old),
-                )
-                _place(model, group, old, value)
-            else:
-                with torch.no_grad():
-                    old.copy_(data)
-            del data
-            nbytes = ckpt.tensor_info(key).nbytes
+        if sharded:
+            run_step(
+                group,
+                f"reading this rank's shards of {ckpt.path}",
+                lambda: _read_shards(model, ckpt, targets, sharded, placement, report, bar),
+            )
+        if group is None:
+            _read_local(
+                model, ckpt.get_tensor, ckpt, targets, replicated, placement, opts, report, bar
+            )
+        elif replicated:
+            _read_replicated(model, ckpt, targets, replicated, placement, opts, report, bar, group)
+
+
+def _read_local(
+    model: nn.Module,
+    fetch: Callable[[str], torch.Tensor],
+    ckpt: Checkpoint,
+    targets: dict[str, torch.Tensor],
+    items: _Plan,
+    placement: _Placement,
+    opts: _Options,
+    report: LoadReport,
+    bar: Any,
+    *,
+    counts: Callable[[str], bool] = lambda key: True,
+) -> None:
+    """The single-process path: ``fetch(key)`` gives the stored tensor (usually a file view)."""
+    for key, group in items:
+        old = targets[group[0]]
+        data = fetch(key)
+        if opts.assign or old.is_meta:
+            value = data.to(
+                device=placement.device_for(group[0], old),
+                dtype=placement.dtype_for(group[0], old),
+            )
+            _place(model, group, old, value)
+        else:
+            with torch.no_grad():
+                old.copy_(data)
+        del data
+        nbytes = ckpt.tensor_info(key).nbytes
+        if counts(key):
             report.bytes_read += nbytes
-            report.loaded_keys.append(key)
-            bar.update(nbytes)
+        report.loaded_keys.append(key)
+        bar.update(nbytes)
+
+
+def _read_shards(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    targets: dict[str, torch.Tensor],
+    items: _Plan,
+    placement: _Placement,
+    report: LoadReport,
+    bar: Any,
+) -> None:
+    """DTensor targets: read the slice each placement owns, never the whole tensor."""
+    state: dict[str, torch.Tensor] = {}
+    for key, group in items:
+        old = targets[group[0]]
+        mesh_type = old.device_mesh.device_type  # type: ignore[attr-defined]
+        device = (
+            torch.device(mesh_type, torch.cuda.current_device())
+            if mesh_type == "cuda"
+            else torch.device(mesh_type)
+        )
+        stored = ckpt.get_slice(key)
+        value, nbytes = local_shard(
+            lambda index, stored=stored: stored[index],  # type: ignore[misc]
+            old,
+            dtype=placement.dtype_for(group[0], old),
+            device=device,
+        )
+        new = (
+            nn.Parameter(value, requires_grad=old.requires_grad)
+            if isinstance(old, nn.Parameter)
+            else value
+        )
+        state.update(dict.fromkeys(group, new))
+        report.bytes_read += nbytes
+        report.loaded_keys.append(key)
+        bar.update(ckpt.tensor_info(key).nbytes)
+    # load_state_dict(assign=True) lets fully_shard / parallelize_module re-register their params
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _read_replicated(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    targets: dict[str, torch.Tensor],
+    items: _Plan,
+    placement: _Placement,
+    opts: _Options,
+    report: LoadReport,
+    bar: Any,
+    group: Group,
+) -> None:
+    """Plain tensors on every rank of ``group``, one copy per node where the target allows."""
+    devices = {placement.device_for(g[0], targets[g[0]]).type for _, g in items}
+    stored = {k: ckpt.tensor_info(k).dtype for k, _ in items}
+    wanted = {k: placement.dtype_for(g[0], targets[g[0]]) for k, g in items}
+    converted = {
+        k
+        for k in stored
+        if stored[k] != wanted[k] and stored[k].is_floating_point and wanted[k].is_floating_point
+    }
+    strategy = choose_strategy(opts.strategy, on_cpu=devices == {"cpu"}, converting=bool(converted))
+    logger.info("distributed load of %s: strategy %s", ckpt.path, strategy)
+    if strategy == "mmap":
+        run_step(
+            group,
+            f"loading {ckpt.path}",
+            lambda: _read_local(
+                model, ckpt.get_tensor, ckpt, targets, items, placement, opts, report, bar
+            ),
+        )
+        return
+    if strategy == "shm":
+        node = NodeCopy(group)
+        try:
+            run_step(
+                group,
+                "writing the node's converted copy",
+                lambda: (
+                    node.write((k, ckpt.get_tensor(k), wanted[k]) for k in sorted(converted))
+                    if node.is_leader
+                    else None
+                ),
+            )
+            run_step(group, "mapping the node's converted copy", node.open)
+        finally:
+            node.remove()  # every rank has mapped the files (or failed): the mappings keep them
+
+        def fetch(key: str) -> torch.Tensor:
+            return node.get(key) if key in converted else ckpt.get_tensor(key)
+
+        run_step(
+            group,
+            f"loading {ckpt.path}",
+            lambda: _read_local(
+                model,
+                fetch,
+                ckpt,
+                targets,
+                items,
+                placement,
+                opts,
+                report,
+                bar,
+                counts=lambda key: key not in converted or node.is_leader,
+            ),
+        )
+        return
+    # scatter / rank0: each tensor is read by its owner and broadcast
+    world, rank = world_of(group), rank_of(group)
+    sizes = [ckpt.tensor_info(k).nbytes for k, _ in items]
+    owners = assign_owners(sizes, world) if strategy == "scatter" else [0] * len(items)
+    mine: dict[int, torch.Tensor] = {}
+
+    def read_own() -> None:
+        for i, (key, names) in enumerate(items):
+            if owners[i] == rank:
+                old = targets[names[0]]
+                mine[i] = (
+                    ckpt.get_tensor(key)
+                    .to(device=placement.device_for(names[0], old), dtype=wanted[key])
+                    .contiguous()
+                )
+                report.bytes_read += sizes[i]
+
+    run_step(group, f"reading this rank's part of {ckpt.path}", read_own)
+    for i, (key, names) in enumerate(items):
+        old = targets[names[0]]
+        value = broadcast_tensor(
+            group,
+            mine.pop(i, None),
+            src=owners[i],
+            shape=old.shape,
+            dtype=wanted[key],
+            device=placement.device_for(names[0], old),
+        )
+        _place(model, names, old, value)
+        report.loaded_keys.append(key)
+        bar.update(sizes[i])
 
 
 def _initialise(
@@ -325,12 +514,15 @@ def _load(
     opts: _Options,
 ) -> LoadReport:
     start = time.perf_counter()
-    ckpt, owned = _open(checkpoint, opts)
+    group = resolve_group(opts.process_group)
+    ckpt, owned = run_step(group, f"opening {checkpoint}", lambda: _open(checkpoint, opts))
     offloaded: dict[str, OffloadedTensor] = {}
     try:
         targets = model.state_dict(keep_vars=True)
-        plan, to_init, report = _plan(ckpt, targets, opts)
-        _read(model, ckpt, targets, plan, placement, opts, report)
+        plan, to_init, report = run_step(
+            group, f"matching {ckpt.path} to the model", lambda: _plan(ckpt, targets, opts)
+        )
+        _read(model, ckpt, targets, plan, placement, opts, report, group)
         if placement.device_map is not None:
             offloaded = offload_sources(
                 ckpt,
@@ -388,6 +580,8 @@ def load_checkpoint(
     offload_folder: str | os.PathLike[str] | None = None,
     main_device: str | int | None = None,
     prefetch: bool | int | str = True,
+    process_group: Any = None,
+    strategy: str = "auto",
     progress: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` (folder, index or weights file, or an open :class:`Checkpoint`) into ``model``.
@@ -422,6 +616,14 @@ def load_checkpoint(
       (``True``: the largest entry; ``False``: no read-ahead). Offloaded modules — and ``cpu``
       modules when an accelerator is in the map — run on ``main_device`` (default: the first
       accelerator, else ``cpu``); outputs come back to the device of the inputs.
+    * Under ``torch.distributed`` (an initialised default group, or ``process_group``) every
+      rank calls this with the same arguments. Parameters that are DTensors (after
+      ``fully_shard`` / ``parallelize_module`` on a meta model) get only this rank's slice.
+      Plain tensors follow ``strategy``: ``"mmap"`` (every rank maps the files), ``"shm"`` (one
+      rank per node converts into shared memory, the others map it), ``"scatter"`` (each rank
+      reads a part, then broadcast), ``"rank0"`` (rank 0 reads, broadcasts); ``"auto"`` picks
+      mmap for CPU without conversion, shm for CPU with one, scatter for accelerators. An error
+      on any rank raises :class:`~bigmodel.DistributedError` on every rank.
     """
     resolved: dict[str, str] | None = None
     if device_map == "auto":
@@ -460,6 +662,8 @@ def load_checkpoint(
         offload_folder=offload_folder,
         main_device=main_device,
         prefetch=prefetch,
+        process_group=process_group,
+        strategy=strategy,
     )
     return _load(model, checkpoint, placement, opts)
 

@@ -1,0 +1,157 @@
+"""One rank of a two-rank gloo group, run by test_distributed.py as a fresh subprocess.
+
+Usage: python _dist_worker.py SCENARIO RANK WORLD PORT FOLDER [OPTIONS_JSON]
+Prints one JSON line with what the test checks.
+"""
+
+import datetime
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import bigmodel
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.up = nn.Linear(32, 96)
+        self.down = nn.Linear(96, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("steps", torch.arange(10, dtype=torch.int64))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        return self.head(x + self.down(torch.relu(self.up(x))))
+
+
+def reference(folder: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    with bigmodel.open_checkpoint(folder) as ckpt:
+        out = {}
+        for key in ckpt.keys():
+            t = ckpt.get_tensor(key).clone()
+            out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
+
+
+def stored_total() -> int:
+    """Bytes of the checkpoint's tensors (tied weights are stored once)."""
+    with bigmodel.init_empty_weights(include_buffers=True):
+        unique = {id(t): t for t in Net().state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def mapping_of(tensor: torch.Tensor) -> str:
+    """The file behind the memory holding ``tensor``'s data ('' for anonymous memory)."""
+    address = tensor.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= address < hi:
+                return parts[5].strip() if len(parts) > 5 else ""
+    return ""
+
+
+def replicated(folder: str, opts: dict) -> dict:
+    dtype = getattr(torch, opts["dtype"]) if opts.get("dtype") else None
+    with bigmodel.init_empty_weights():
+        model = Net()
+    report = bigmodel.load_checkpoint(model, folder, dtype=dtype, strategy=opts["strategy"])
+    expected = reference(folder, dtype)
+    state = model.state_dict()
+    return {
+        "equal": all(torch.equal(state[k], v) for k, v in expected.items()),
+        "dtypes": sorted({str(t.dtype) for t in state.values()}),
+        "tied": model.head.weight is model.embed.weight,
+        "bytes_read": report.bytes_read,
+        "total": stored_total(),
+        "up_weight_file": mapping_of(model.up.weight),
+    }
+
+
+def sharded(folder: str, opts: dict) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with torch.device("meta"):
+        model = Net()
+    if opts["how"] == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model.up, model.down):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    else:
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    model.steps = torch.arange(10, dtype=torch.int64)  # a real buffer, as init_empty_weights keeps
+    report = bigmodel.load_checkpoint(model, folder, strict=True)
+    expected = reference(folder, None)
+    full = {}
+    for name, tensor in model.state_dict().items():
+        full[name] = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with bigmodel.init_empty_weights():
+        plain = Net()
+    bigmodel.load_checkpoint(plain, folder)
+    with torch.no_grad():
+        out = model(ids)
+        out = out.full_tensor() if isinstance(out, DTensor) else out
+        same_output = torch.allclose(out, plain(ids), atol=1e-5)
+    sharded_names = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    dtensor_bytes = sum(expected[n].numel() * expected[n].element_size() for n in sharded_names)
+    return {
+        "equal": all(torch.equal(full[k], v) for k, v in expected.items() if k in full),
+        "same_output": same_output,
+        "bytes_read": report.bytes_read,
+        "sharded_bytes": dtensor_bytes,
+        "sharded": sorted(sharded_names),
+        "total": stored_total(),
+    }
+
+
+def failing(folder: str, opts: dict) -> dict:
+    target = folder if dist.get_rank() != opts["bad_rank"] else folder + "-missing"
+    with bigmodel.init_empty_weights():
+        model = Net()
+    try:
+        bigmodel.load_checkpoint(model, target, strategy=opts.get("strategy", "auto"))
+    except bigmodel.DistributedError as exc:
+        return {"raised": "DistributedError", "ranks": list(exc.failures), "message": str(exc)}
+    return {"raised": None}
+
+
+def main() -> None:
+    scenario, rank, world, port, folder = sys.argv[1:6]
+    opts = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=int(rank),
+        world_size=int(world),
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        result = {"replicated": replicated, "sharded": sharded, "failing": failing}[scenario](
+            folder, opts
+        )
+        print(json.dumps({"rank": int(rank), **result}), flush=True)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

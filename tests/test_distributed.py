@@ -1,0 +1,122 @@
+"""Two-rank gloo groups on CPU, each rank a real subprocess: replicated and sharded loads, errors."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bigmodel
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+from _dist_worker import Net  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(scenario, folder, options=None, world=2, timeout=90):
+    """Start ``world`` ranks of _dist_worker.py; return each rank's JSON result, rank order."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(rank), str(world), str(port), str(folder)]
+            + ([json.dumps(options)] if options is not None else []),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    results = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, (
+                f"rank {rank} exited with {proc.returncode}:\n{err[-3000:]}"
+            )
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dist") / "ckpt"
+    bigmodel.save_checkpoint(Net(), path, max_shard_size="12KB")
+    return path
+
+
+def test_replicated_cpu_loads_map_the_same_files_on_every_rank(folder):
+    ranks = run_ranks("replicated", folder, {"strategy": "auto"})
+    for r in ranks:
+        assert r["equal"] and r["tied"]
+        assert r["bytes_read"] == r["total"]
+        assert r["up_weight_file"].startswith(str(folder)), r  # a view of the shard, no copy
+
+
+def test_a_cpu_conversion_is_done_once_per_node_in_shared_memory_and_mapped_by_every_rank(folder):
+    ranks = run_ranks("replicated", folder, {"strategy": "auto", "dtype": "bfloat16"})
+    for r in ranks:
+        assert r["equal"] and r["tied"]
+        assert r["dtypes"] == ["torch.bfloat16", "torch.int64"]
+        # the weight is a view of the node's converted file (unlinked once every rank mapped it)
+        assert "bigmodel-" in r["up_weight_file"] and "(deleted)" in r["up_weight_file"], r
+    assert ranks[1]["bytes_read"] < ranks[0]["bytes_read"]  # only the node's leader converted
+
+
+@pytest.mark.parametrize("strategy", ["scatter", "rank0"])
+def test_scatter_and_rank0_read_each_byte_once_and_broadcast(folder, strategy):
+    ranks = run_ranks("replicated", folder, {"strategy": strategy, "dtype": "bfloat16"})
+    assert all(r["equal"] and r["tied"] for r in ranks)
+    total = ranks[0]["total"]
+    assert sum(r["bytes_read"] for r in ranks) == total
+    if strategy == "scatter":
+        assert all(r["bytes_read"] < 0.7 * total for r in ranks), ranks
+    else:
+        assert ranks[1]["bytes_read"] == 0
+
+
+@pytest.mark.parametrize("how", ["fsdp", "tp"])
+def test_dtensor_parameters_get_only_their_slice_and_gather_to_the_checkpoint(folder, how):
+    ranks = run_ranks("sharded", folder, {"how": how})
+    for r in ranks:
+        assert r["equal"] and r["same_output"], r
+        assert r["sharded"], r
+    # each rank read about half of every sharded tensor, never the whole
+    assert sum(r["bytes_read"] for r in ranks) < 2 * ranks[0]["total"]
+    for r in ranks:
+        assert r["bytes_read"] <= r["total"] - 0.4 * r["sharded_bytes"], r
+
+
+@pytest.mark.parametrize("strategy", ["auto", "scatter"])
+def test_a_failure_on_one_rank_raises_on_every_rank_and_names_it(folder, strategy):
+    ranks = run_ranks("failing", folder, {"bad_rank": 1, "strategy": strategy})
+    for r in ranks:
+        assert r["raised"] == "DistributedError", r
+        assert r["ranks"] == [1]
+        assert "-missing" in r["message"] and "rank 1" in r["message"]
+
+
+def test_a_single_process_has_no_group_and_takes_the_ordinary_path():
+    from bigmodel.distributed import assign_owners, choose_strategy, resolve_group
+
+    assert resolve_group(None) is None
+    assert assign_owners([10, 1, 1, 8], 2) == [0, 1, 1, 1]
+    assert choose_strategy("auto", on_cpu=True, converting=False) == "mmap"
+    assert choose_strategy("auto", on_cpu=True, converting=True) == "shm"
+    assert choose_strategy("auto", on_cpu=False, converting=False) == "scatter"
+    with pytest.raises(ValueError, match="choose one of"):
+        choose_strategy("fastest", on_cpu=True, converting=False)
