@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -82,6 +83,8 @@ def resolve_group(process_group: Group | None) -> Group | None:
 
     ``process_group`` wins; otherwise the default group if ``torch.distributed`` is initialised.
     """
+    if process_group is None and "torch.distributed" not in sys.modules:
+        return None  # nobody initialised a group; don't pay for importing torch.distributed
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -142,11 +145,10 @@ def _describe(error: BaseException) -> str:
 
 # -- sharded tensors --------------------------------------------------------------------------
 def is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
+    # No import: DTensor's modules cost tens of MB, and a tensor can only be a DTensor if
+    # the caller already imported them.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local_shard(
