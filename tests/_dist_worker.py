@@ -6,6 +6,7 @@ Prints one JSON line with what the test checks.
 
 import datetime
 import json
+import os
 import sys
 
 import torch
@@ -122,6 +123,48 @@ def sharded(folder: str, opts: dict) -> dict:
     }
 
 
+def save_llama(folder: str, opts: dict) -> dict:
+    """FSDP2-shard a Llama built on meta, load it sharded, save it from both ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    config = AutoConfig.from_pretrained(folder)
+    with bigmodel.init_empty_weights():  # rotary inv_freq stays real: it is computed, not stored
+        model = AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for name, buf in model.named_buffers():  # rotary inv_freq: computed, not stored
+        if buf.is_meta:
+            raise SystemExit(f"buffer {name} left on meta by this construction")
+    bigmodel.load_checkpoint(model, folder, strict=False)
+    result = bigmodel.save_checkpoint(model, opts["out"], max_shard_size=opts["shard"])
+    return {"files": result.files, "index": result.index_file}
+
+
+def save_failing(folder: str, opts: dict) -> dict:
+    """Both ranks save a replicated model into opts['out']; rank opts['bad_rank'] fails writing."""
+    import bigmodel.distributed_save as ds
+
+    with bigmodel.init_empty_weights():
+        model = Net()
+    bigmodel.load_checkpoint(model, folder)
+    if dist.get_rank() == opts["bad_rank"]:
+
+        def broken(fh, **kwargs):
+            fh.write(b"partial")
+            raise OSError(28, "No space left on device")
+
+        ds._write_shard = broken
+    try:
+        bigmodel.save_checkpoint(model, opts["out"], max_shard_size="12KB")
+    except bigmodel.DistributedError as exc:
+        return {"raised": "DistributedError", "ranks": list(exc.failures), "message": str(exc)}
+    return {"raised": None}
+
+
 def failing(folder: str, opts: dict) -> dict:
     target = folder if dist.get_rank() != opts["bad_rank"] else folder + "-missing"
     with bigmodel.init_empty_weights():
@@ -144,13 +187,23 @@ def main() -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        result = {"replicated": replicated, "sharded": sharded, "failing": failing}[scenario](
-            folder, opts
-        )
+        scenarios = {
+            "replicated": replicated,
+            "sharded": sharded,
+            "failing": failing,
+            "save-llama": save_llama,
+            "save-failing": save_failing,
+        }
+        result = scenarios[scenario](folder, opts)
         print(json.dumps({"rank": int(rank), **result}), flush=True)
         dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's worker threads can abort it ("terminate called
+    # without an active exception", pytorch/pytorch#190489) after the work is done and reported.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,46 @@ def test_a_single_process_has_no_group_and_takes_the_ordinary_path():
     assert choose_strategy("auto", on_cpu=False, converting=False) == "scatter"
     with pytest.raises(ValueError, match="choose one of"):
         choose_strategy("fastest", on_cpu=True, converting=False)
+
+
+# -- distributed save ------------------------------------------------------------------------------
+def test_an_fsdp_model_saved_from_two_ranks_is_one_checkpoint_transformers_loads(tmp_path):
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from conftest import assert_same_state, tiny_llama_config
+
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(tiny_llama_config(tie=False)).eval()
+    reference.save_pretrained(tmp_path / "ref")
+    out = tmp_path / "out"
+    ranks = run_ranks(
+        "save-llama", tmp_path / "ref", {"out": str(out), "shard": "40KB"}, timeout=120
+    )
+    assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) > 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ranks[0]["files"] + [ranks[0]["index"]]
+    )  # no temporary files left
+    shutil.copy(tmp_path / "ref" / "config.json", out)
+    loaded = LlamaForCausalLM.from_pretrained(out).eval()
+    assert_same_state(loaded.state_dict(), reference.state_dict())
+    with bigmodel.open_checkpoint(out) as ckpt:
+        assert ckpt.verify().problems == []  # each rank's digests reached the index
+
+
+def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(tmp_path, folder):
+    from conftest import assert_same_state
+
+    torch.manual_seed(1)
+    old = Net()
+    out = tmp_path / "out"
+    bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
+    before = sorted(p.name for p in out.iterdir())
+    ranks = run_ranks("save-failing", folder, {"out": str(out), "bad_rank": 1})
+    for r in ranks:
+        assert r["raised"] == "DistributedError" and r["ranks"] == [1], r
+        assert "No space left" in r["message"]
+    assert sorted(p.name for p in out.iterdir()) == before  # staged files of both ranks removed
+    with bigmodel.open_checkpoint(out) as ckpt:
+        assert_same_state({k: ckpt.get_tensor(k) for k in ckpt.keys()}, old.state_dict())

@@ -78,10 +78,11 @@ def _index_refs(path: Path) -> tuple[dict[str, Any], set[str]] | None:
 class Commit:
     """One save's staged files in ``directory`` and the steps that publish them."""
 
-    def __init__(self, directory: Path, *, durable: bool) -> None:
+    def __init__(self, directory: Path, *, durable: bool, token: str | None = None) -> None:
         self.directory = directory
         self.durable = durable
-        self.token = new_token()
+        #: Marks every file of this save; ranks of a distributed save share one token.
+        self.token = token or new_token()
         self._staged: dict[str, Path] = {}  # final name -> temp path
         #: True once the new checkpoint is what the folder loads (later failures are cleanup only).
         self.committed = False
@@ -136,6 +137,17 @@ class Commit:
         with open_temp(path, durable=self.durable) as fh:
             self._staged[final_name] = path
             write(fh)
+
+    def staged(self) -> dict[str, str]:
+        """Final name -> temporary file name of every staged file (to hand to another rank)."""
+        return {final: path.name for final, path in self._staged.items()}
+
+    def adopt(self, staged: dict[str, str]) -> None:
+        """Take over files another process staged in the same folder (see :meth:`staged`)."""
+        for final, temp in staged.items():
+            if final in self._staged:
+                raise ValueError(f"{final} is staged twice")
+            self._staged[final] = self.directory / temp
 
     def stage_bytes(self, final_name: str, data: bytes) -> None:
         self.stage(final_name, lambda fh: write_all(fh, data))

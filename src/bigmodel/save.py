@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -20,10 +20,18 @@ from ._log import logger
 from ._progress import progress_bar
 from ._units import parse_size
 from .checkpoint import ALIASES_KEY
+from .distributed import resolve_group
 from .formats import stored_dtype, stored_nbytes
 from .formats.safetensors import NAME_FROM_DTYPE, write_safetensors
 from .formats.torch_bin import write_bin
-from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, find_aliases, plan_shards, shard_name
+from .sharding import (
+    SAFE_INDEX_NAME,
+    WEIGHTS_INDEX_NAME,
+    ShardPlan,
+    find_aliases,
+    plan_shards,
+    shard_name,
+)
 
 __all__ = ["SaveResult", "UnsupportedTensorError", "save_checkpoint"]
 
@@ -126,6 +134,39 @@ def _write_shard(
         digests[name] = value
 
 
+def index_bytes(
+    names: list[str],
+    plan: ShardPlan,
+    user_meta: Mapping[str, str],
+    *,
+    aliases: Mapping[str, str],
+    digests: Mapping[str, str],
+) -> bytes:
+    """The index file of a sharded save: metadata (sizes, aliases, digests) and weight map."""
+    index_meta: dict[str, object] = {"total_size": plan.total_size, **user_meta}
+    if aliases:
+        index_meta[ALIASES_KEY] = dict(aliases)
+    if digests:
+        index_meta[DIGESTS_KEY] = dict(digests)
+    weight_map = {k: name for name, keys in zip(names, plan.shards, strict=True) for k in keys}
+    index = {"metadata": index_meta, "weight_map": weight_map}
+    return json.dumps(index, indent=2).encode("utf-8") + b"\n"
+
+
+def file_metadata(
+    user_meta: Mapping[str, str], *, index_name: str | None, aliases: Mapping[str, str], safe: bool
+) -> dict[str, str]:
+    """The ``__metadata__`` of every shard (a single file also records the aliases)."""
+    file_meta = {"format": "pt", **user_meta}
+    if index_name is None and aliases:
+        file_meta[ALIASES_KEY] = json.dumps(dict(aliases), sort_keys=True)
+    if not safe and index_name is None and user_meta:
+        logger.warning(
+            "metadata is not stored in a single pytorch_model.bin (the format has no place for it); use safe_serialization=True to keep it"
+        )
+    return file_meta
+
+
 def save_checkpoint(
     obj: nn.Module | Mapping[str, torch.Tensor],
     save_directory: str | os.PathLike[str],
@@ -136,6 +177,7 @@ def save_checkpoint(
     durable: bool = True,
     digest: str | None = DEFAULT_ALGORITHM,
     dtype: torch.dtype | None = None,
+    process_group: Any = None,
     progress: bool | None = None,
 ) -> SaveResult:
     """Save ``obj`` (a module or state dict) into ``save_directory`` in the Hugging Face layout.
@@ -163,6 +205,13 @@ def save_checkpoint(
 
     ``dtype`` casts floating-point tensors while they are written, one at a time (save an
     fp32 model as bf16 without a second copy in memory); other tensors keep their dtype.
+
+    Under ``torch.distributed`` (an initialised default group, or ``process_group``) every rank
+    calls this with its part of the model (DTensor parameters from ``fully_shard`` /
+    ``parallelize_module``, or replicated tensors): shards are assigned to ranks, each rank
+    gathers and writes its own, and rank 0 publishes the index once all are written. The
+    commit is atomic for the whole group; an error on any rank raises
+    :class:`~bigmodel.DistributedError` on every rank and leaves the previous checkpoint.
     """
     safe = bool(safe_serialization)
     limit = parse_size(max_shard_size)
@@ -174,6 +223,22 @@ def save_checkpoint(
             f"dtype={dtype} is not a floating-point dtype; only floating-point tensors are cast."
         )
     state = _state_dict(obj, safe=safe, cast=dtype)
+    group = resolve_group(process_group)
+    if group is not None:
+        from .distributed_save import save_distributed
+
+        return save_distributed(
+            state,
+            Path(save_directory),
+            group=group,
+            limit=limit,
+            safe=safe,
+            user_meta=user_meta,
+            durable=durable,
+            digest=digest,
+            dtype=dtype,
+            progress=progress,
+        )
     aliases = find_aliases(state) if safe else {}
     stored = {k: v for k, v in state.items() if k not in aliases}
     plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
@@ -188,13 +253,7 @@ def save_checkpoint(
         )
     directory.mkdir(parents=True, exist_ok=True)
 
-    file_meta = {"format": "pt", **user_meta}
-    if index_name is None and aliases:
-        file_meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    if not safe and index_name is None and user_meta:
-        logger.warning(
-            "metadata is not stored in a single pytorch_model.bin (the format has no place for it); use safe_serialization=True to keep it"
-        )
+    file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
 
     commit = Commit(directory, durable=durable)
     digests: dict[str, str] = {}
@@ -224,16 +283,9 @@ def save_checkpoint(
             )
         if index_name is not None:
             step = f"writing {index_name}"
-            index_meta: dict[str, object] = {"total_size": plan.total_size, **user_meta}
-            if aliases:
-                index_meta[ALIASES_KEY] = aliases
-            if digests:
-                index_meta[DIGESTS_KEY] = digests
-            weight_map = {
-                k: name for name, keys in zip(names, plan.shards, strict=True) for k in keys
-            }
-            index = {"metadata": index_meta, "weight_map": weight_map}
-            commit.stage_bytes(index_name, json.dumps(index, indent=2).encode("utf-8") + b"\n")
+            commit.stage_bytes(
+                index_name, index_bytes(names, plan, user_meta, aliases=aliases, digests=digests)
+            )
         step = "publishing the new files"
         commit.publish(index_name)
     except OSError as exc:

@@ -1,0 +1,179 @@
+"""``save_checkpoint`` under a process group: every rank writes its own shards, one commit.
+
+Steps (each ends with an exchange of outcomes, see :func:`bigmodel.distributed.run_step`):
+
+1. Every rank computes the same shard plan from global shapes; shards are assigned to ranks,
+   balanced by bytes. Rank 0 takes the folder's lock, cleans debris of earlier saves and shares
+   its commit token, so every staged file of this save carries the same mark.
+2. Tensors are visited in one global order; a DTensor is gathered (``full_tensor()``, a
+   collective every rank joins) and kept only by the rank whose shard holds it. A rank thus
+   holds the full tensors of its own shards, about ``total / world`` bytes.
+3. Each rank stages its shards (temporary names, fsync'd when durable) in parallel.
+4. Rank 0 adopts every staged file, writes the index with every shard's digest, and
+   publishes with the ordinary commit protocol (see ``bigmodel._commit``).
+
+Any failure removes this save's staged files on every rank and raises
+:class:`~bigmodel.DistributedError` everywhere; the previous checkpoint stays loadable.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._commit import Commit
+from ._log import logger
+from ._progress import ProgressBar, progress_bar
+from .distributed import (
+    Group,
+    assign_owners,
+    global_rank,
+    is_dtensor,
+    rank_of,
+    run_step,
+    world_of,
+)
+from .formats import stored_nbytes
+from .save import SaveResult, _write_shard, file_metadata, index_bytes
+from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, find_aliases, plan_shards, shard_name
+
+__all__ = ["save_distributed"]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def save_distributed(
+    state: dict[str, torch.Tensor],
+    directory: Path,
+    *,
+    group: Group,
+    limit: int,
+    safe: bool,
+    user_meta: dict[str, str],
+    durable: bool,
+    digest: str | None,
+    dtype: torch.dtype | None,
+    progress: bool | None,
+) -> SaveResult:
+    import torch.distributed as dist
+
+    rank, world = rank_of(group), world_of(group)
+    # Tied DTensors are one parameter object, so their local shards share storage too.
+    aliases = find_aliases({k: _local(v) for k, v in state.items()}) if safe else {}
+    box: list[Any] = [aliases]
+    dist.broadcast_object_list(box, src=global_rank(group, 0), group=group)
+    aliases = box[0]  # rank 0's view decides, so every rank plans the same files
+    stored = {k: v for k, v in state.items() if k not in aliases}
+    plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
+    count = len(plan.shards)
+    names = [shard_name(i, count, safe=safe) for i in range(count)]
+    index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
+    owners = assign_owners(plan.sizes, world)
+    owner_of = {k: owners[i] for i, keys in enumerate(plan.shards) for k in keys}
+    file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
+    mine = [i for i in range(count) if owners[i] == rank]
+
+    commit: Commit | None = None
+
+    def lock() -> str | None:
+        nonlocal commit
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(
+                f"save_directory {directory} is a file; pass a folder (it is created if missing)."
+            )
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            commit = Commit(directory, durable=durable)
+            commit.lock()
+            commit.clean_debris()
+            return commit.token
+        return None
+
+    bar: Any = ProgressBar()
+    try:
+        token = run_step(group, f"preparing to save into {directory}", lock)
+        box = [token]
+        dist.broadcast_object_list(box, src=global_rank(group, 0), group=group)
+        if commit is None:
+            commit = Commit(directory, durable=durable, token=box[0])
+
+        full: dict[str, torch.Tensor] = {}
+        for key, tensor in stored.items():  # the same order on every rank: collectives pair up
+            if is_dtensor(tensor):
+                whole = tensor.full_tensor()  # type: ignore[attr-defined]
+                if owner_of[key] == rank:
+                    full[key] = whole
+                del whole
+            elif owner_of[key] == rank:
+                full[key] = tensor
+
+        digests: dict[str, str] = {}
+        bar = progress_bar(
+            total=sum(plan.sizes[i] for i in mine),
+            desc=f"Saving {directory.name} (rank {rank})",
+            progress=progress,
+        )
+
+        def write() -> None:
+            assert commit is not None
+            for i in mine:
+                tensors = {k: full.pop(k) for k in plan.shards[i]}
+                commit.stage(
+                    names[i],
+                    functools.partial(
+                        _write_shard,
+                        name=names[i],
+                        tensors=tensors,
+                        safe=safe,
+                        metadata=file_meta,
+                        digest=digest,
+                        digests=digests,
+                        on_bytes=bar.update,
+                        cast=dtype,
+                    ),
+                )
+                del tensors
+
+        run_step(group, f"writing shards into {directory}", write)
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, (commit.staged(), digests), group=group)
+
+        def publish() -> None:
+            if rank != 0:
+                return
+            assert commit is not None
+            for other, (staged, their_digests) in enumerate(everyone):
+                if other != 0:
+                    commit.adopt(staged)
+                digests.update(their_digests)
+            if index_name is not None:
+                commit.stage_bytes(
+                    index_name,
+                    index_bytes(names, plan, user_meta, aliases=aliases, digests=digests),
+                )
+            commit.publish(index_name)
+
+        run_step(group, f"publishing the checkpoint in {directory}", publish)
+    except BaseException:
+        if commit is not None:
+            commit.abort()
+        raise
+    finally:
+        bar.close()
+        if rank == 0 and commit is not None:
+            commit.unlock()
+    logger.info(
+        "rank %d of %d wrote %d of %d file(s) into %s", rank, world, len(mine), count, directory
+    )
+    return SaveResult(
+        directory=directory,
+        files=names,
+        index_file=index_name,
+        total_size=plan.total_size,
+        aliases=aliases,
+    )
