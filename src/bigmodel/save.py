@@ -167,6 +167,105 @@ def file_metadata(
     return file_meta
 
 
+def write_planned(
+    directory: Path,
+    plan: ShardPlan,
+    fetch: Callable[[list[str]], dict[str, torch.Tensor]],
+    *,
+    safe: bool,
+    user_meta: dict[str, str],
+    aliases: dict[str, str],
+    durable: bool,
+    digest: str | None,
+    dtype: torch.dtype | None,
+    progress: bool | None,
+) -> SaveResult:
+    """Write the files of ``plan`` into ``directory`` with the commit protocol.
+
+    ``fetch(keys)`` returns one shard's tensors just before the shard is written, so a caller
+    whose tensors are not in memory (a DCP checkpoint) holds one shard at a time.
+    """
+    count = len(plan.shards)
+    names = [shard_name(i, count, safe=safe) for i in range(count)]
+    index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(
+            f"save_directory {directory} is a file; pass a folder (it is created if missing)."
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
+    commit = Commit(directory, durable=durable)
+    digests: dict[str, str] = {}
+    step = "cleaning up after an earlier interrupted save"
+    bar = progress_bar(
+        total=plan.total_size, desc=f"Saving {directory.name or directory}", progress=progress
+    )
+    try:
+        commit.lock()
+        commit.clean_debris()
+        for name, keys in zip(names, plan.shards, strict=True):
+            step = f"writing {name}"
+            tensors = fetch(keys)
+            commit.stage(
+                name,
+                functools.partial(
+                    _write_shard,
+                    name=name,
+                    tensors=tensors,
+                    safe=safe,
+                    metadata=file_meta,
+                    digest=digest,
+                    digests=digests,
+                    on_bytes=bar.update,
+                    cast=dtype,
+                ),
+            )
+            del tensors  # a fetched shard is released before the next one is fetched
+        if index_name is not None:
+            step = f"writing {index_name}"
+            commit.stage_bytes(
+                index_name, index_bytes(names, plan, user_meta, aliases=aliases, digests=digests)
+            )
+        step = "publishing the new files"
+        commit.publish(index_name)
+    except OSError as exc:
+        commit.abort()
+        if commit.committed:
+            raise CheckpointWriteError(
+                exc.errno,
+                f"The new checkpoint's files are in place in {directory}, but a later step (flushing the "
+                f"folder or removing the previous checkpoint's files) failed: {exc.strerror or exc}. Both "
+                "versions are complete; until the old files are gone, readers that prefer their layout may "
+                "still load them. Fix: save again (it removes leftovers) or delete the stale weight files.",
+            ) from exc
+        raise CheckpointWriteError(
+            exc.errno,
+            f"Saving a checkpoint into {directory} failed while {step}: {exc.strerror or exc}. "
+            "The previous checkpoint in the folder is intact and the partial files were removed. "
+            "Fix: free disk space or fix permissions, then save again.",
+        ) from exc
+    except BaseException:
+        commit.abort()
+        raise
+    finally:
+        commit.unlock()
+        bar.close()
+    logger.info(
+        "saved %d tensors (%d bytes) into %d file(s) in %s",
+        sum(len(keys) for keys in plan.shards) + len(aliases),
+        plan.total_size,
+        count,
+        directory,
+    )
+    return SaveResult(
+        directory=directory,
+        files=names,
+        index_file=index_name,
+        total_size=plan.total_size,
+        aliases=aliases,
+    )
+
+
 def save_checkpoint(
     obj: nn.Module | Mapping[str, torch.Tensor],
     save_directory: str | os.PathLike[str],
@@ -242,85 +341,15 @@ def save_checkpoint(
     aliases = find_aliases(state) if safe else {}
     stored = {k: v for k, v in state.items() if k not in aliases}
     plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
-    count = len(plan.shards)
-    names = [shard_name(i, count, safe=safe) for i in range(count)]
-    index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
-
-    directory = Path(save_directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(
-            f"save_directory {directory} is a file; pass a folder (it is created if missing)."
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-
-    file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
-
-    commit = Commit(directory, durable=durable)
-    digests: dict[str, str] = {}
-    step = "cleaning up after an earlier interrupted save"
-    bar = progress_bar(
-        total=plan.total_size, desc=f"Saving {directory.name or directory}", progress=progress
-    )
-    try:
-        commit.lock()
-        commit.clean_debris()
-        for name, keys in zip(names, plan.shards, strict=True):
-            step = f"writing {name}"
-            tensors = {k: stored[k] for k in keys}
-            commit.stage(
-                name,
-                functools.partial(
-                    _write_shard,
-                    name=name,
-                    tensors=tensors,
-                    safe=safe,
-                    metadata=file_meta,
-                    digest=digest,
-                    digests=digests,
-                    on_bytes=bar.update,
-                    cast=dtype,
-                ),
-            )
-        if index_name is not None:
-            step = f"writing {index_name}"
-            commit.stage_bytes(
-                index_name, index_bytes(names, plan, user_meta, aliases=aliases, digests=digests)
-            )
-        step = "publishing the new files"
-        commit.publish(index_name)
-    except OSError as exc:
-        commit.abort()
-        if commit.committed:
-            raise CheckpointWriteError(
-                exc.errno,
-                f"The new checkpoint's files are in place in {directory}, but a later step (flushing the "
-                f"folder or removing the previous checkpoint's files) failed: {exc.strerror or exc}. Both "
-                "versions are complete; until the old files are gone, readers that prefer their layout may "
-                "still load them. Fix: save again (it removes leftovers) or delete the stale weight files.",
-            ) from exc
-        raise CheckpointWriteError(
-            exc.errno,
-            f"Saving a checkpoint into {directory} failed while {step}: {exc.strerror or exc}. "
-            "The previous checkpoint in the folder is intact and the partial files were removed. "
-            "Fix: free disk space or fix permissions, then save again.",
-        ) from exc
-    except BaseException:
-        commit.abort()
-        raise
-    finally:
-        commit.unlock()
-        bar.close()
-    logger.info(
-        "saved %d tensors (%d bytes) into %d file(s) in %s",
-        len(state),
-        plan.total_size,
-        count,
-        directory,
-    )
-    return SaveResult(
-        directory=directory,
-        files=names,
-        index_file=index_name,
-        total_size=plan.total_size,
+    return write_planned(
+        Path(save_directory),
+        plan,
+        lambda keys: {k: stored[k] for k in keys},
+        safe=safe,
+        user_meta=user_meta,
         aliases=aliases,
+        durable=durable,
+        digest=digest,
+        dtype=dtype,
+        progress=progress,
     )
