@@ -201,6 +201,34 @@ def test_convert_refuses_a_pickle_that_weights_only_refuses_and_writes_nothing(c
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_convert_reads_a_dcp_folder_only_when_trusted(capsys, tmp_path):
+    from torch.distributed.checkpoint import state_dict_saver
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    state = {"model": {"w": torch.randn(4, 4), "ids": torch.arange(3)}, "step": 3}
+    state_dict_saver.save(
+        state, storage_writer=FileSystemWriter(str(tmp_path / "dcp")), no_dist=True
+    )
+    code, _, err = run(capsys, "convert", tmp_path / "dcp", tmp_path / "hf")
+    assert code == 1 and "--trusted" in err and "[untrusted-pickle]" in err
+    assert not (tmp_path / "hf").exists()
+    code, out, _ = run(
+        capsys,
+        "convert",
+        tmp_path / "dcp",
+        tmp_path / "hf",
+        "--trusted",
+        "--prefix",
+        "model.",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["source_format"] == "dcp"
+    with bigmodel.open_checkpoint(tmp_path / "hf") as ckpt:
+        assert sorted(ckpt.keys()) == ["ids", "w"]
+        assert torch.equal(ckpt.get_tensor("w"), state["model"]["w"])
+
+
 def test_estimate_places_blocks_in_order_and_says_whether_they_fit(capsys, llama):
     _, folder = llama
     code, out, _ = run(capsys, "estimate", folder, "--max-memory", "cpu=40KB,disk", "--json")

@@ -17,6 +17,7 @@ from ._errors import (
 )
 from ._units import parse_size
 from .checkpoint import Checkpoint, TensorInfo, TensorSlice, VerifyResult, open_checkpoint
+from .dcp import dcp_to_hf, hf_to_dcp
 from .device_map import PlanError, compute_module_sizes, infer_device_map
 from .dispatch import dispatch_model
 from .distributed import DistributedError
@@ -62,9 +63,11 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "compute_module_sizes",
+    "dcp_to_hf",
     "dispatch_model",
     "estimate_memory",
     "from_pretrained",
+    "hf_to_dcp",
     "infer_device_map",
     "init_empty_weights",
     "init_on_device",

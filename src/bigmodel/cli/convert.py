@@ -1,22 +1,26 @@
-"""``bigmodel convert SRC DST``: pickled ``.bin`` checkpoints to safetensors, optionally cast."""
+"""``bigmodel convert SRC DST``: ``.bin`` or DCP checkpoints to safetensors, optionally cast."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from .._units import format_size
+from ..dcp import METADATA_NAME, dcp_to_hf
 from ..rewrite import rewrite_checkpoint
 from ._common import EXIT_OK, Subparsers, add_command, emit_json, progress_flag, size_arg
 
-HELP = "convert a .bin checkpoint (single or sharded) to safetensors, optionally casting floats"
+HELP = "convert a .bin (single or sharded) or torch.distributed.checkpoint folder to safetensors"
 EXAMPLE = """\
 examples:
   bigmodel convert ./old-model ./old-model-st                 # pytorch_model*.bin -> model*.safetensors
   bigmodel convert ./old-model ./old-model-bf16 --dtype bf16  # and cast floating-point tensors
+  bigmodel convert ./step-1000 ./hf --trusted --prefix model.  # a DCP folder (dcp.save) -> HF layout
 Pickles are read only through torch.load(weights_only=True); a file it refuses is reported
 with the reason and nothing is written. Tied (shared) tensors are stored once.
+A DCP folder's .metadata is a pickle: converting one needs --trusted.
 """
 
 DTYPES = {
@@ -54,12 +58,58 @@ def register(sub: Subparsers) -> None:
         metavar="SIZE",
         help="largest shard (default 5GB)",
     )
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="allow reading a DCP folder's pickled .metadata (only for folders you trust)",
+    )
+    p.add_argument(
+        "--prefix",
+        default="",
+        help="DCP only: keep the entries under this prefix and strip it (e.g. model.)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
+def _run_dcp(args: argparse.Namespace) -> int:
+    saved = dcp_to_hf(
+        args.src,
+        args.dst,
+        trusted=args.trusted,
+        prefix=args.prefix,
+        max_shard_size=args.max_shard_size,
+        dtype=args.dtype,
+        progress=progress_flag(args),
+    )
+    if args.json:
+        emit_json(
+            {
+                "directory": str(saved.directory),
+                "source_format": "dcp",
+                "files": saved.files,
+                "index": saved.index_file,
+                "total_size": saved.total_size,
+                "aliases": {},
+                "copied": [],
+            }
+        )
+        return EXIT_OK
+    cast = f", cast to {str(args.dtype).removeprefix('torch.')}" if args.dtype else ""
+    print(
+        f"converted dcp -> safetensors{cast}: {len(saved.files)} file(s), {format_size(saved.total_size)}, into {saved.directory}"
+    )
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
+    if (Path(args.src) / METADATA_NAME).is_file():
+        return _run_dcp(args)
+    if args.prefix:
+        raise ValueError(
+            f"--prefix applies to DCP folders only, and {args.src} has no {METADATA_NAME}"
+        )
     result = rewrite_checkpoint(
         args.src,
         args.dst,
