@@ -159,9 +159,33 @@ def save_failing(folder: str, opts: dict) -> dict:
 
         ds._write_shard = broken
     try:
-        bigmodel.save_checkpoint(model, opts["out"], max_shard_size="12KB")
+        bigmodel.save_checkpoint(
+            model, opts["out"], max_shard_size="12KB", process_group=dist.group.WORLD
+        )
     except bigmodel.DistributedError as exc:
         return {"raised": "DistributedError", "ranks": list(exc.failures), "message": str(exc)}
+    return {"raised": None}
+
+
+def sharded_missing(folder: str, opts: dict) -> dict:
+    """A sharded parameter missing from the checkpoint is an error, not a silent plain tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    partial = opts["partial"]
+    if dist.get_rank() == 0:
+        with bigmodel.open_checkpoint(folder) as ckpt:
+            state = {k: ckpt.get_tensor(k).clone() for k in ckpt.keys() if k != "up.weight"}
+        bigmodel.save_checkpoint(state, partial)  # rank 0 alone: a plain save must not wait
+    dist.barrier()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with bigmodel.init_empty_weights():
+        model = Net()
+    fully_shard(model.up, mesh=mesh)
+    try:
+        bigmodel.load_checkpoint(model, partial, strict=False)
+    except bigmodel.MetaTensorError as exc:
+        return {"raised": "MetaTensorError", "message": str(exc)}
     return {"raised": None}
 
 
@@ -191,6 +215,7 @@ def main() -> None:
             "replicated": replicated,
             "sharded": sharded,
             "failing": failing,
+            "sharded-missing": sharded_missing,
             "save-llama": save_llama,
             "save-failing": save_failing,
         }

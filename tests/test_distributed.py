@@ -101,6 +101,14 @@ def test_dtensor_parameters_get_only_their_slice_and_gather_to_the_checkpoint(fo
         assert r["bytes_read"] <= r["total"] - 0.4 * r["sharded_bytes"], r
 
 
+def test_a_sharded_parameter_missing_from_the_checkpoint_is_an_error_on_every_rank(
+    folder, tmp_path
+):
+    ranks = run_ranks("sharded-missing", folder, {"partial": str(tmp_path / "partial")})
+    for r in ranks:
+        assert r["raised"] == "MetaTensorError" and "up.weight" in r["message"], r
+
+
 @pytest.mark.parametrize("strategy", ["auto", "scatter"])
 def test_a_failure_on_one_rank_raises_on_every_rank_and_names_it(folder, strategy):
     ranks = run_ranks("failing", folder, {"bad_rank": 1, "strategy": strategy})

@@ -10,28 +10,30 @@ import psutil
 __all__ = ["MemorySampler", "memory_status"]
 
 
+_STATUS_KEYS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+
+
 def memory_status() -> dict[str, int]:
-    """Current ``rss``, ``anon`` (RssAnon) and ``file`` (RssFile) in bytes.
+    """Current ``rss``, ``anon`` (RssAnon), ``file`` (RssFile) and ``shmem`` (RssShmem: shared
+    memory such as /dev/shm files) in bytes.
 
     Linux reports the split in /proc/self/status; elsewhere ``anon`` is approximated by
-    RSS minus shared pages (psutil).
+    RSS minus shared pages (psutil) and ``shmem`` is 0.
     """
     try:
         out = {}
         with open("/proc/self/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile"):
-                    out[{"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}[key]] = (
-                        int(value.split()[0]) * 1024
-                    )
-        if len(out) == 3:
+                if key in _STATUS_KEYS:
+                    out[_STATUS_KEYS[key]] = int(value.split()[0]) * 1024
+        if len(out) == len(_STATUS_KEYS):
             return out
     except OSError:
         pass
     info = psutil.Process().memory_info()
     shared = getattr(info, "shared", 0)
-    return {"rss": info.rss, "anon": info.rss - shared, "file": shared}
+    return {"rss": info.rss, "anon": info.rss - shared, "file": shared, "shmem": 0}
 
 
 class MemorySampler:

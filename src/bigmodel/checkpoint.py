@@ -8,10 +8,12 @@ validated when the checkpoint is opened and every problem is reported in one
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from .index import (
     read_index,
     unsafe_shard_name,
 )
+from .pread import ByteRange
 from .sharding import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 __all__ = [
@@ -200,6 +203,39 @@ class Checkpoint:
         """The whole tensor on CPU, zero-copy where the file allows it."""
         stored = self._resolve(name)
         return self._readers[self._weight_map[stored]].get_tensor(stored)
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        """Where ``name``'s bytes are in its file, for readers that bypass the mapping (None for
+        ``.bin`` files, whose layout belongs to torch's zip format)."""
+        stored = self._resolve(name)
+        reader = self._readers[self._weight_map[stored]]
+        if not isinstance(reader, SafetensorsFile):
+            return None
+        entry = reader.entries[stored]
+        return ByteRange(name, reader.path, entry.begin, entry.nbytes, entry.dtype, entry.shape)
+
+    def prefetch(self, names: Iterable[str]) -> int:
+        """Ask the kernel to start reading these tensors' bytes in the background
+        (``madvise(MADV_WILLNEED)`` on the mapping), so later accesses find them in the page
+        cache instead of faulting page by page. Returns the bytes advised; a no-op where the
+        platform lacks ``madvise``."""
+        advice = getattr(mmap, "MADV_WILLNEED", None)
+        if advice is None:  # pragma: no cover - not Linux/BSD
+            return 0
+        total = 0
+        for name in names:
+            stored = self._resolve(name)
+            reader = self._readers[self._weight_map[stored]]
+            if not isinstance(reader, SafetensorsFile):
+                continue
+            entry = reader.entries[stored]
+            if entry.nbytes == 0:
+                continue
+            start = entry.begin - entry.begin % mmap.PAGESIZE
+            with contextlib.suppress(OSError, ValueError):
+                reader.mapping().madvise(advice, start, entry.end - start)
+                total += entry.nbytes
+        return total
 
     def get_slice(self, name: str) -> TensorSlice:
         """A lazy handle: index it to read only part of the tensor."""

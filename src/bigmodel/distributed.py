@@ -81,8 +81,11 @@ class DistributedError(BigModelError, RuntimeError):
 def resolve_group(process_group: Group | None) -> Group | None:
     """The group to coordinate over, or ``None`` for a single process.
 
-    ``process_group`` wins; otherwise the default group if ``torch.distributed`` is initialised.
+    ``process_group`` wins (``False``: this process alone, whatever is initialised);
+    otherwise the default group if ``torch.distributed`` is initialised.
     """
+    if process_group is False:
+        return None
     if process_group is None and "torch.distributed" not in sys.modules:
         return None  # nobody initialised a group; don't pay for importing torch.distributed
     import torch.distributed as dist

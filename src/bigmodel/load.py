@@ -28,6 +28,7 @@ from torch import nn
 from ._errors import BigModelError, InvalidCheckpointError, KeyMismatchError
 from ._log import logger
 from ._progress import progress_bar
+from ._units import parse_size
 from .checkpoint import Checkpoint, open_checkpoint
 from .device_map import device_for, execution_device, infer_device_map, normalize_device
 from .dispatch import attach_offload_hooks
@@ -47,6 +48,7 @@ from .distributed import (
 from .initialize import InitFn, initialize_missing
 from .keys import match_keys
 from .offload import OffloadedTensor, offload_sources
+from .pread import pick_io, pread_tensors
 
 __all__ = [
     "DtypeOverrides",
@@ -220,6 +222,8 @@ class _Options:
     prefetch: bool | int | str = True
     process_group: Group | None = None
     strategy: str = "auto"
+    io: str = "auto"
+    io_inflight_bytes: int = 256 * 2**20
 
 
 _Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
@@ -302,11 +306,45 @@ def _read(
                 lambda: _read_shards(model, ckpt, targets, sharded, placement, report, bar),
             )
         if group is None:
-            _read_local(
-                model, ckpt.get_tensor, ckpt, targets, replicated, placement, opts, report, bar
-            )
+            fetch = _fetcher(ckpt, replicated, placement, targets, opts)
+            _read_local(model, fetch, ckpt, targets, replicated, placement, opts, report, bar)
         elif replicated:
             _read_replicated(model, ckpt, targets, replicated, placement, opts, report, bar, group)
+
+
+def _fetcher(
+    ckpt: Checkpoint,
+    items: _Plan,
+    placement: _Placement,
+    targets: dict[str, torch.Tensor],
+    opts: _Options,
+) -> Callable[[str], torch.Tensor]:
+    """How the single-process path gets each stored tensor, by ``opts.io``.
+
+    mmap: views of the mapping, after asking the kernel to read the tensors that stay views
+    (same dtype on CPU) in the background, so the first forward pass does not fault page by
+    page. pread: parallel reads scheduled by bytes in flight (see ``bigmodel.pread``).
+    """
+    ranges = [ckpt.byte_range(key) for key, _ in items]
+    io = pick_io(opts.io, ckpt.directory) if ranges and all(ranges) else "mmap"
+    if io == "mmap":
+        ckpt.prefetch(
+            key
+            for key, names in items
+            if placement.device_for(names[0], targets[names[0]]).type == "cpu"
+            and placement.dtype_for(names[0], targets[names[0]]) == ckpt.tensor_info(key).dtype
+        )
+        return ckpt.get_tensor
+    stream = pread_tensors(
+        [r for r in ranges if r is not None], max_inflight_bytes=opts.io_inflight_bytes
+    )
+
+    def fetch(key: str) -> torch.Tensor:
+        got, tensor = next(stream)
+        assert got == key, (got, key)  # the stream follows the plan's order
+        return tensor
+
+    return fetch
 
 
 def _read_local(
@@ -494,6 +532,14 @@ def _initialise(
     A materialised module keeps the values it was built with.
     """
     fresh: list[str] = []
+    sharded = [g[0] for g in to_init if is_dtensor(targets[g[0]]) and targets[g[0]].is_meta]
+    if sharded:
+        raise MetaTensorError(
+            f"{len(sharded)} sharded (DTensor) tensor(s) are not in the checkpoint: "
+            f"{', '.join(sharded[:10])} [{MetaTensorError.code}]. bigmodel initialises missing "
+            "tensors only for unsharded modules. Fix: load a checkpoint that has them, or "
+            "initialise the model before fully_shard / parallelize_module."
+        )
     for group in to_init:
         old = targets[group[0]]
         if old.is_meta:
@@ -582,6 +628,8 @@ def load_checkpoint(
     prefetch: bool | int | str = True,
     process_group: Any = None,
     strategy: str = "auto",
+    io: str = "auto",
+    io_inflight_bytes: int | str = "256MiB",
     progress: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` (folder, index or weights file, or an open :class:`Checkpoint`) into ``model``.
@@ -616,6 +664,11 @@ def load_checkpoint(
       (``True``: the largest entry; ``False``: no read-ahead). Offloaded modules — and ``cpu``
       modules when an accelerator is in the map — run on ``main_device`` (default: the first
       accelerator, else ``cpu``); outputs come back to the device of the inputs.
+    * ``io``: how bytes are read. ``"mmap"`` maps the files (zero copy when dtype and device
+      match, and the kernel is asked to read those tensors ahead); ``"pread"`` reads with
+      parallel ``preadv`` calls, at most ``io_inflight_bytes`` ahead of the tensor being placed
+      (for network and FUSE filesystems, where page faults are slow); ``"auto"`` picks pread
+      on such filesystems and mmap elsewhere. ``.bin`` files are always mapped by torch.
     * Under ``torch.distributed`` (an initialised default group, or ``process_group``) every
       rank calls this with the same arguments. Parameters that are DTensors (after
       ``fully_shard`` / ``parallelize_module`` on a meta model) get only this rank's slice.
@@ -623,7 +676,8 @@ def load_checkpoint(
       rank per node converts into shared memory, the others map it), ``"scatter"`` (each rank
       reads a part, then broadcast), ``"rank0"`` (rank 0 reads, broadcasts); ``"auto"`` picks
       mmap for CPU without conversion, shm for CPU with one, scatter for accelerators. An error
-      on any rank raises :class:`~bigmodel.DistributedError` on every rank.
+      on any rank raises :class:`~bigmodel.DistributedError` on every rank. To load in one
+      process while a group is initialised (say, rank 0 alone), pass ``process_group=False``.
     """
     resolved: dict[str, str] | None = None
     if device_map == "auto":
@@ -664,6 +718,8 @@ def load_checkpoint(
         prefetch=prefetch,
         process_group=process_group,
         strategy=strategy,
+        io=io,
+        io_inflight_bytes=parse_size(io_inflight_bytes),
     )
     return _load(model, checkpoint, placement, opts)
 

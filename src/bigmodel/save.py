@@ -20,7 +20,7 @@ from ._log import logger
 from ._progress import progress_bar
 from ._units import parse_size
 from .checkpoint import ALIASES_KEY
-from .distributed import resolve_group
+from .distributed import is_dtensor, resolve_group
 from .formats import stored_dtype, stored_nbytes
 from .formats.safetensors import NAME_FROM_DTYPE, write_safetensors
 from .formats.torch_bin import write_bin
@@ -305,12 +305,12 @@ def save_checkpoint(
     ``dtype`` casts floating-point tensors while they are written, one at a time (save an
     fp32 model as bf16 without a second copy in memory); other tensors keep their dtype.
 
-    Under ``torch.distributed`` (an initialised default group, or ``process_group``) every rank
-    calls this with its part of the model (DTensor parameters from ``fully_shard`` /
-    ``parallelize_module``, or replicated tensors): shards are assigned to ranks, each rank
-    gathers and writes its own, and rank 0 publishes the index once all are written. The
-    commit is atomic for the whole group; an error on any rank raises
+    A model with DTensor parameters (``fully_shard`` / ``parallelize_module``), or an explicit
+    ``process_group``, makes the save collective: every rank calls this, shards are assigned
+    to ranks, each rank gathers and writes its own, and rank 0 publishes the index once all
+    are written. The commit is atomic for the whole group; an error on any rank raises
     :class:`~bigmodel.DistributedError` on every rank and leaves the previous checkpoint.
+    Without either, the save is this process's alone (the usual ``if rank == 0: save``).
     """
     safe = bool(safe_serialization)
     limit = parse_size(max_shard_size)
@@ -322,7 +322,10 @@ def save_checkpoint(
             f"dtype={dtype} is not a floating-point dtype; only floating-point tensors are cast."
         )
     state = _state_dict(obj, safe=safe, cast=dtype)
-    group = resolve_group(process_group)
+    # Only a sharded model or an explicit group makes the save collective: a replicated model
+    # is commonly saved by rank 0 alone, and that call must not wait for the other ranks.
+    sharded = any(is_dtensor(t) for t in state.values())
+    group = resolve_group(process_group) if sharded or process_group is not None else None
     if group is not None:
         from .distributed_save import save_distributed
 

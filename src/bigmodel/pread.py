@@ -1,0 +1,176 @@
+"""Reading tensors with parallel ``pread`` calls, scheduled by bytes in flight.
+
+The default way bigmodel reads is the file mapping (zero copy, the page cache shared between
+processes). Where a mapping is a poor fit — network and FUSE filesystems, where page faults
+become many small synchronous round trips — tensors are read with ``os.preadv`` instead:
+
+* each tensor is split into chunks (``chunk_bytes``) read by a pool of threads, which release
+  the GIL while the kernel reads, so several requests keep the device busy;
+* reads are issued in file order while the bytes read but not yet consumed stay within
+  ``max_inflight_bytes`` (at least one tensor is always allowed), so memory is bounded by the
+  bound, not by the number of threads;
+* tensors are yielded in order as they complete; a caller that converts each one (dtype,
+  device) does so while the next ones are being read.
+
+With an unchanged dtype, the chunks land straight in the tensor that is returned: one private
+copy, no staging.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._errors import InvalidCheckpointError
+
+__all__ = ["IO_MODES", "ByteRange", "pick_io", "pread_tensors"]
+
+IO_MODES = ("auto", "mmap", "pread")
+#: Filesystem types where page-faulting a mapping is slow; ``io="auto"`` reads with pread there.
+REMOTE_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "virtiofs",
+        "afs",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Where a tensor's bytes are: file, absolute offset, length, and what they hold."""
+
+    key: str
+    path: Path
+    begin: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/self/mounts; '' if unknown)."""
+    try:
+        target = os.path.realpath(path)
+        best, kind = "", ""
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, parts[2]
+        return kind
+    except OSError:
+        return ""
+
+
+def pick_io(io: str, path: Path) -> str:
+    """Resolve ``io=``: ``"mmap"`` or ``"pread"`` as given; ``"auto"`` chooses pread on network
+    and FUSE filesystems (see :data:`REMOTE_FILESYSTEMS`), the mapping elsewhere."""
+    if io not in IO_MODES:
+        raise ValueError(f"io={io!r}: choose one of {', '.join(IO_MODES)}.")
+    if io != "auto":
+        return io
+    kind = filesystem_type(path)
+    return "pread" if kind in REMOTE_FILESYSTEMS or kind.startswith("fuse") else "mmap"
+
+
+def _read_chunk(fd: int, view: memoryview, offset: int, where: str) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise InvalidCheckpointError.one(
+                where,
+                "truncated",
+                f"the file ended {len(view) - done} bytes short of a tensor's data (offset {offset + done}).",
+                hint="the file changed or was truncated while it was read; re-download or re-save it.",
+            )
+        done += n
+
+
+def pread_tensors(
+    ranges: Iterable[ByteRange],
+    *,
+    max_inflight_bytes: int = 256 * 2**20,
+    chunk_bytes: int = 16 * 2**20,
+    threads: int = 4,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` for each range, in order, read with parallel preads.
+
+    At most ``max_inflight_bytes`` of tensors are read ahead of the one the caller holds (one
+    tensor is always allowed, whatever its size).
+    """
+    items = list(ranges)
+    fds: dict[Path, int] = {}
+    lock = threading.Lock()
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmodel-pread")
+    pending: deque[tuple[ByteRange, torch.Tensor, list[Future[None]]]] = deque()
+    inflight = 0
+    try:
+        for item in items:
+            if item.path not in fds:
+                fds[item.path] = os.open(item.path, os.O_RDONLY)
+        position = 0
+
+        def submit() -> None:
+            nonlocal position, inflight
+            item = items[position]
+            out = torch.empty(item.nbytes, dtype=torch.uint8)
+            view = out.numpy().data if item.nbytes else memoryview(b"")
+            futures = [
+                pool.submit(
+                    _read_chunk,
+                    fds[item.path],
+                    view[start : start + chunk_bytes],
+                    item.begin + start,
+                    str(item.path),
+                )
+                for start in range(0, item.nbytes, chunk_bytes)
+            ]
+            with lock:
+                inflight += item.nbytes
+            pending.append((item, out, futures))
+            position += 1
+
+        while position < len(items) or pending:
+            while position < len(items) and (
+                not pending or inflight + items[position].nbytes <= max_inflight_bytes
+            ):
+                submit()
+            item, out, futures = pending.popleft()
+            for future in futures:
+                future.result()
+            with lock:
+                inflight -= item.nbytes
+            tensor = (
+                out.view(item.dtype).view(item.shape)
+                if item.nbytes
+                else torch.empty(item.shape, dtype=item.dtype)
+            )
+            yield item.key, tensor
+            del tensor, out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
