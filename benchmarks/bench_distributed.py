@@ -166,7 +166,7 @@ def run_group(scenario: str, method: str, folder: Path, size: str, world: int = 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=child_env(),
+            env={**child_env(), "GLOO_SOCKET_IFNAME": "lo"},
         )
         for rank in range(world)
     ]

@@ -17,13 +17,16 @@ def _run_tiny(script: str, tmp_path: Path, *extra: str) -> str:
 
 
 def test_the_load_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
-    table = _run_tiny("bench_load.py", tmp_path)
+    table = _run_tiny("bench_load.py", tmp_path, "--cold")
     for row in (
         "| fp32 | bigmodel |",
         "| fp32 | transformers |",
         "| fp32 | naive |",
         "| bf16 | bigmodel |",
         "construction under init_empty_weights",
+        "## Cold page cache",
+        "| fp32 | bigmodel-pread |",
+        "| fp32 ≥ 80% of raw parallel read bandwidth |",
     ):
         assert row in table
     assert (tmp_path / "cache" / "llama-tiny" / "model.safetensors.index.json").exists()

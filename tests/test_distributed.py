@@ -1,6 +1,7 @@
 """Two-rank gloo groups on CPU, each rank a real subprocess: replicated and sharded loads, errors."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -32,6 +33,8 @@ def run_ranks(scenario, folder, options=None, world=2, timeout=90):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # loopback for gloo: a sandbox's hostname may not resolve to a usable interface
+            env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
         )
         for rank in range(world)
     ]

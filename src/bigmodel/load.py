@@ -321,19 +321,14 @@ def _fetcher(
 ) -> Callable[[str], torch.Tensor]:
     """How the single-process path gets each stored tensor, by ``opts.io``.
 
-    mmap: views of the mapping, after asking the kernel to read the tensors that stay views
-    (same dtype on CPU) in the background, so the first forward pass does not fault page by
-    page. pread: parallel reads scheduled by bytes in flight (see ``bigmodel.pread``).
+    mmap: views of the mapping, after asking the kernel to read every planned tensor ahead in
+    the background (views then do not fault page by page in the first forward pass, and
+    conversions find their input cached). pread: parallel reads scheduled by bytes in flight (see ``bigmodel.pread``).
     """
     ranges = [ckpt.byte_range(key) for key, _ in items]
     io = pick_io(opts.io, ckpt.directory) if ranges and all(ranges) else "mmap"
     if io == "mmap":
-        ckpt.prefetch(
-            key
-            for key, names in items
-            if placement.device_for(names[0], targets[names[0]]).type == "cpu"
-            and placement.dtype_for(names[0], targets[names[0]]) == ckpt.tensor_info(key).dtype
-        )
+        ckpt.prefetch(key for key, _ in items)  # background readahead, cold caches only pay
         return ckpt.get_tensor
     stream = pread_tensors(
         [r for r in ranges if r is not None], max_inflight_bytes=opts.io_inflight_bytes
@@ -665,7 +660,7 @@ def load_checkpoint(
       modules when an accelerator is in the map — run on ``main_device`` (default: the first
       accelerator, else ``cpu``); outputs come back to the device of the inputs.
     * ``io``: how bytes are read. ``"mmap"`` maps the files (zero copy when dtype and device
-      match, and the kernel is asked to read those tensors ahead); ``"pread"`` reads with
+      match, and the kernel is asked to read the planned tensors ahead); ``"pread"`` reads with
       parallel ``preadv`` calls, at most ``io_inflight_bytes`` ahead of the tensor being placed
       (for network and FUSE filesystems, where page faults are slow); ``"auto"`` picks pread
       on such filesystems and mmap elsewhere. ``.bin`` files are always mapped by torch.
