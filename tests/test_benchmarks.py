@@ -59,3 +59,11 @@ def test_the_distributed_benchmark_runs_two_gloo_ranks_for_both_libraries(tmp_pa
     ):
         assert row in table
     assert "within each scenario (yes)" in table
+
+
+def test_the_save_benchmark_compares_durable_fast_and_transformers_to_the_disk(tmp_path):
+    table = _run_tiny("bench_save.py", tmp_path)
+    for row in ("| bigmodel-durable |", "| bigmodel-fast |", "| transformers |"):
+        assert row in table
+    assert "durable save ≥ 70% of the raw fsync'd write bandwidth" in table
+    assert not list((tmp_path / "cache").glob("save-bench-*"))  # outputs are cleaned up

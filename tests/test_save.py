@@ -269,3 +269,15 @@ def test_a_save_can_cast_floating_point_tensors_as_it_writes(tmp_path, tied_net,
     assert tied_net.embed.weight.dtype == torch.float32  # the model itself is untouched
     with pytest.raises(ValueError, match="not a floating-point dtype"):
         bigmodel.save_checkpoint(tied_net, tmp_path / "x", dtype=torch.int8)
+
+
+def test_shards_written_in_parallel_are_byte_identical_to_a_sequential_save(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {f"layer.{i}.weight": torch.randn(64, 64, generator=g) for i in range(12)}
+    one = bigmodel.save_checkpoint(state, tmp_path / "one", max_shard_size="40KB", workers=1)
+    four = bigmodel.save_checkpoint(state, tmp_path / "four", max_shard_size="40KB", workers=4)
+    assert one.files == four.files and len(one.files) > 4
+    for name in [*one.files, one.index_file]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "four" / name).read_bytes()
+    with pytest.raises(ValueError, match="at least one thread"):
+        bigmodel.save_checkpoint(state, tmp_path / "none", workers=0)
