@@ -90,12 +90,15 @@ def child_env() -> dict[str, str]:
     )
 
 
-def publish_table(lines: list[str], out: Path) -> None:
-    """Print the markdown table and write it to ``out`` (under docs/benchmarks by default)."""
+def publish_table(lines: list[str], out: Path, data: dict | None = None) -> None:  # type: ignore[type-arg]
+    """Print the markdown table and write it to ``out`` (under docs/benchmarks by default);
+    ``data`` (the medians) goes next to it as JSON, for plots."""
     table = "\n".join(lines) + "\n"
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
+    if data is not None:
+        out.with_suffix(".json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def evict_page_cache(folder: Path) -> None:
@@ -350,7 +353,14 @@ def main() -> None:
             f"| fp32 ≥ 80% of raw parallel read bandwidth | {ckpt_bytes / best32 / bandwidth * 100:.0f}% |",
             f"| fp32→bf16 ≤ 0.5x transformers | {best16 / cmed('transformers', 'bf16'):.2f}x |",
         ]
-    publish_table(lines, args.out)
+    data: dict[str, object] = {
+        "checkpoint_bytes": ckpt_bytes,
+        "warm": {f"{m}/{d}": med(m, d, "ready_s") for (m, d) in results},
+    }
+    if cold:
+        data["cold"] = {f"{m}/{d}": cmed(m, d) for (m, d) in cold}
+        data["raw_read_bytes_per_s"] = statistics.median(raw)
+    publish_table(lines, args.out, data)
 
 
 if __name__ == "__main__":

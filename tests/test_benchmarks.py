@@ -16,8 +16,12 @@ def _run_tiny(script: str, tmp_path: Path, *extra: str) -> str:
     return out.read_text()
 
 
-def test_the_load_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
-    table = _run_tiny("bench_load.py", tmp_path, "--cold")
+def test_the_io_benchmark_runs_loads_warm_and_cold_and_saves_and_draws_the_plot(tmp_path):
+    out = tmp_path / "docs" / "io.png"
+    command = [sys.executable, str(BENCHMARKS / "bench_io.py"), "--size", "tiny", "--repeats", "1"]
+    command += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    load = (out.parent / "load.md").read_text()
     for row in (
         "| fp32 | bigmodel |",
         "| fp32 | transformers |",
@@ -28,7 +32,13 @@ def test_the_load_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
         "| fp32 | bigmodel-pread |",
         "| fp32 ≥ 80% of raw parallel read bandwidth |",
     ):
-        assert row in table
+        assert row in load
+    save = (out.parent / "save.md").read_text()
+    for row in ("| bigmodel-durable |", "| bigmodel-fast |", "| transformers |"):
+        assert row in save
+    assert "durable save ≥ 70% of the raw fsync'd write bandwidth" in save
+    assert not list((tmp_path / "cache").glob("save-bench-*"))  # save outputs are cleaned up
+    assert out.read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "cache" / "llama-tiny" / "model.safetensors.index.json").exists()
 
 
@@ -59,11 +69,3 @@ def test_the_distributed_benchmark_runs_two_gloo_ranks_for_both_libraries(tmp_pa
     ):
         assert row in table
     assert "within each scenario (yes)" in table
-
-
-def test_the_save_benchmark_compares_durable_fast_and_transformers_to_the_disk(tmp_path):
-    table = _run_tiny("bench_save.py", tmp_path)
-    for row in ("| bigmodel-durable |", "| bigmodel-fast |", "| transformers |"):
-        assert row in table
-    assert "durable save ≥ 70% of the raw fsync'd write bandwidth" in table
-    assert not list((tmp_path / "cache").glob("save-bench-*"))  # outputs are cleaned up
