@@ -43,9 +43,10 @@ from typing import Any, TypeVar
 import torch
 
 from ._errors import BigModelError
-from ._io import new_token, open_temp
+from ._io import new_token
 from ._log import logger
-from .formats.safetensors import SafetensorsFile, write_safetensors
+from .formats.safetensors import SafetensorsFile
+from .offload import write_converted
 
 __all__ = [
     "STRATEGIES",
@@ -261,14 +262,7 @@ class NodeCopy:
         folder = _shared_folder(need) / f"bigmodel-{self.token}"
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-        for key, tensor, dtype in items:
-            by_dtype.setdefault(dtype, []).append((key, tensor))
-        for dtype, entries in by_dtype.items():
-            final = folder / f"{str(dtype).removeprefix('torch.')}.safetensors"
-            with open_temp(folder / f".{final.name}.tmp", durable=False) as fh:
-                write_safetensors(fh, entries, {"format": "pt"}, cast=dtype)
-            os.replace(folder / f".{final.name}.tmp", final)
+        write_converted(folder, items, label="node-copy")
         (folder / "done").write_text("ok")
 
     def open(self) -> None:

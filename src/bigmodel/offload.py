@@ -14,7 +14,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,13 @@ from ._io import new_token, open_temp
 from .checkpoint import Checkpoint
 from .formats.safetensors import SafetensorsFile, write_safetensors
 
-__all__ = ["OffloadedTensor", "offload_sources", "offload_state", "resident_sources"]
+__all__ = [
+    "OffloadedTensor",
+    "offload_sources",
+    "offload_state",
+    "resident_sources",
+    "write_converted",
+]
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ def offload_sources(
 ) -> dict[str, OffloadedTensor]:
     """An :class:`OffloadedTensor` for every module name in ``items`` ((checkpoint key, names))."""
     specs: dict[str, OffloadedTensor] = {}
-    to_convert: dict[torch.dtype, list[tuple[str, list[str]]]] = {}
+    to_convert: list[tuple[str, list[str], torch.dtype]] = []
     for key, group in items:
         dtype = dtype_for(group[0], targets[group[0]])
         if ckpt.tensor_info(key).dtype == dtype:
@@ -76,21 +82,18 @@ def offload_sources(
                 source=key,
             )
         else:
-            to_convert.setdefault(dtype, []).append((key, group))
-    for dtype, entries in to_convert.items():
-        label = str(dtype).removeprefix("torch.")
-        reader = _write(
+            to_convert.append((key, group, dtype))
+    if to_convert:
+        readers = write_converted(
             _folder(offload_folder),
-            label,
-            [(key, ckpt.get_tensor(key)) for key, _ in entries],
-            dtype,
+            [(key, ckpt.get_tensor(key), dtype) for key, _, dtype in to_convert],
         )
-        for key, group in entries:
+        for key, group, dtype in to_convert:
             _describe(
                 specs,
                 group,
                 targets[group[0]],
-                functools.partial(reader.get_tensor, key),
+                functools.partial(readers[key].get_tensor, key),
                 dtype,
                 source=key,
             )
@@ -117,15 +120,30 @@ def _describe(
         )
 
 
-def _write(
-    folder: Path, label: str, tensors: list[tuple[str, torch.Tensor]], cast: torch.dtype | None
-) -> SafetensorsFile:
-    final = folder / f"offload-{label}-{new_token()}.safetensors"
-    temp = folder / f".{final.name}.tmp"
-    with open_temp(temp, durable=False) as fh:
-        write_safetensors(fh, tensors, {"format": "pt"}, cast=cast)
-    os.replace(temp, final)
-    return SafetensorsFile(final)
+def write_converted(
+    folder: Path,
+    items: Iterable[tuple[str, torch.Tensor, torch.dtype]],
+    *,
+    label: str = "offload",
+) -> dict[str, SafetensorsFile]:
+    """Write (name, tensor, target dtype) items into ``folder``, one safetensors file per target
+    dtype, each converted as it is written (one converted tensor in memory at a time); return
+    the reader of each name. Files are named by bigmodel, never after a tensor, and appear
+    complete or not at all (written under a temporary name, then renamed; no fsync: scratch)."""
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor, dtype in items:
+        by_dtype.setdefault(dtype, []).append((name, tensor))
+    readers: dict[str, SafetensorsFile] = {}
+    for dtype, tensors in by_dtype.items():
+        kind = str(dtype).removeprefix("torch.")
+        final = folder / f"{label}-{kind}-{new_token()}.safetensors"
+        temp = folder / f".{final.name}.tmp"
+        with open_temp(temp, durable=False) as fh:
+            write_safetensors(fh, tensors, {"format": "pt"}, cast=dtype)
+        os.replace(temp, final)
+        reader = SafetensorsFile(final)
+        readers.update(dict.fromkeys((name for name, _ in tensors), reader))
+    return readers
 
 
 def offload_state(
@@ -135,8 +153,9 @@ def offload_state(
     unique: dict[int, str] = {}
     for name, tensor in state.items():
         unique.setdefault(id(tensor), name)
-    reader = _write(
-        _folder(offload_folder), "state", [(n, state[n]) for n in unique.values()], None
+    folder = _folder(offload_folder)
+    readers = write_converted(
+        folder, [(n, state[n], state[n].dtype) for n in unique.values()], label="offload-state"
     )
     specs: dict[str, OffloadedTensor] = {}
     for name, tensor in state.items():
@@ -144,7 +163,7 @@ def offload_state(
             specs,
             [name],
             tensor,
-            functools.partial(reader.get_tensor, unique[id(tensor)]),
+            functools.partial(readers[unique[id(tensor)]].get_tensor, unique[id(tensor)]),
             tensor.dtype,
             source=unique[id(tensor)],
         )
