@@ -18,7 +18,6 @@ Any failure removes this save's staged files on every rank and raises
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from .distributed import (
     world_of,
 )
 from .formats import stored_nbytes
-from .save import SaveResult, _write_shard, file_metadata, index_bytes
+from .save import SaveResult, file_metadata, index_bytes, stage_shard
 from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, find_aliases, plan_shards, shard_name
 
 __all__ = ["save_distributed"]
@@ -122,22 +121,17 @@ def save_distributed(
         def write() -> None:
             assert commit is not None
             for i in mine:
-                tensors = {k: full.pop(k) for k in plan.shards[i]}
-                commit.stage(
+                stage_shard(
+                    commit,
                     names[i],
-                    functools.partial(
-                        _write_shard,
-                        name=names[i],
-                        tensors=tensors,
-                        safe=safe,
-                        metadata=file_meta,
-                        digest=digest,
-                        digests=digests,
-                        on_bytes=bar.update,
-                        cast=dtype,
-                    ),
+                    {k: full.pop(k) for k in plan.shards[i]},  # released once written
+                    safe=safe,
+                    metadata=file_meta,
+                    digest=digest,
+                    digests=digests,
+                    on_bytes=bar.update,
+                    cast=dtype,
                 )
-                del tensors
 
         run_step(group, f"writing shards into {directory}", write)
         everyone: list[Any] = [None] * world

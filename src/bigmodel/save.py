@@ -135,6 +135,35 @@ def _write_shard(
         digests[name] = value
 
 
+def stage_shard(
+    commit: Commit,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    safe: bool,
+    metadata: dict[str, str],
+    digest: str | None,
+    digests: dict[str, str],
+    on_bytes: Callable[[int], object],
+    cast: torch.dtype | None,
+) -> None:
+    """Write one shard under a temporary name in ``commit``; its digest goes into ``digests``."""
+    commit.stage(
+        name,
+        functools.partial(
+            _write_shard,
+            name=name,
+            tensors=tensors,
+            safe=safe,
+            metadata=metadata,
+            digest=digest,
+            digests=digests,
+            on_bytes=on_bytes,
+            cast=cast,
+        ),
+    )
+
+
 def index_bytes(
     names: list[str],
     plan: ShardPlan,
@@ -208,22 +237,17 @@ def write_planned(
         commit.clean_debris()
 
         def stage(name: str, keys: list[str]) -> None:
-            tensors = fetch(keys)
-            commit.stage(
+            stage_shard(
+                commit,
                 name,
-                functools.partial(
-                    _write_shard,
-                    name=name,
-                    tensors=tensors,
-                    safe=safe,
-                    metadata=file_meta,
-                    digest=digest,
-                    digests=digests,
-                    on_bytes=bar.update,
-                    cast=dtype,
-                ),
+                fetch(keys),  # released once written, before this worker fetches another
+                safe=safe,
+                metadata=file_meta,
+                digest=digest,
+                digests=digests,
+                on_bytes=bar.update,
+                cast=dtype,
             )
-            del tensors  # a fetched shard is released before the next one is fetched
 
         step = "writing the shards"
         parallel = min(max(1, workers), count)
