@@ -19,7 +19,6 @@ copy, no staging.
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -123,10 +122,8 @@ def pread_tensors(
     """
     items = list(ranges)
     fds: dict[Path, int] = {}
-    lock = threading.Lock()
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bigmodel-pread")
     pending: deque[tuple[ByteRange, torch.Tensor, list[Future[None]]]] = deque()
-    inflight = 0
     try:
         for item in items:
             if item.path not in fds:
@@ -134,7 +131,7 @@ def pread_tensors(
         position = 0
 
         def submit() -> None:
-            nonlocal position, inflight
+            nonlocal position
             item = items[position]
             out = torch.empty(item.nbytes, dtype=torch.uint8)
             view = out.numpy().data if item.nbytes else memoryview(b"")
@@ -148,21 +145,18 @@ def pread_tensors(
                 )
                 for start in range(0, item.nbytes, chunk_bytes)
             ]
-            with lock:
-                inflight += item.nbytes
             pending.append((item, out, futures))
             position += 1
 
         while position < len(items) or pending:
             while position < len(items) and (
-                not pending or inflight + items[position].nbytes <= max_inflight_bytes
+                not pending
+                or sum(p[0].nbytes for p in pending) + items[position].nbytes <= max_inflight_bytes
             ):
                 submit()
             item, out, futures = pending.popleft()
             for future in futures:
                 future.result()
-            with lock:
-                inflight -= item.nbytes
             tensor = (
                 out.view(item.dtype).view(item.shape)
                 if item.nbytes
