@@ -202,22 +202,18 @@ def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
 
 
 # -- the parent: run, aggregate, print -----------------------------------------------------------
+def run_child(script: str, method: str, **options: object) -> dict:  # type: ignore[type-arg]
+    """Run ``script --child METHOD --option value ...`` in a fresh process (``child_env``) and
+    return the JSON object it printed last: one measurement of every benchmark."""
+    cmd = [sys.executable, script, "--child", method]
+    for name, value in options.items():
+        cmd += [f"--{name}", str(value)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=child_env())
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def _run_child(method: str, folder: Path, size: str, dtype: str) -> dict[str, float]:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        method,
-        "--folder",
-        str(folder),
-        "--size",
-        size,
-        "--dtype",
-        dtype,
-    ]
-    env = child_env()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, method, folder=folder, size=size, dtype=dtype)
 
 
 def _largest_tensor(folder: Path) -> int:

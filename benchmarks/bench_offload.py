@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import (
     _config,
-    child_env,
     common_parser,
     ensure_checkpoint,
     publish_table,
+    run_child,
     warm_page_cache,
 )
 
@@ -114,28 +113,21 @@ def main() -> None:
     folder = ensure_checkpoint(args.cache, args.size)
     warm_page_cache(folder)
     budget = bigmodel.parse_size(args.budget)
-    env = child_env()
     runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for method in METHODS:
                 logits = Path(tmp) / f"{method}.pt"
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    method,
-                    "--folder",
-                    str(folder),
-                    "--size",
-                    args.size,
-                    "--budget",
-                    args.budget,
-                    "--logits",
-                    str(logits),
-                ]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-                runs.setdefault(method, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs.setdefault(method, []).append(
+                    run_child(
+                        __file__,
+                        method,
+                        folder=folder,
+                        size=args.size,
+                        budget=args.budget,
+                        logits=logits,
+                    )
+                )
                 print(f"  {method:10s} {runs[method][-1]}", file=sys.stderr)
         reference = torch.load(Path(tmp) / "in-memory.pt")
         match = {m: torch.equal(torch.load(Path(tmp) / f"{m}.pt"), reference) for m in METHODS}

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import (
     SIZES,
     _config,
-    child_env,
     common_parser,
     ensure_checkpoint,
     publish_table,
+    run_child,
     warm_page_cache,
 )
 
@@ -102,20 +102,7 @@ def main() -> None:
         raw.append(raw_write(target, nbytes))
         for method in METHODS:
             shutil.rmtree(target, ignore_errors=True)
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                method,
-                "--folder",
-                str(folder),
-                "--target",
-                str(target),
-                "--size",
-                args.size,
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=child_env())
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_child(__file__, method, folder=folder, target=target, size=args.size)
             results[method].append(r["seconds"])
             print(f"  {method:16s} {r['seconds']:.2f}s", file=sys.stderr)
         shutil.rmtree(target, ignore_errors=True)

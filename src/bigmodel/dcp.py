@@ -14,6 +14,7 @@ read with ``torch.load(weights_only=True)`` by torch.)
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -46,10 +47,7 @@ class DcpEntry:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _check_folder(path: Path) -> None:
