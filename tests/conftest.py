@@ -62,10 +62,31 @@ def raw_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def same_bytes(a: bytes, b: bytes) -> bool:
+    """Equality of two byte strings, as a plain bool.
+
+    Never write ``assert big_bytes == other`` in a test: on failure pytest diffs the two reprs
+    with difflib, which is quadratic and ran for minutes on 512 KB tensors in CI.
+    """
+    return a == b
+
+
+def differing_keys(actual: dict, expected: dict) -> list[str]:
+    """The keys whose dtype, shape or bytes differ (both dicts must have the same keys)."""
+    return [
+        key
+        for key, want in expected.items()
+        if actual[key].dtype != want.dtype
+        or actual[key].shape != want.shape
+        or not same_bytes(raw_bytes(actual[key]), raw_bytes(want))
+    ]
+
+
+def is_same_state(actual: dict, expected: dict) -> bool:
+    return sorted(actual) == sorted(expected) and not differing_keys(actual, expected)
+
+
 def assert_same_state(actual: dict, expected: dict) -> None:
     assert sorted(actual) == sorted(expected)
-    for key, want in expected.items():
-        got = actual[key]
-        assert got.dtype == want.dtype, key
-        assert got.shape == want.shape, key
-        assert raw_bytes(got) == raw_bytes(want), key
+    differing = differing_keys(actual, expected)
+    assert not differing, f"dtype, shape or bytes differ for {differing}"

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import bigmodel
 from bigmodel.formats.safetensors import NAME_FROM_DTYPE
-from conftest import TiedNet, assert_same_state, raw_bytes
+from conftest import TiedNet, assert_same_state, raw_bytes, same_bytes
 
 
 def _header(path):
@@ -210,7 +210,7 @@ def test_every_supported_dtype_and_shape_round_trips_bit_for_bit(
         for name in result.files:
             with safe_open(folder / name, "pt") as f:
                 for key in f.keys():
-                    assert raw_bytes(f.get_tensor(key)) == raw_bytes(state[key])
+                    assert same_bytes(raw_bytes(f.get_tensor(key)), raw_bytes(state[key])), key
 
 
 @pytest.mark.parametrize(
@@ -278,6 +278,8 @@ def test_shards_written_in_parallel_are_byte_identical_to_a_sequential_save(tmp_
     four = bigmodel.save_checkpoint(state, tmp_path / "four", max_shard_size="40KB", workers=4)
     assert one.files == four.files and len(one.files) > 4
     for name in [*one.files, one.index_file]:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "four" / name).read_bytes()
+        assert same_bytes(
+            (tmp_path / "one" / name).read_bytes(), (tmp_path / "four" / name).read_bytes()
+        ), name
     with pytest.raises(ValueError, match="at least one thread"):
         bigmodel.save_checkpoint(state, tmp_path / "none", workers=0)
