@@ -261,3 +261,27 @@ def test_readers_that_race_a_writer_always_see_one_complete_version(tmp_path):
         saves = int(writer.communicate(timeout=60)[0].strip() or 0)
     assert writer.returncode == 0
     assert saves >= 10 and reads >= 10, (saves, reads)
+
+
+def test_a_folder_caught_between_two_layouts_is_found_once_the_save_publishes(tmp_path):
+    """A reader that lists the folder while a save swaps single-file and sharded layouts may see
+    shards and no entry point for a moment; discovery waits briefly instead of failing."""
+    import threading
+
+    bigmodel.save_checkpoint(OLD, tmp_path / "src", max_shard_size="1.1MB")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for shard in (tmp_path / "src").glob("*.safetensors"):
+        os.link(shard, folder / shard.name)
+    index = (tmp_path / "src" / "model.safetensors.index.json").read_bytes()
+    publish = threading.Timer(
+        0.02, lambda: (folder / "model.safetensors.index.json").write_bytes(index)
+    )
+    publish.start()
+    try:
+        assert _old_or_new(folder) == "old"
+    finally:
+        publish.join()
+    (folder / "model.safetensors.index.json").unlink()
+    with pytest.raises(bigmodel.CheckpointNotFoundError, match="found only model-00001"):
+        bigmodel.open_checkpoint(folder)  # no save in flight: still a clear error, quickly

@@ -368,16 +368,22 @@ def discover(path: str | os.PathLike[str], *, prefer_safe: bool = True) -> Path:
     """
     p = Path(path)
     if p.is_dir():
-        for name in _candidates(prefer_safe):
-            if (p / name).is_file():
-                return p / name
-        present = sorted(n for n in os.listdir(p) if n.endswith((".safetensors", ".bin", ".json")))[
-            :10
-        ]
+        present: list[str] = []
+        for attempt in range(_OPEN_ATTEMPTS):
+            # One listing, not a stat per candidate: a save that replaces a single file with a
+            # sharded checkpoint (or the reverse) between two stats would hide both layouts.
+            names = set(os.listdir(p))
+            for name in _candidates(prefer_safe):
+                if name in names and (p / name).is_file():
+                    return p / name
+            present = sorted(n for n in names if n.endswith((".safetensors", ".bin", ".json")))
+            if not present:
+                break
+            time.sleep(0.01 * (attempt + 1))  # weight files but no entry point: a save in flight?
         raise CheckpointNotFoundError(
             f"No checkpoint in folder {p}: looked for {', '.join(_candidates(prefer_safe))}"
             + (
-                f"; found only {', '.join(present)}"
+                f"; found only {', '.join(present[:10])}"
                 if present
                 else "; the folder has no weight files"
             )
