@@ -144,6 +144,48 @@ def save_llama(folder: str, opts: dict) -> dict:
     return {"files": result.files, "index": result.index_file}
 
 
+def placements_full() -> dict[str, torch.Tensor]:
+    """Seeded full tensors, the same on every rank and in the test that checks the save."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "uneven_rows": torch.randn(7, 5, generator=g),  # 4 + 3 rows on two ranks
+        "columns": torch.randn(4, 6, generator=g),
+        "replicated": torch.randn(3, 3, generator=g),
+        "ints": torch.arange(11, dtype=torch.int64),
+        "one_row": torch.randn(1, 8, generator=g),  # rank 1's shard is empty
+        "partial": torch.randn(2, 2, generator=g),
+    }
+
+
+def save_placements(folder: str, opts: dict) -> dict:
+    """Save DTensors of every placement from all ranks; count the all-gathers it falls back to."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    full = placements_full()
+    state = {
+        "uneven_rows": distribute_tensor(full["uneven_rows"], mesh, [Shard(0)]),
+        "columns": distribute_tensor(full["columns"], mesh, [Shard(1)]),
+        "replicated": distribute_tensor(full["replicated"], mesh, [Replicate()]),
+        "ints": distribute_tensor(full["ints"], mesh, [Shard(0)]),
+        "one_row": distribute_tensor(full["one_row"], mesh, [Shard(0)]),
+        # a pending sum: only full_tensor() can reduce it
+        "partial": DTensor.from_local(full["partial"] / world, mesh, [Partial()]),
+    }
+    calls = []
+    original = DTensor.full_tensor
+
+    def counting(self, *args, **kwargs):
+        calls.append(list(self.shape))
+        return original(self, *args, **kwargs)
+
+    DTensor.full_tensor = counting
+    result = bigmodel.save_checkpoint(state, opts["out"], max_shard_size=opts["shard"])
+    return {"full_tensor_calls": calls, "files": result.files}
+
+
 def save_failing(folder: str, opts: dict) -> dict:
     """Both ranks save a replicated model into opts['out']; rank opts['bad_rank'] fails writing."""
     import bigmodel.save as save_module
@@ -218,6 +260,7 @@ def main() -> None:
             "sharded-missing": sharded_missing,
             "save-llama": save_llama,
             "save-failing": save_failing,
+            "save-placements": save_placements,
         }
         result = scenarios[scenario](folder, opts)
         print(json.dumps({"rank": int(rank), **result}), flush=True)

@@ -159,6 +159,22 @@ def test_an_fsdp_model_saved_from_two_ranks_is_one_checkpoint_transformers_loads
         assert ckpt.verify().problems == []  # each rank's digests reached the index
 
 
+def test_each_dtensor_travels_once_to_the_rank_that_writes_it_whatever_its_placement(tmp_path):
+    from _dist_worker import placements_full
+    from conftest import assert_same_state
+
+    out = tmp_path / "out"
+    ranks = run_ranks("save-placements", tmp_path, {"out": str(out), "shard": "100B"})
+    assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) > 2
+    # Shard (even, uneven, empty on a rank) and Replicate are gathered to the writer alone;
+    # only the Partial sum needs the all-gather of full_tensor()
+    for r in ranks:
+        assert r["full_tensor_calls"] == [[2, 2]], r
+    with bigmodel.open_checkpoint(out) as ckpt:
+        saved = {k: ckpt.get_tensor(k).clone() for k in ckpt.keys()}
+    assert_same_state(saved, placements_full())
+
+
 def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(tmp_path, folder):
     from conftest import assert_same_state
 
