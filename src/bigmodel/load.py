@@ -11,14 +11,16 @@ Call order inside :func:`load_checkpoint`:
 4. materialise and initialise only the tensors the checkpoint lacked;
 5. check that nothing is left on ``meta``.
 
-At most one converted tensor is in flight beyond the final model.
+At most one converted tensor is in flight beyond the final model. Where each tensor goes is
+:mod:`bigmodel.placement`; how the bytes are read (mmap, pread, DTensor slices, process
+groups) is :mod:`bigmodel.reading`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -27,28 +29,16 @@ from torch import nn
 
 from ._errors import BigModelError, InvalidCheckpointError, KeyMismatchError
 from ._log import logger
-from ._progress import progress_bar
 from ._units import parse_size
 from .checkpoint import Checkpoint, open_checkpoint
-from .device_map import device_for, execution_device, infer_device_map, normalize_device
+from .device_map import execution_device, infer_device_map, normalize_device
 from .dispatch import attach_offload_hooks
-from .distributed import (
-    Group,
-    NodeCopy,
-    assign_owners,
-    broadcast_tensor,
-    choose_strategy,
-    is_dtensor,
-    local_shard,
-    rank_of,
-    resolve_group,
-    run_step,
-    world_of,
-)
+from .distributed import Group, is_dtensor, resolve_group, run_step
 from .initialize import InitFn, initialize_missing
 from .keys import match_keys
 from .offload import OffloadedTensor, offload_sources
-from .pread import pick_io, pread_tensors
+from .placement import DtypeOverrides, Placement, place
+from .reading import Plan, PlanReader
 
 __all__ = [
     "DtypeOverrides",
@@ -58,9 +48,6 @@ __all__ = [
     "load_checkpoint",
     "load_sharded_checkpoint",
 ]
-
-#: Per-module dtype overrides: a module class, or a dotted module name (matched on dot boundaries).
-DtypeOverrides = Mapping[str | type[nn.Module], torch.dtype]
 
 
 class MetaTensorError(BigModelError, ValueError):
@@ -101,67 +88,6 @@ def _tie_groups(targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
     for name, tensor in targets.items():
         groups.setdefault(id(tensor), []).append(name)
     return list(groups.values())
-
-
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = (
-            value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
-        )
-    else:
-        module._buffers[leaf] = value
-
-
-def _place(model: nn.Module, names: list[str], old: torch.Tensor, value: torch.Tensor) -> None:
-    new: torch.Tensor = (
-        nn.Parameter(value, requires_grad=old.requires_grad)
-        if isinstance(old, nn.Parameter)
-        else value
-    )
-    for name in names:
-        _set_tensor(model, name, new)
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """Final dtype and device policy."""
-
-    dtype: torch.dtype | None
-    overrides: DtypeOverrides
-    device: torch.device | None
-    model: nn.Module
-    device_map: Mapping[str, str] | None = None
-
-    def dtype_for(self, name: str, current: torch.Tensor) -> torch.dtype:
-        """Floating-point tensors take ``dtype`` (or a per-module override); others keep the module's."""
-        if not current.dtype.is_floating_point or (self.dtype is None and not self.overrides):
-            return current.dtype
-        owner = name.rpartition(".")[0]
-        module = self.model.get_submodule(owner)
-        for selector, dtype in self.overrides.items():
-            if isinstance(selector, str):
-                if owner == selector or owner.startswith(selector + ".") or selector == "":
-                    return dtype
-            elif isinstance(module, selector):
-                return dtype
-        return self.dtype if self.dtype is not None else current.dtype
-
-    def device_for(self, name: str, current: torch.Tensor) -> torch.device:
-        if self.device_map is not None:
-            mapped = device_for(name, self.device_map)
-            if mapped is None:
-                raise ValueError(
-                    f"The device map places no entry over {name!r}; add it (or an ancestor module, or '') to device_map."
-                )
-            return torch.device("cpu" if mapped == "disk" else mapped)
-        if self.device is not None:
-            return self.device
-        return torch.device("cpu") if current.is_meta else current.device
-
-    def offloaded(self, name: str) -> bool:
-        return self.device_map is not None and device_for(name, self.device_map) == "disk"
 
 
 def _open(
@@ -226,12 +152,9 @@ class _Options:
     io_inflight_bytes: int = 256 * 2**20
 
 
-_Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
-
-
 def _plan(
     ckpt: Checkpoint, targets: dict[str, torch.Tensor], opts: _Options
-) -> tuple[_Plan, list[list[str]], LoadReport]:
+) -> tuple[Plan, list[list[str]], LoadReport]:
     """Match keys and shapes from the headers alone; raise before anything is loaded."""
     keys = match_keys(
         ckpt.keys(), targets, key_mapping=opts.key_mapping, detect_prefix=opts.detect_prefix
@@ -240,7 +163,7 @@ def _plan(
     report = LoadReport(checkpoint=str(ckpt.path), renamed_keys=keys.renamed, prefix=keys.prefix)
     if keys.prefix:
         logger.info("checkpoint %s: %s to match the model's key names", ckpt.path, keys.prefix)
-    plan: _Plan = []
+    plan: Plan = []
     to_init: list[list[str]] = []
     for group in _tie_groups(targets):
         tensor = targets[group[0]]
@@ -277,249 +200,11 @@ def _plan(
     return plan, to_init, report
 
 
-def _read(
-    model: nn.Module,
-    ckpt: Checkpoint,
-    targets: dict[str, torch.Tensor],
-    plan: _Plan,
-    placement: _Placement,
-    opts: _Options,
-    report: LoadReport,
-    group: Group | None = None,
-) -> None:
-    """Read each planned tensor in file order and put it in place (one tensor in flight).
-
-    Offloaded tensors are skipped (their hooks read them); DTensor targets get only this rank's
-    slice; under a process group, replicated tensors follow ``opts.strategy``.
-    """
-    todo = [(k, g) for k, g in plan if not placement.offloaded(g[0])]
-    sharded = [(k, g) for k, g in todo if is_dtensor(targets[g[0]])]
-    replicated = [(k, g) for k, g in todo if not is_dtensor(targets[g[0]])]
-    total = sum(ckpt.tensor_info(k).nbytes for k, _ in todo)
-    with progress_bar(
-        total=total, desc=f"Loading {ckpt.directory.name}", progress=opts.progress
-    ) as bar:
-        if sharded:
-            run_step(
-                group,
-                f"reading this rank's shards of {ckpt.path}",
-                lambda: _read_shards(model, ckpt, targets, sharded, placement, report, bar),
-            )
-        if group is None:
-            fetch = _fetcher(ckpt, replicated, placement, targets, opts)
-            _read_local(model, fetch, ckpt, targets, replicated, placement, opts, report, bar)
-        elif replicated:
-            _read_replicated(model, ckpt, targets, replicated, placement, opts, report, bar, group)
-
-
-def _fetcher(
-    ckpt: Checkpoint,
-    items: _Plan,
-    placement: _Placement,
-    targets: dict[str, torch.Tensor],
-    opts: _Options,
-) -> Callable[[str], torch.Tensor]:
-    """How the single-process path gets each stored tensor, by ``opts.io``.
-
-    mmap: views of the mapping, after asking the kernel to read every planned tensor ahead in
-    the background (views then do not fault page by page in the first forward pass, and
-    conversions find their input cached). pread: parallel reads scheduled by bytes in flight (see ``bigmodel.pread``).
-    """
-    ranges = [ckpt.byte_range(key) for key, _ in items]
-    io = pick_io(opts.io, ckpt.directory) if ranges and all(ranges) else "mmap"
-    if io == "mmap":
-        ckpt.prefetch(key for key, _ in items)  # background readahead, cold caches only pay
-        return ckpt.get_tensor
-    stream = pread_tensors(
-        [r for r in ranges if r is not None], max_inflight_bytes=opts.io_inflight_bytes
-    )
-
-    def fetch(key: str) -> torch.Tensor:
-        got, tensor = next(stream)
-        assert got == key, (got, key)  # the stream follows the plan's order
-        return tensor
-
-    return fetch
-
-
-def _read_local(
-    model: nn.Module,
-    fetch: Callable[[str], torch.Tensor],
-    ckpt: Checkpoint,
-    targets: dict[str, torch.Tensor],
-    items: _Plan,
-    placement: _Placement,
-    opts: _Options,
-    report: LoadReport,
-    bar: Any,
-    *,
-    counts: Callable[[str], bool] = lambda key: True,
-) -> None:
-    """The single-process path: ``fetch(key)`` gives the stored tensor (usually a file view)."""
-    for key, group in items:
-        old = targets[group[0]]
-        data = fetch(key)
-        if opts.assign or old.is_meta:
-            value = data.to(
-                device=placement.device_for(group[0], old),
-                dtype=placement.dtype_for(group[0], old),
-            )
-            _place(model, group, old, value)
-        else:
-            with torch.no_grad():
-                old.copy_(data)
-        del data
-        nbytes = ckpt.tensor_info(key).nbytes
-        if counts(key):
-            report.bytes_read += nbytes
-        report.loaded_keys.append(key)
-        bar.update(nbytes)
-
-
-def _read_shards(
-    model: nn.Module,
-    ckpt: Checkpoint,
-    targets: dict[str, torch.Tensor],
-    items: _Plan,
-    placement: _Placement,
-    report: LoadReport,
-    bar: Any,
-) -> None:
-    """DTensor targets: read the slice each placement owns, never the whole tensor."""
-    state: dict[str, torch.Tensor] = {}
-    for key, group in items:
-        old = targets[group[0]]
-        mesh_type = old.device_mesh.device_type  # type: ignore[attr-defined]
-        device = (
-            torch.device(mesh_type, torch.cuda.current_device())
-            if mesh_type == "cuda"
-            else torch.device(mesh_type)
-        )
-        stored = ckpt.get_slice(key)
-        value, nbytes = local_shard(
-            lambda index, stored=stored: stored[index],  # type: ignore[misc]
-            old,
-            dtype=placement.dtype_for(group[0], old),
-            device=device,
-        )
-        new = (
-            nn.Parameter(value, requires_grad=old.requires_grad)
-            if isinstance(old, nn.Parameter)
-            else value
-        )
-        state.update(dict.fromkeys(group, new))
-        report.bytes_read += nbytes
-        report.loaded_keys.append(key)
-        bar.update(ckpt.tensor_info(key).nbytes)
-    # load_state_dict(assign=True) lets fully_shard / parallelize_module re-register their params
-    model.load_state_dict(state, strict=False, assign=True)
-
-
-def _read_replicated(
-    model: nn.Module,
-    ckpt: Checkpoint,
-    targets: dict[str, torch.Tensor],
-    items: _Plan,
-    placement: _Placement,
-    opts: _Options,
-    report: LoadReport,
-    bar: Any,
-    group: Group,
-) -> None:
-    """Plain tensors on every rank of ``group``, one copy per node where the target allows."""
-    devices = {placement.device_for(g[0], targets[g[0]]).type for _, g in items}
-    stored = {k: ckpt.tensor_info(k).dtype for k, _ in items}
-    wanted = {k: placement.dtype_for(g[0], targets[g[0]]) for k, g in items}
-    converted = {
-        k
-        for k in stored
-        if stored[k] != wanted[k] and stored[k].is_floating_point and wanted[k].is_floating_point
-    }
-    strategy = choose_strategy(opts.strategy, on_cpu=devices == {"cpu"}, converting=bool(converted))
-    logger.info("distributed load of %s: strategy %s", ckpt.path, strategy)
-    if strategy == "mmap":
-        run_step(
-            group,
-            f"loading {ckpt.path}",
-            lambda: _read_local(
-                model, ckpt.get_tensor, ckpt, targets, items, placement, opts, report, bar
-            ),
-        )
-        return
-    if strategy == "shm":
-        node = NodeCopy(group)
-        try:
-            run_step(
-                group,
-                "writing the node's converted copy",
-                lambda: (
-                    node.write((k, ckpt.get_tensor(k), wanted[k]) for k in sorted(converted))
-                    if node.is_leader
-                    else None
-                ),
-            )
-            run_step(group, "mapping the node's converted copy", node.open)
-        finally:
-            node.remove()  # every rank has mapped the files (or failed): the mappings keep them
-
-        def fetch(key: str) -> torch.Tensor:
-            return node.get(key) if key in converted else ckpt.get_tensor(key)
-
-        run_step(
-            group,
-            f"loading {ckpt.path}",
-            lambda: _read_local(
-                model,
-                fetch,
-                ckpt,
-                targets,
-                items,
-                placement,
-                opts,
-                report,
-                bar,
-                counts=lambda key: key not in converted or node.is_leader,
-            ),
-        )
-        return
-    # scatter / rank0: each tensor is read by its owner and broadcast
-    world, rank = world_of(group), rank_of(group)
-    sizes = [ckpt.tensor_info(k).nbytes for k, _ in items]
-    owners = assign_owners(sizes, world) if strategy == "scatter" else [0] * len(items)
-    mine: dict[int, torch.Tensor] = {}
-
-    def read_own() -> None:
-        for i, (key, names) in enumerate(items):
-            if owners[i] == rank:
-                old = targets[names[0]]
-                mine[i] = (
-                    ckpt.get_tensor(key)
-                    .to(device=placement.device_for(names[0], old), dtype=wanted[key])
-                    .contiguous()
-                )
-                report.bytes_read += sizes[i]
-
-    run_step(group, f"reading this rank's part of {ckpt.path}", read_own)
-    for i, (key, names) in enumerate(items):
-        old = targets[names[0]]
-        value = broadcast_tensor(
-            group,
-            mine.pop(i, None),
-            src=owners[i],
-            shape=old.shape,
-            dtype=wanted[key],
-            device=placement.device_for(names[0], old),
-        )
-        _place(model, names, old, value)
-        report.loaded_keys.append(key)
-        bar.update(sizes[i])
-
-
 def _initialise(
     model: nn.Module,
     targets: dict[str, torch.Tensor],
     to_init: list[list[str]],
-    placement: _Placement,
+    placement: Placement,
     opts: _Options,
 ) -> list[str]:
     """Materialise the tensors still on meta that the checkpoint lacked, then initialise them.
@@ -543,7 +228,7 @@ def _initialise(
                 dtype=placement.dtype_for(group[0], old),
                 device=placement.device_for(group[0], old),
             )
-            _place(model, group, old, empty)
+            place(model, group, old, empty)
             fresh.extend(group)
     return initialize_missing(model, fresh, init_fn=opts.init_fn) if fresh else []
 
@@ -551,7 +236,7 @@ def _initialise(
 def _load(
     model: nn.Module,
     checkpoint: str | os.PathLike[str] | Checkpoint,
-    placement: _Placement,
+    placement: Placement,
     opts: _Options,
 ) -> LoadReport:
     start = time.perf_counter()
@@ -563,7 +248,19 @@ def _load(
         plan, to_init, report = run_step(
             group, f"matching {ckpt.path} to the model", lambda: _plan(ckpt, targets, opts)
         )
-        _read(model, ckpt, targets, plan, placement, opts, report, group)
+        reader = PlanReader(
+            model,
+            ckpt,
+            targets,
+            placement,
+            report,
+            assign=opts.assign,
+            io=opts.io,
+            io_inflight_bytes=opts.io_inflight_bytes,
+            strategy=opts.strategy,
+            progress=opts.progress,
+        )
+        reader.read(plan, group)
         if placement.device_map is not None:
             offloaded = offload_sources(
                 ckpt,
@@ -690,7 +387,7 @@ def load_checkpoint(
         resolved = {k: normalize_device(v) for k, v in device_map.items()}
     if resolved is not None and device is not None:
         raise ValueError("Pass either device= or device_map=, not both.")
-    placement = _Placement(
+    placement = Placement(
         dtype=dtype,
         overrides=dtype_overrides or {},
         device=None if device is None else torch.device(device),
@@ -736,7 +433,7 @@ def load_sharded_checkpoint(
     :class:`~bigmodel.KeyMismatchError` listing them all, before anything is loaded. Extra
     memory is at most one tensor, none when dtypes match.
     """
-    placement = _Placement(dtype=None, overrides={}, device=None, model=model)
+    placement = Placement(dtype=None, overrides={}, device=None, model=model)
     opts = _Options(
         strict=strict,
         prefer_safe=prefer_safe,
