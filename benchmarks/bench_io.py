@@ -37,6 +37,9 @@ def plot(load: dict, save: dict, out: Path) -> None:  # type: ignore[type-arg]
             left.bar(
                 [g + (i - 1.5) * width for g in range(len(groups))], values, width, label=method
             )
+    if load.get("raw_read_bytes_per_s"):
+        floor = load["checkpoint_bytes"] / load["raw_read_bytes_per_s"]
+        left.hlines(floor, 1.5, 3.5, colors="k", linestyles="--", label="disk read limit")
     left.set_xticks(range(len(groups)), [f"{c}\n{d}" for c, d in groups])
     left.set_ylabel("seconds to a ready model (lower is better)")
     left.set_title(f"Load {load['checkpoint_bytes'] / 1e9:.1f} GB checkpoint")
