@@ -113,20 +113,47 @@ class _Gatherer:
         if all(shape == full_shape for shape, _ in pieces):  # replicated: dst has it already
             return local if self.rank == dst else None
         longest = max(math.prod(shape) for shape, _ in pieces)
-        send = torch.empty(longest, dtype=local.dtype, device=local.device)
-        send[: local.numel()] = local.reshape(-1)
-        inbox = (
-            [torch.empty_like(send) for _ in pieces] if self.rank == dst else None
-        )  # one padded buffer per rank: gather needs equal sizes
-        dist.gather(send, inbox, dst=global_rank(self.group, dst), group=self.group)
-        if inbox is None:
+        if local.is_contiguous() and local.numel() == longest:
+            send = local.reshape(-1)  # an even piece goes as it is: no copy
+        else:  # gather needs equal sizes: pad
+            send = torch.empty(longest, dtype=local.dtype, device=local.device)
+            send[: local.numel()] = local.reshape(-1)
+        if self.rank != dst:
+            dist.gather(send, None, dst=global_rank(self.group, dst), group=self.group)
             return None
+        if _in_rank_order(pieces, full_shape, longest):
+            # Row blocks in rank order (FSDP's dim-0 shards): receive straight into the result.
+            landing = torch.empty(longest * len(pieces), dtype=local.dtype, device=local.device)
+            dist.gather(
+                send,
+                [landing[r * longest : (r + 1) * longest] for r in range(len(pieces))],
+                dst=global_rank(self.group, dst),
+                group=self.group,
+            )
+            return landing[: math.prod(full_shape)].view(full_shape)
+        inbox = [torch.empty_like(send) for _ in pieces]
+        dist.gather(send, inbox, dst=global_rank(self.group, dst), group=self.group)
         whole = torch.empty(full_shape, dtype=local.dtype, device=local.device)
         for received, (shape, offset) in zip(inbox, pieces, strict=True):
             if math.prod(shape):
                 region = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
                 whole[region] = received[: math.prod(shape)].view(shape)
+            del received
         return whole
+
+
+def _in_rank_order(pieces: list[_Piece], full_shape: tuple[int, ...], longest: int) -> bool:
+    """True when piece ``r`` is the flat range starting at ``r * longest`` of the whole tensor
+    (whole rows, in rank order), so equal-sized receive buffers laid end to end are the tensor."""
+    row = math.prod(full_shape[1:])
+    for r, (shape, offset) in enumerate(pieces):
+        if not math.prod(shape):
+            continue
+        if tuple(shape[1:]) != full_shape[1:] or any(offset[1:]):
+            return False
+        if offset[0] * row != r * longest:
+            return False
+    return True
 
 
 def save_distributed(
