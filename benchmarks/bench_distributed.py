@@ -1,4 +1,4 @@
-"""Distributed load benchmark: two gloo ranks on this machine, bigmodel vs transformers.
+"""Distributed load and save benchmark: two gloo ranks on this machine, bigmodel vs the alternatives.
 
     python benchmarks/bench_distributed.py                 # ~3 GB fp32 Llama-style checkpoint
     python benchmarks/bench_distributed.py --size small    # ~300 MB, for a quick look
@@ -12,6 +12,13 @@ bigmodel and transformers side by side in the same run:
 * sharded fp32 (FSDP2 ``fully_shard`` on every decoder layer and the root): bigmodel loads
   into the meta-initialised, already-sharded model, each rank reading its slices;
   transformers loads the whole model on every rank, then ``fully_shard`` shards it.
+* save of that FSDP2 model as a Hugging Face checkpoint in 500 MB shards (``durable=False``
+  on every side, since the alternative never fsyncs): bigmodel, where each rank gathers the
+  tensors of its own shard files and writes them; the same with every DTensor all-gathered
+  (``full_tensor()``, what bigmodel did before gathering to the writer); and the PyTorch +
+  huggingface_hub way: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``
+  then ``huggingface_hub.save_torch_state_dict`` on rank 0. Not timed: building and loading
+  the sharded model before the save.
 
 "Ready" means every local parameter has been summed once. Memory is sampled from
 /proc/self/status: peak RssAnon (private), RssShmem (shared memory such as /dev/shm) and
@@ -46,6 +53,7 @@ from bench_load import (
 METHODS = {
     "replicated": ("bigmodel", "transformers"),
     "sharded": ("bigmodel", "transformers"),
+    "save": ("bigmodel", "bigmodel-allgather", "torch+hf_hub"),
 }
 GB = 1e9
 
@@ -70,7 +78,7 @@ def rank_main(
     )
     config = _config(size)
     mesh = None
-    if scenario == "sharded":
+    if scenario in ("sharded", "save"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -78,6 +86,9 @@ def rank_main(
     with bigmodel.init_empty_weights():  # warm up lazy imports outside the timing
         LlamaForCausalLM(_config("tiny"))
     dist.barrier()
+    if scenario == "save":
+        _save_rank(method, rank, folder, config, mesh)
+        return
     bytes_read = None
     with MemorySampler() as sampler:
         start = time.perf_counter()
@@ -132,6 +143,84 @@ def rank_main(
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # skip finalisation: gloo threads can abort it (pytorch/pytorch#190489)
+
+
+def _save_rank(method: str, rank: int, folder: Path, config: object, mesh: object) -> None:
+    """One rank of the save scenario: load FSDP2-sharded (untimed), then time the save."""
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
+
+    import bigmodel
+    from bigmodel._memory import MemorySampler
+
+    with bigmodel.init_empty_weights():
+        model = LlamaForCausalLM(config)  # type: ignore[arg-type]
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    bigmodel.load_checkpoint(model, folder, progress=False)
+    with torch.no_grad():  # fault the file-backed shards in: the save, not the load, is timed
+        for p in model.parameters():
+            p.to_local().sum()
+    if method == "bigmodel-allgather":
+        import bigmodel.distributed_save as distributed_save
+
+        distributed_save._Gatherer._piece = staticmethod(lambda tensor, members: None)  # type: ignore[method-assign]
+    out = folder.parent / f"{folder.name}-dist-save-{method}"
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+    dist.barrier()
+    with MemorySampler() as sampler:
+        start = time.perf_counter()
+        if method.startswith("bigmodel"):
+            bigmodel.save_checkpoint(
+                model, out, max_shard_size="500MB", durable=False, progress=False
+            )
+        else:
+            from huggingface_hub import save_torch_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            state = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            if rank == 0:
+                out.mkdir(parents=True)  # save_torch_state_dict does not create the folder
+                save_torch_state_dict(state, out, max_shard_size="500MB")
+            del state
+        dist.barrier()  # done when every rank is done
+        seconds = time.perf_counter() - start
+    checksum = 0.0
+    if rank == 0:
+        with bigmodel.open_checkpoint(out) as ckpt:  # the same bytes whichever way it was saved
+            for key in ckpt.keys():
+                checksum += float(ckpt.get_tensor(key).sum(dtype=torch.float64))
+    dist.barrier()
+    print(
+        json.dumps(
+            {
+                "ready_s": seconds,
+                "anon": sampler.increase("anon"),
+                "shmem": sampler.increase("shmem"),
+                "file": sampler.increase("file"),
+                "bytes_read": None,
+                "model_bytes": 0,
+                "checksum": checksum,
+            }
+        ),
+        flush=True,
+    )
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -236,7 +325,7 @@ def main() -> None:
     med = {k: {m: statistics.median(v) for m, v in row.items()} for k, row in results.items()}
     bf16 = fp32 / 2
     lines = [
-        f"# Distributed load — {args.size} checkpoint ({fp32 / GB:.2f} GB fp32), 2 gloo ranks on one machine",
+        f"# Distributed load and save — {args.size} checkpoint ({fp32 / GB:.2f} GB fp32), 2 gloo ranks on one machine",
         "",
         f"Medians of {args.repeats} run(s); time is the slowest rank's, warm page cache. "
         f"Command: `python benchmarks/bench_distributed.py --size {args.size} --repeats {args.repeats}`.",
@@ -245,6 +334,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for (scenario, method), m in med.items():
+        if scenario == "save":
+            continue
         read = "—" if m["read_max"] != m["read_max"] else f"{m['read_max'] / GB:.2f}"
         lines.append(
             f"| {scenario} | {method} | {m['ready']:.2f} | {m['anon_sum'] / GB:.2f} | {m['anon_max'] / GB:.2f} "
@@ -261,9 +352,25 @@ def main() -> None:
         f"| sharded: bytes read per rank ≤ 0.6x checkpoint | bigmodel {sh_b['read_max'] / fp32:.2f}x |",
         f"| sharded: peak RssAnon per rank ≤ 0.6x model | bigmodel {sh_b['anon_max'] / fp32:.2f}x, transformers {sh_t['anon_max'] / fp32:.2f}x |",
         f"| time vs transformers (replicated, sharded) | {rep_b['ready'] / rep_t['ready']:.2f}x, {sh_b['ready'] / sh_t['ready']:.2f}x |",
+    ]
+    save = {m: med[("save", m)] for m in METHODS["save"]}
+    lines += [
         "",
-        "Both libraries load the same weights: the sums of every parameter agree across methods "
-        f"within each scenario ({'yes' if all(len(v) == 1 for v in sums.values()) else 'NO: ' + str(sums)}).",
+        f"## Saving the FSDP2-sharded model as a Hugging Face checkpoint ({fp32 / GB:.2f} GB, 500 MB shards, no fsync)",
+        "",
+        "| method | seconds | vs torch+hf_hub | Σ RssAnon GB | max RssAnon/rank GB |",
+        "|---|---|---|---|---|",
+    ]
+    for method, m in save.items():
+        lines.append(
+            f"| {method} | {m['ready']:.2f} | {m['ready'] / save['torch+hf_hub']['ready']:.2f}x "
+            f"| {m['anon_sum'] / GB:.2f} | {m['anon_max'] / GB:.2f} |"
+        )
+    lines += [
+        "",
+        "Every method writes the same weights, and every loaded model holds the same weights: the "
+        "sums of every tensor agree across methods within each scenario "
+        f"({'yes' if all(len(v) == 1 for v in sums.values()) else 'NO: ' + str(sums)}).",
     ]
     publish_table(lines, args.out)
 

@@ -59,13 +59,16 @@ def test_the_offload_benchmark_runs_against_accelerate_and_checks_the_logits(tmp
     assert "dispatch time ≤ 0.2x accelerate" in table
 
 
-def test_the_distributed_benchmark_runs_two_gloo_ranks_for_both_libraries(tmp_path):
+def test_the_distributed_benchmark_loads_and_saves_with_two_gloo_ranks_for_every_method(tmp_path):
     table = _run_tiny("bench_distributed.py", tmp_path)
     for row in (
         "| replicated | bigmodel |",
         "| replicated | transformers |",
         "| sharded | bigmodel |",
         "| sharded | transformers |",
+        "| bigmodel | ",
+        "| bigmodel-allgather | ",
+        "| torch+hf_hub | ",
     ):
         assert row in table
     assert "within each scenario (yes)" in table
