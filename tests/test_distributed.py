@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,35 @@ def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(
     assert sorted(p.name for p in out.iterdir()) == before  # staged files of both ranks removed
     with bigmodel.open_checkpoint(out) as ckpt:
         assert_same_state({k: ckpt.get_tensor(k) for k in ckpt.keys()}, old.state_dict())
+
+
+def test_the_shard_writer_holds_at_most_one_waiting_shard_and_drains_after_a_failure():
+    import threading
+
+    from bigmodel.distributed_save import _ShardWriter
+
+    release = threading.Event()
+    written = []
+
+    def slow_write(index, tensors):
+        release.wait(timeout=30)
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        written.append(index)
+
+    writer = _ShardWriter(slow_write)
+    writer.put(0, {})  # taken by the thread, which blocks in slow_write
+    deadline = time.monotonic() + 10
+    while writer._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer.put(1, {})  # waits in the queue
+    third = threading.Thread(target=writer.put, args=(2, {}))
+    third.start()
+    third.join(timeout=0.3)
+    assert third.is_alive()  # a third shard is held back: gathering pauses for the writer
+    release.set()
+    third.join(timeout=10)
+    writer.put(3, {})  # after the failure the queue still drains: the gathering never blocks
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert written == [0]  # nothing after the failed shard was written

@@ -5,12 +5,13 @@ Steps (each ends with an exchange of outcomes, see :func:`bigmodel.distributed.r
 1. Every rank computes the same shard plan from global shapes; shards are assigned to ranks,
    balanced by bytes. Rank 0 takes the folder's lock, cleans debris of earlier saves and shares
    its commit token, so every staged file of this save carries the same mark.
-2. Tensors are visited in one global order; each DTensor is gathered to the one rank whose
-   shard holds it (:class:`_Gatherer`: every rank sends its local piece once, to that rank
-   only, so the group moves each byte once instead of ``world`` times as ``full_tensor()``
-   would, and no other rank materialises it). A rank thus holds the full tensors of its own
-   shards, about ``total / world`` bytes.
-3. Each rank stages its shards (temporary names, fsync'd when durable) in parallel.
+2. Shards are visited in plan order, the same on every rank; each DTensor is gathered to the
+   one rank whose shard holds it (:class:`_Gatherer`: every rank sends its local piece once,
+   to that rank only, so the group moves each byte once instead of ``world`` times as
+   ``full_tensor()`` would, and no other rank materialises it).
+3. A finished shard goes to its owner's background writer (:class:`_ShardWriter`), which
+   stages it (temporary name, fsync'd when durable) while the next shards are gathered. The
+   ranks write in parallel, and each holds about three shards' tensors at a time.
 4. Rank 0 adopts every staged file, writes the index with every shard's digest, and
    publishes with the ordinary commit protocol (see ``bigmodel._commit``).
 
@@ -21,6 +22,9 @@ Any failure removes this save's staged files on every rank and raises
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +146,43 @@ class _Gatherer:
         return whole
 
 
+class _ShardWriter:
+    """Writes this rank's shards in a background thread while the next ones are gathered.
+
+    At most one finished shard waits for the writer (the queue holds one), so a rank holds
+    about three shards' tensors at a time — the one being written, the one waiting, the one
+    being gathered — instead of every shard it owns. A full queue blocks the gathering, which
+    paces the whole group to the writers' speed. After a write fails, the thread keeps draining
+    the queue (dropping shards) so the gathering, which other ranks take part in, never blocks.
+    """
+
+    def __init__(self, write: Callable[[int, dict[str, torch.Tensor]], None]) -> None:
+        self._write = write
+        self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor]] | None] = queue.Queue(1)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bigmodel-shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:
+                    self.error = exc
+            del item  # release the shard's tensors before waiting for the next one
+
+    def put(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self._queue.put((index, tensors))
+
+    def close(self, *, reraise: bool = True) -> None:
+        """Wait for the queued shards to be written; raise the first write error."""
+        self._queue.put(None)
+        self._thread.join()
+        if reraise and self.error is not None:
+            raise self.error
+
+
 def _in_rank_order(pieces: list[_Piece], full_shape: tuple[int, ...], longest: int) -> bool:
     """True when piece ``r`` is the flat range starting at ``r * longest`` of the whole tensor
     (whole rows, in rank order), so equal-sized receive buffers laid end to end are the tensor."""
@@ -183,7 +224,6 @@ def save_distributed(
     names = [shard_name(i, count, safe=safe) for i in range(count)]
     index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
     owners = assign_owners(plan.sizes, world)
-    owner_of = {k: owners[i] for i, keys in enumerate(plan.shards) for k in keys}
     file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
     mine = [i for i in range(count) if owners[i] == rank]
 
@@ -211,39 +251,50 @@ def save_distributed(
         if commit is None:
             commit = Commit(directory, durable=durable, token=box[0])
 
-        full: dict[str, torch.Tensor] = {}
-        gatherer = _Gatherer(stored, group)
-        for key, tensor in stored.items():  # the same order on every rank: collectives pair up
-            if is_dtensor(tensor):
-                whole = gatherer.gather(key, tensor, owner_of[key])
-                if whole is not None:
-                    full[key] = whole
-            elif owner_of[key] == rank:
-                full[key] = tensor
-
         digests: dict[str, str] = {}
         bar = progress_bar(
             total=sum(plan.sizes[i] for i in mine),
             desc=f"Saving {directory.name} (rank {rank})",
             progress=progress,
         )
+        gatherer = _Gatherer(stored, group)
 
-        def write() -> None:
+        def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
             assert commit is not None
-            for i in mine:
-                stage_shard(
-                    commit,
-                    names[i],
-                    {k: full.pop(k) for k in plan.shards[i]},  # released once written
-                    safe=safe,
-                    metadata=file_meta,
-                    digest=digest,
-                    digests=digests,
-                    on_bytes=bar.update,
-                    cast=dtype,
-                )
+            stage_shard(
+                commit,
+                names[index],
+                tensors,
+                safe=safe,
+                metadata=file_meta,
+                digest=digest,
+                digests=digests,
+                on_bytes=bar.update,
+                cast=dtype,
+            )
 
-        run_step(group, f"writing shards into {directory}", write)
+        def gather_and_write() -> None:
+            writer = _ShardWriter(write)
+            try:
+                for i, keys in enumerate(plan.shards):  # one order on every rank: collectives pair
+                    tensors: dict[str, torch.Tensor] = {}
+                    for key in keys:
+                        tensor = stored[key]
+                        if is_dtensor(tensor):
+                            whole = gatherer.gather(key, tensor, owners[i])
+                            if whole is not None:
+                                tensors[key] = whole
+                        elif owners[i] == rank:
+                            tensors[key] = tensor
+                    if owners[i] == rank:
+                        writer.put(i, tensors)
+                    del tensors
+            except BaseException:
+                writer.close(reraise=False)
+                raise
+            writer.close()
+
+        run_step(group, f"gathering and writing shards into {directory}", gather_and_write)
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, (commit.staged(), digests), group=group)
 
