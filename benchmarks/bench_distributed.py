@@ -2,9 +2,10 @@
 
     python benchmarks/bench_distributed.py                 # ~3 GB fp32 Llama-style checkpoint
     python benchmarks/bench_distributed.py --size small    # ~300 MB, for a quick look
+    python benchmarks/bench_distributed.py --scenarios save   # only the distributed save
 
-Two scenarios, each run as a real group of two processes (``init_process_group("gloo")``),
-bigmodel and transformers side by side in the same run:
+Three scenarios, each run as a real group of two processes (``init_process_group("gloo")``),
+bigmodel and the alternatives side by side in the same run:
 
 * replicated fp32 -> bf16 (data parallel / multi-worker inference): every rank needs the
   whole model. bigmodel's default on CPU converts once per node into shared memory and every
@@ -277,6 +278,59 @@ def _checkpoint_bytes(folder: Path) -> int:
         return sum(ckpt.tensor_info(k).nbytes for k in ckpt.keys())
 
 
+def _load_section(med: dict, chosen: set[str], fp32: float) -> list[str]:  # type: ignore[type-arg]
+    lines = [
+        "",
+        "| scenario | method | ready s | Σ RssAnon GB | max RssAnon/rank GB | max RssShmem GB | max RssFile GB | max bytes read/rank GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (scenario, method), m in med.items():
+        if scenario == "save":
+            continue
+        read = "—" if m["read_max"] != m["read_max"] else f"{m['read_max'] / GB:.2f}"
+        lines.append(
+            f"| {scenario} | {method} | {m['ready']:.2f} | {m['anon_sum'] / GB:.2f} | {m['anon_max'] / GB:.2f} "
+            f"| {m['shmem_max'] / GB:.2f} | {m['file_max'] / GB:.2f} | {read} |"
+        )
+    lines += ["", "| target | measured |", "|---|---|"]
+    times = []
+    if "replicated" in chosen:
+        rep_b, rep_t = med[("replicated", "bigmodel")], med[("replicated", "transformers")]
+        lines.append(
+            f"| replicated fp32→bf16: Σ RssAnon over ranks ≤ 1.15x one bf16 copy | bigmodel {rep_b['anon_sum'] / (fp32 / 2):.2f}x "
+            f"(+ one shared copy of {rep_b['shmem_max'] / GB:.2f} GB in /dev/shm per node), transformers {rep_t['anon_sum'] / (fp32 / 2):.2f}x |"
+        )
+        times.append(("replicated", rep_b["ready"] / rep_t["ready"]))
+    if "sharded" in chosen:
+        sh_b, sh_t = med[("sharded", "bigmodel")], med[("sharded", "transformers")]
+        lines += [
+            f"| sharded: bytes read per rank ≤ 0.6x checkpoint | bigmodel {sh_b['read_max'] / fp32:.2f}x |",
+            f"| sharded: peak RssAnon per rank ≤ 0.6x model | bigmodel {sh_b['anon_max'] / fp32:.2f}x, transformers {sh_t['anon_max'] / fp32:.2f}x |",
+        ]
+        times.append(("sharded", sh_b["ready"] / sh_t["ready"]))
+    lines.append(
+        f"| time vs transformers ({', '.join(n for n, _ in times)}) | {', '.join(f'{r:.2f}x' for _, r in times)} |"
+    )
+    return lines
+
+
+def _save_section(med: dict, fp32: float) -> list[str]:  # type: ignore[type-arg]
+    save = {m: med[("save", m)] for m in METHODS["save"]}
+    lines = [
+        "",
+        f"## Saving the FSDP2-sharded model as a Hugging Face checkpoint ({fp32 / GB:.2f} GB, 500 MB shards, no fsync)",
+        "",
+        "| method | seconds | vs torch+hf_hub | Σ RssAnon GB | max RssAnon/rank GB |",
+        "|---|---|---|---|---|",
+    ]
+    for method, m in save.items():
+        lines.append(
+            f"| {method} | {m['ready']:.2f} | {m['ready'] / save['torch+hf_hub']['ready']:.2f}x "
+            f"| {m['anon_sum'] / GB:.2f} | {m['anon_max'] / GB:.2f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = common_parser(__doc__, "distributed.md")
     parser.add_argument("--rank", type=int)
@@ -285,6 +339,11 @@ def main() -> None:
     parser.add_argument("--scenario", choices=sorted(METHODS))
     parser.add_argument("--method")
     parser.add_argument("--folder", type=Path)
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)} (default: all); the table lists those run",
+    )
     args = parser.parse_args()
     if args.rank is not None:
         rank_main(
@@ -292,6 +351,10 @@ def main() -> None:
         )
         return
 
+    chosen = {name.strip() for name in args.scenarios.split(",") if name.strip()}
+    unknown = chosen - set(METHODS)
+    if unknown or not chosen:
+        parser.error(f"--scenarios: choose from {', '.join(METHODS)} (got {args.scenarios!r})")
     folder = ensure_checkpoint(args.cache, args.size)
     warm_page_cache(folder)
     fp32 = _checkpoint_bytes(folder)
@@ -299,6 +362,8 @@ def main() -> None:
     sums: dict[str, set[float]] = {}
     for _ in range(args.repeats):
         for scenario, methods in METHODS.items():
+            if scenario not in chosen:
+                continue
             for method in methods:
                 ranks = run_group(scenario, method, folder, args.size)
                 print(f"  {scenario:10} {method:12} {ranks}", file=sys.stderr)
@@ -323,49 +388,17 @@ def main() -> None:
                 row["read_max"].append(max(reads) if reads else float("nan"))
                 sums.setdefault(scenario, set()).add(round(sum(r["checksum"] for r in ranks), 1))
     med = {k: {m: statistics.median(v) for m, v in row.items()} for k, row in results.items()}
-    bf16 = fp32 / 2
+    scenarios_run = f" --scenarios {args.scenarios}" if chosen != set(METHODS) else ""
     lines = [
         f"# Distributed load and save — {args.size} checkpoint ({fp32 / GB:.2f} GB fp32), 2 gloo ranks on one machine",
         "",
         f"Medians of {args.repeats} run(s); time is the slowest rank's, warm page cache. "
-        f"Command: `python benchmarks/bench_distributed.py --size {args.size} --repeats {args.repeats}`.",
-        "",
-        "| scenario | method | ready s | Σ RssAnon GB | max RssAnon/rank GB | max RssShmem GB | max RssFile GB | max bytes read/rank GB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Command: `python benchmarks/bench_distributed.py --size {args.size} --repeats {args.repeats}{scenarios_run}`.",
     ]
-    for (scenario, method), m in med.items():
-        if scenario == "save":
-            continue
-        read = "—" if m["read_max"] != m["read_max"] else f"{m['read_max'] / GB:.2f}"
-        lines.append(
-            f"| {scenario} | {method} | {m['ready']:.2f} | {m['anon_sum'] / GB:.2f} | {m['anon_max'] / GB:.2f} "
-            f"| {m['shmem_max'] / GB:.2f} | {m['file_max'] / GB:.2f} | {read} |"
-        )
-    rep_b, rep_t = med[("replicated", "bigmodel")], med[("replicated", "transformers")]
-    sh_b, sh_t = med[("sharded", "bigmodel")], med[("sharded", "transformers")]
-    lines += [
-        "",
-        "| target | measured |",
-        "|---|---|",
-        f"| replicated fp32→bf16: Σ RssAnon over ranks ≤ 1.15x one bf16 copy | bigmodel {rep_b['anon_sum'] / bf16:.2f}x "
-        f"(+ one shared copy of {rep_b['shmem_max'] / GB:.2f} GB in /dev/shm per node), transformers {rep_t['anon_sum'] / bf16:.2f}x |",
-        f"| sharded: bytes read per rank ≤ 0.6x checkpoint | bigmodel {sh_b['read_max'] / fp32:.2f}x |",
-        f"| sharded: peak RssAnon per rank ≤ 0.6x model | bigmodel {sh_b['anon_max'] / fp32:.2f}x, transformers {sh_t['anon_max'] / fp32:.2f}x |",
-        f"| time vs transformers (replicated, sharded) | {rep_b['ready'] / rep_t['ready']:.2f}x, {sh_b['ready'] / sh_t['ready']:.2f}x |",
-    ]
-    save = {m: med[("save", m)] for m in METHODS["save"]}
-    lines += [
-        "",
-        f"## Saving the FSDP2-sharded model as a Hugging Face checkpoint ({fp32 / GB:.2f} GB, 500 MB shards, no fsync)",
-        "",
-        "| method | seconds | vs torch+hf_hub | Σ RssAnon GB | max RssAnon/rank GB |",
-        "|---|---|---|---|---|",
-    ]
-    for method, m in save.items():
-        lines.append(
-            f"| {method} | {m['ready']:.2f} | {m['ready'] / save['torch+hf_hub']['ready']:.2f}x "
-            f"| {m['anon_sum'] / GB:.2f} | {m['anon_max'] / GB:.2f} |"
-        )
+    if chosen & {"replicated", "sharded"}:
+        lines += _load_section(med, chosen, fp32)
+    if "save" in chosen:
+        lines += _save_section(med, fp32)
     lines += [
         "",
         "Every method writes the same weights, and every loaded model holds the same weights: the "
