@@ -158,22 +158,34 @@ def placements_full() -> dict[str, torch.Tensor]:
 
 
 def save_placements(folder: str, opts: dict) -> dict:
-    """Save DTensors of every placement from all ranks; count the all-gathers it falls back to."""
+    """Save DTensors of every placement from all ranks; count the all-gathers it falls back to.
+
+    ``opts["mesh"] == "2x2"`` (four ranks): an HSDP-style mesh, replicated across its first
+    dimension and sharded across the second, where replicas send duplicate pieces.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
     full = placements_full()
-    state = {
-        "uneven_rows": distribute_tensor(full["uneven_rows"], mesh, [Shard(0)]),
-        "columns": distribute_tensor(full["columns"], mesh, [Shard(1)]),
-        "replicated": distribute_tensor(full["replicated"], mesh, [Replicate()]),
-        "ints": distribute_tensor(full["ints"], mesh, [Shard(0)]),
-        "one_row": distribute_tensor(full["one_row"], mesh, [Shard(0)]),
-        # a pending sum: only full_tensor() can reduce it
-        "partial": DTensor.from_local(full["partial"] / world, mesh, [Partial()]),
-    }
+    if opts.get("mesh") == "2x2":
+        mesh = init_device_mesh("cpu", (2, 2))
+        state = {
+            key: distribute_tensor(full[key], mesh, [Replicate(), Shard(0)])
+            for key in ("uneven_rows", "ints", "one_row")
+        }
+        state["columns"] = distribute_tensor(full["columns"], mesh, [Shard(1), Replicate()])
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+        state = {
+            "uneven_rows": distribute_tensor(full["uneven_rows"], mesh, [Shard(0)]),
+            "columns": distribute_tensor(full["columns"], mesh, [Shard(1)]),
+            "replicated": distribute_tensor(full["replicated"], mesh, [Replicate()]),
+            "ints": distribute_tensor(full["ints"], mesh, [Shard(0)]),
+            "one_row": distribute_tensor(full["one_row"], mesh, [Shard(0)]),
+            # a pending sum: only full_tensor() can reduce it
+            "partial": DTensor.from_local(full["partial"] / world, mesh, [Partial()]),
+        }
     calls = []
     original = DTensor.full_tensor
 

@@ -176,6 +176,22 @@ def test_each_dtensor_travels_once_to_the_rank_that_writes_it_whatever_its_place
     assert_same_state(saved, placements_full())
 
 
+def test_an_hsdp_model_on_a_two_by_two_mesh_is_gathered_without_any_all_gather(tmp_path):
+    from _dist_worker import placements_full
+    from conftest import assert_same_state
+
+    out = tmp_path / "out"
+    ranks = run_ranks(
+        "save-placements", tmp_path, {"out": str(out), "shard": "100B", "mesh": "2x2"}, world=4
+    )
+    for r in ranks:
+        assert r["full_tensor_calls"] == [], r  # replicas send duplicates; none is all-gathered
+    with bigmodel.open_checkpoint(out) as ckpt:
+        saved = {k: ckpt.get_tensor(k).clone() for k in ckpt.keys()}
+    full = placements_full()
+    assert_same_state(saved, {k: full[k] for k in ("uneven_rows", "ints", "one_row", "columns")})
+
+
 def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(tmp_path, folder):
     from conftest import assert_same_state
 
