@@ -16,7 +16,7 @@ from torch import nn
 
 from .device_map import device_for
 
-__all__ = ["DtypeOverrides", "Placement", "place", "set_tensor"]
+__all__ = ["DtypeOverrides", "Placement", "like", "place", "set_tensor"]
 
 #: Per-module dtype overrides: a module class, or a dotted module name (matched on dot boundaries).
 DtypeOverrides = Mapping[str | type[nn.Module], torch.dtype]
@@ -73,12 +73,15 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
+def like(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as the kind of tensor ``old`` was: a Parameter (same ``requires_grad``) or not."""
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(value, requires_grad=old.requires_grad)
+    return value
+
+
 def place(model: nn.Module, names: list[str], old: torch.Tensor, value: torch.Tensor) -> None:
     """Assign ``value`` under every name in ``names``; a Parameter stays a Parameter."""
-    new: torch.Tensor = (
-        nn.Parameter(value, requires_grad=old.requires_grad)
-        if isinstance(old, nn.Parameter)
-        else value
-    )
+    new = like(old, value)
     for name in names:
         set_tensor(model, name, new)

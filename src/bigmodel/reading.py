@@ -39,7 +39,7 @@ from .distributed import (
     run_step,
     world_of,
 )
-from .placement import Placement, place
+from .placement import Placement, like, place
 from .pread import pick_io, pread_tensors
 
 if TYPE_CHECKING:
@@ -163,12 +163,7 @@ class PlanReader:
                 dtype=self.placement.dtype_for(group[0], old),
                 device=device,
             )
-            new = (
-                nn.Parameter(value, requires_grad=old.requires_grad)
-                if isinstance(old, nn.Parameter)
-                else value
-            )
-            state.update(dict.fromkeys(group, new))
+            state.update(dict.fromkeys(group, like(old, value)))
             self.report.bytes_read += nbytes
             self.report.loaded_keys.append(key)
             self.bar.update(self.ckpt.tensor_info(key).nbytes)
