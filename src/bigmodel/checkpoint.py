@@ -377,8 +377,8 @@ def discover(path: str | os.PathLike[str], *, prefer_safe: bool = True) -> Path:
                 if name in names and (p / name).is_file():
                     return p / name
             present = sorted(n for n in names if n.endswith((".safetensors", ".bin", ".json")))
-            if not present:
-                break
+            if not any(n.endswith((".safetensors", ".bin")) for n in present):
+                break  # no weight files at all (say, only config.json): no save is in flight
             time.sleep(0.01 * (attempt + 1))  # weight files but no entry point: a save in flight?
         raise CheckpointNotFoundError(
             f"No checkpoint in folder {p}: looked for {', '.join(_candidates(prefer_safe))}"
