@@ -68,7 +68,7 @@ def rank_main(
     from transformers import LlamaForCausalLM
 
     import bigmodel
-    from bigmodel._memory import MemorySampler
+    from bigmodel.foundations.memory import MemorySampler
 
     dist.init_process_group(
         "gloo",
@@ -156,7 +156,7 @@ def _save_rank(method: str, rank: int, folder: Path, config: object, mesh: objec
     from transformers import LlamaForCausalLM
 
     import bigmodel
-    from bigmodel._memory import MemorySampler
+    from bigmodel.foundations.memory import MemorySampler
 
     with bigmodel.init_empty_weights():
         model = LlamaForCausalLM(config)  # type: ignore[arg-type]
@@ -168,7 +168,7 @@ def _save_rank(method: str, rank: int, folder: Path, config: object, mesh: objec
         for p in model.parameters():
             p.to_local().sum()
     if method == "bigmodel-allgather":
-        import bigmodel.distributed_save as distributed_save
+        import bigmodel.execution.distributed_save as distributed_save
 
         distributed_save._Gatherer._piece = staticmethod(lambda tensor, members: None)  # type: ignore[method-assign]
     out = folder.parent / f"{folder.name}-dist-save-{method}"

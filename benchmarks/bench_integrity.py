@@ -203,7 +203,7 @@ def build_corpus(root: Path) -> list[Path]:
 
 def child_hostile(paths: list[str]) -> None:
     import bigmodel
-    from bigmodel._memory import MemorySampler
+    from bigmodel.foundations.memory import MemorySampler
 
     out = []
     for path in paths:

@@ -175,7 +175,7 @@ def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
     from transformers import LlamaForCausalLM
 
     import bigmodel
-    from bigmodel._memory import MemorySampler
+    from bigmodel.foundations.memory import MemorySampler
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     config = _config(size)

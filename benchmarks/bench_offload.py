@@ -38,7 +38,7 @@ def child(method: str, folder: Path, size: str, budget: str, out: Path) -> None:
     from transformers import LlamaForCausalLM
 
     import bigmodel
-    from bigmodel._memory import MemorySampler
+    from bigmodel.foundations.memory import MemorySampler
 
     config = _config(size)
     ids = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))

@@ -200,7 +200,7 @@ def save_placements(folder: str, opts: dict) -> dict:
 
 def save_failing(folder: str, opts: dict) -> dict:
     """Both ranks save a replicated model into opts['out']; rank opts['bad_rank'] fails writing."""
-    import bigmodel.save as save_module
+    import bigmodel.api.save as save_module
 
     with bigmodel.init_empty_weights():
         model = Net()

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import bigmodel
-import bigmodel.formats.safetensors as st_format
-import bigmodel.formats.torch_bin as bin_format
+import bigmodel.storage.safetensors as st_format
+import bigmodel.storage.torch_bin as bin_format
 from conftest import assert_same_state, is_same_state
 
 
@@ -175,7 +175,7 @@ def _inject(monkeypatch, operation, at, code):
         return inner
 
     if operation == "write":
-        for module in (st_format, bigmodel._commit, bin_format):
+        for module in (st_format, bigmodel.storage.commit, bin_format):
             if hasattr(module, "write_all"):
                 monkeypatch.setattr(module, "write_all", wrap(module.write_all))
     else:

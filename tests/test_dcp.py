@@ -95,7 +95,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 from torch.distributed.checkpoint import state_dict_saver
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 import bigmodel
-from bigmodel._memory import MemorySampler
+from bigmodel.foundations.memory import MemorySampler
 folder = sys.argv[1]
 if sys.argv[2] == "save":
     state = {f"w{i}": torch.full((1024, 1024), float(i)) for i in range(32)}  # 4 MiB each

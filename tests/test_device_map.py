@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import bigmodel
-from bigmodel.device_map import (
+from bigmodel.placement.device_map import (
     PlanError,
     compute_module_sizes,
     device_for,
@@ -126,7 +126,7 @@ def test_devices_are_normalised():
 
 
 def test_default_budgets_leave_a_reserve_for_activations():
-    from bigmodel.device_map import default_max_memory
+    from bigmodel.placement.device_map import default_max_memory
 
     budgets = default_max_memory(reserve=0.5)
     import psutil

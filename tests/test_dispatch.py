@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import bigmodel
-from bigmodel.dispatch import attach_offload_hooks
-from bigmodel.offload import offload_state
+from bigmodel.execution.offload import attach_offload_hooks
+from bigmodel.execution.offload_sources import offload_state
 
 
 class Block(nn.Module):
@@ -147,7 +147,7 @@ PROBE = """
 import json, sys, torch
 from torch import nn
 import bigmodel
-from bigmodel._memory import MemorySampler
+from bigmodel.foundations.memory import MemorySampler
 
 class Block(nn.Module):
     def __init__(self):
@@ -313,7 +313,7 @@ def test_a_map_that_stays_on_the_cpu_adds_no_placement_hooks(saved):
 
 
 def test_the_execution_device_is_the_first_accelerator_by_index_and_never_disk():
-    from bigmodel.device_map import execution_device
+    from bigmodel.placement.device_map import execution_device
 
     assert execution_device({"a": "cuda:10", "b": "cuda:2", "c": "disk"}) == "cuda:2"
     assert execution_device({"a": "cpu", "b": "disk"}) == "cpu"
@@ -325,7 +325,7 @@ def test_the_execution_device_is_the_first_accelerator_by_index_and_never_disk()
 def test_inputs_and_outputs_keep_their_container_types_when_moved():
     from collections import namedtuple
 
-    from bigmodel.dispatch import _to
+    from bigmodel.execution.offload import _to
 
     Pair = namedtuple("Pair", "x y")
     moved = _to({"p": Pair(torch.ones(1), [torch.zeros(1)])}, torch.device("cpu"))

@@ -123,7 +123,7 @@ def test_a_failure_on_one_rank_raises_on_every_rank_and_names_it(folder, strateg
 
 
 def test_a_single_process_has_no_group_and_takes_the_ordinary_path():
-    from bigmodel.distributed import assign_owners, choose_strategy, resolve_group
+    from bigmodel.execution.distributed import assign_owners, choose_strategy, resolve_group
 
     assert resolve_group(None) is None
     assert assign_owners([10, 1, 1, 8], 2) == [0, 1, 1, 1]
@@ -212,7 +212,7 @@ def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(
 def test_the_shard_writer_holds_at_most_one_waiting_shard_and_drains_after_a_failure():
     import threading
 
-    from bigmodel.distributed_save import _ShardWriter
+    from bigmodel.execution.distributed_save import _ShardWriter
 
     release = threading.Event()
     written = []

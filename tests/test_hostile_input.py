@@ -33,7 +33,7 @@ from bigmodel import (
     InvalidCheckpointError,
     UnsafeCheckpointError,
 )
-from bigmodel.formats import safetensors as st_format
+from bigmodel.storage import safetensors as st_format
 
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -397,7 +397,7 @@ def test_an_unsafe_shard_name_is_refused_without_opening_anything_outside_the_fo
 
     opened: list[Path] = []
     real_read_header = st_format.read_header
-    real_load_bin = bigmodel.formats.torch_bin.load_bin
+    real_load_bin = bigmodel.storage.torch_bin.load_bin
 
     def spy_read_header(path, *args, **kwargs):
         opened.append(Path(path))
@@ -408,7 +408,7 @@ def test_an_unsafe_shard_name_is_refused_without_opening_anything_outside_the_fo
         return real_load_bin(path)
 
     monkeypatch.setattr(st_format, "read_header", spy_read_header)
-    monkeypatch.setattr(bigmodel.formats.torch_bin, "load_bin", spy_load_bin)
+    monkeypatch.setattr(bigmodel.storage.torch_bin, "load_bin", spy_load_bin)
 
     err = expect_invalid(directory, "unsafe-shard-name", file=SAFE_INDEX, key="a")
     assert codes(err) == ["unsafe-shard-name"]
@@ -573,7 +573,7 @@ def test_an_index_with_json_level_and_shard_level_problems_reports_them_all_at_o
 def test_an_index_above_the_size_limit_is_refused_before_it_is_read(tmp_path):
     directory = sharded(tmp_path)
     with open(directory / SAFE_INDEX, "r+b") as fh:
-        fh.truncate(bigmodel.checkpoint.MAX_INDEX_SIZE + 1)  # sparse: nothing is written
+        fh.truncate(bigmodel.checkpoint.open.MAX_INDEX_SIZE + 1)  # sparse: nothing is written
     expect_invalid(directory, "index-too-large", file=SAFE_INDEX)
 
 
@@ -857,7 +857,7 @@ def test_a_key_repeated_in_the_index_metadata_is_not_reported_as_a_tensor(tmp_pa
 
 
 def test_a_header_with_an_absurd_number_of_tensors_is_refused_before_it_is_parsed(tmp_path):
-    from bigmodel.formats.safetensors import MAX_TENSORS
+    from bigmodel.storage.safetensors import MAX_TENSORS
 
     count = MAX_TENSORS + 1
     entries = ",".join(

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import bigmodel
-import bigmodel.pread as pread_module
-from bigmodel.pread import ByteRange, filesystem_type, pick_io, pread_tensors
+import bigmodel.storage.pread as pread_module
+from bigmodel.storage.pread import ByteRange, filesystem_type, pick_io, pread_tensors
 from conftest import TiedNet, assert_same_state
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import bigmodel
-from bigmodel import _commit
+from bigmodel.storage import commit as _commit
 from conftest import assert_same_state
 
 
@@ -161,7 +161,7 @@ def test_an_os_error_during_a_save_raises_a_typed_error_and_keeps_the_old_checkp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if failing == "write":
-        monkeypatch.setattr(bigmodel.formats.safetensors, "write_all", boom)
+        monkeypatch.setattr(bigmodel.storage.safetensors, "write_all", boom)
     elif failing == "fsync":
         monkeypatch.setattr(os, "fsync", boom)
     else:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import bigmodel
-from bigmodel.formats.safetensors import NAME_FROM_DTYPE
+from bigmodel.storage.safetensors import NAME_FROM_DTYPE
 from conftest import TiedNet, assert_same_state, raw_bytes, same_bytes
 
 

@@ -5,7 +5,27 @@ Checkpoints use the Hugging Face layout (``model.safetensors`` or sharded shards
 huggingface_hub and safetensors.
 """
 
-from ._errors import (
+from bigmodel.api.dcp import dcp_to_hf, hf_to_dcp
+from bigmodel.api.estimate import Estimate, estimate_memory
+from bigmodel.api.load import (
+    LoadReport,
+    MetaTensorError,
+    MismatchedKey,
+    load_checkpoint,
+    load_sharded_checkpoint,
+)
+from bigmodel.api.pretrained import PretrainedMixin, from_pretrained
+from bigmodel.api.save import SaveResult, UnsupportedTensorError, save_checkpoint
+from bigmodel.checkpoint.open import (
+    Checkpoint,
+    TensorInfo,
+    TensorSlice,
+    VerifyResult,
+    open_checkpoint,
+)
+from bigmodel.execution.distributed import DistributedError
+from bigmodel.execution.offload import dispatch_model
+from bigmodel.foundations.errors import (
     BigModelError,
     CheckpointConflictError,
     CheckpointNotFoundError,
@@ -15,25 +35,11 @@ from ._errors import (
     Problem,
     UnsafeCheckpointError,
 )
-from ._units import parse_size
-from .checkpoint import Checkpoint, TensorInfo, TensorSlice, VerifyResult, open_checkpoint
-from .dcp import dcp_to_hf, hf_to_dcp
-from .device_map import PlanError, compute_module_sizes, infer_device_map
-from .dispatch import dispatch_model
-from .distributed import DistributedError
-from .empty import init_empty_weights, init_on_device
-from .estimate import Estimate, estimate_memory
-from .initialize import MissingInitializerError
-from .keys import KeyMappingError
-from .load import (
-    LoadReport,
-    MetaTensorError,
-    MismatchedKey,
-    load_checkpoint,
-    load_sharded_checkpoint,
-)
-from .pretrained import PretrainedMixin, from_pretrained
-from .save import SaveResult, UnsupportedTensorError, save_checkpoint
+from bigmodel.foundations.units import parse_size
+from bigmodel.placement.device_map import PlanError, compute_module_sizes, infer_device_map
+from bigmodel.placement.empty import init_empty_weights, init_on_device
+from bigmodel.placement.initialize import MissingInitializerError
+from bigmodel.placement.keys import KeyMappingError
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m bigmodel``: the command line."""
 
-from .cli import main
+from bigmodel.cli import main
 
 raise SystemExit(main())

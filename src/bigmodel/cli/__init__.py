@@ -11,9 +11,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .._errors import BigModelError
-from . import convert, demo, estimate, inspect, reshard, verify
-from ._common import EXIT_PROBLEM, EXIT_USAGE
+from bigmodel.cli import convert, demo, estimate, inspect, reshard, verify
+from bigmodel.cli._common import EXIT_PROBLEM, EXIT_USAGE
+from bigmodel.foundations.errors import BigModelError
 
 __all__ = ["main"]
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._units import parse_size
+from bigmodel.foundations.units import parse_size
 
 __all__ = [
     "add_command",

@@ -7,10 +7,17 @@ from pathlib import Path
 
 import torch
 
-from .._units import format_size
-from ..dcp import METADATA_NAME, dcp_to_hf
-from ..rewrite import rewrite_checkpoint
-from ._common import EXIT_OK, Subparsers, add_command, emit_json, progress_flag, size_arg
+from bigmodel.api.dcp import METADATA_NAME, dcp_to_hf
+from bigmodel.api.rewrite import rewrite_checkpoint
+from bigmodel.cli._common import (
+    EXIT_OK,
+    Subparsers,
+    add_command,
+    emit_json,
+    progress_flag,
+    size_arg,
+)
+from bigmodel.foundations.units import format_size
 
 HELP = "convert a .bin (single or sharded) or torch.distributed.checkpoint folder to safetensors"
 EXAMPLE = """\

@@ -24,9 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from .._memory import MemorySampler
-from .._units import format_size
-from ._common import (
+from bigmodel.cli._common import (
     EXIT_OK,
     EXIT_PROBLEM,
     Subparsers,
@@ -36,6 +34,8 @@ from ._common import (
     progress_flag,
     size_arg,
 )
+from bigmodel.foundations.memory import MemorySampler
+from bigmodel.foundations.units import format_size
 
 HELP = (
     "save a built-in GPT-style model sharded and load it back with bigmodel and with plain PyTorch"

@@ -7,11 +7,18 @@ import argparse
 import psutil
 import torch
 
-from .._units import format_size
-from ..checkpoint import open_checkpoint
-from ..estimate import estimate_checkpoint, parse_max_memory
-from ._common import EXIT_OK, EXIT_PROBLEM, Subparsers, add_command, emit_json, print_table
-from .convert import parse_dtype
+from bigmodel.api.estimate import estimate_checkpoint, parse_max_memory
+from bigmodel.checkpoint.open import open_checkpoint
+from bigmodel.cli._common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    Subparsers,
+    add_command,
+    emit_json,
+    print_table,
+)
+from bigmodel.cli.convert import parse_dtype
+from bigmodel.foundations.units import format_size
 
 HELP = "estimate the memory a checkpoint needs per device, and whether it fits"
 EXAMPLE = """\

@@ -8,9 +8,9 @@ import textwrap
 from collections import defaultdict
 from typing import Any
 
-from .._units import format_size
-from ..checkpoint import Checkpoint, open_checkpoint
-from ._common import EXIT_OK, Subparsers, add_command, emit_json, print_table
+from bigmodel.checkpoint.open import Checkpoint, open_checkpoint
+from bigmodel.cli._common import EXIT_OK, Subparsers, add_command, emit_json, print_table
+from bigmodel.foundations.units import format_size
 
 HELP = "show format, layout, shards, dtypes, sizes and metadata of a checkpoint"
 EXAMPLE = """\

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .._units import format_size
-from ..rewrite import rewrite_checkpoint
-from ._common import EXIT_OK, Subparsers, add_command, emit_json, progress_flag, size_arg
+from bigmodel.api.rewrite import rewrite_checkpoint
+from bigmodel.cli._common import (
+    EXIT_OK,
+    Subparsers,
+    add_command,
+    emit_json,
+    progress_flag,
+    size_arg,
+)
+from bigmodel.foundations.units import format_size
 
 HELP = "rewrite a checkpoint with a new shard size (streaming, memory bounded by one tensor)"
 EXAMPLE = """\

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._errors import InvalidCheckpointError, Problem
-from ..checkpoint import open_checkpoint
-from ._common import EXIT_OK, EXIT_PROBLEM, Subparsers, add_command, emit_json, progress_flag
+from bigmodel.checkpoint.open import open_checkpoint
+from bigmodel.cli._common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    Subparsers,
+    add_command,
+    emit_json,
+    progress_flag,
+)
+from bigmodel.foundations.errors import InvalidCheckpointError, Problem
 
 HELP = "check a checkpoint's structure and, where recorded, the digest of every file"
 EXAMPLE = """\

@@ -33,8 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._errors import CheckpointConflictError
-from ._io import (
+from bigmodel.checkpoint.sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, is_weights_artifact
+from bigmodel.foundations.errors import CheckpointConflictError
+from bigmodel.foundations.log import logger
+from bigmodel.storage.atomic import (
     ALIAS_MARKER,
     TEMP_MARKER,
     alias_name,
@@ -44,8 +46,6 @@ from ._io import (
     temp_name,
     write_all,
 )
-from ._log import logger
-from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, is_weights_artifact
 
 __all__ = ["Commit"]
 

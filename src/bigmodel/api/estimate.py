@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._units import parse_size
-from .checkpoint import Checkpoint, open_checkpoint
-from .device_map import (
+from bigmodel.checkpoint.open import Checkpoint, open_checkpoint
+from bigmodel.foundations.units import parse_size
+from bigmodel.placement.device_map import (
     PlanError,
     compute_module_sizes,
     default_max_memory,

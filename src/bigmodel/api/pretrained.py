@@ -11,12 +11,12 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ._commit import Commit
-from ._errors import BigModelError, InvalidCheckpointError
-from .checkpoint import Checkpoint
-from .empty import init_empty_weights
-from .load import load_checkpoint
-from .save import SaveResult, save_checkpoint
+from bigmodel.api.load import load_checkpoint
+from bigmodel.api.save import SaveResult, save_checkpoint
+from bigmodel.checkpoint.open import Checkpoint
+from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError
+from bigmodel.placement.empty import init_empty_weights
+from bigmodel.storage.commit import Commit
 
 __all__ = ["CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
 

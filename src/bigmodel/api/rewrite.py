@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ._commit import is_ours
-from .checkpoint import open_checkpoint
-from .save import SaveResult, reserved_metadata_keys, save_checkpoint
-from .sharding import is_weights_artifact
+from bigmodel.api.save import SaveResult, reserved_metadata_keys, save_checkpoint
+from bigmodel.checkpoint.open import open_checkpoint
+from bigmodel.checkpoint.sharding import is_weights_artifact
+from bigmodel.storage.commit import is_ours
 
 __all__ = ["RewriteResult", "rewrite_checkpoint"]
 

@@ -42,11 +42,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._errors import BigModelError
-from ._io import new_token
-from ._log import logger
-from .formats.safetensors import SafetensorsFile
-from .offload import write_converted
+from bigmodel.execution.offload_sources import write_converted
+from bigmodel.foundations.errors import BigModelError
+from bigmodel.foundations.log import logger
+from bigmodel.storage.atomic import new_token
+from bigmodel.storage.safetensors import SafetensorsFile
 
 __all__ = [
     "STRATEGIES",

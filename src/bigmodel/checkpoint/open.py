@@ -21,14 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._digest import DIGEST_KEY, DIGESTS_KEY, buffer_digest, path_digest
-from ._errors import CheckpointNotFoundError, InvalidCheckpointError, Problem, UnsafeCheckpointError
-from ._io import file_identity
-from ._log import logger
-from ._progress import progress_bar
-from .formats.safetensors import SafetensorsFile
-from .formats.torch_bin import BinFile
-from .index import (
+from bigmodel.checkpoint.index import (
     ALIASES_KEY,
     INDEX_FIX,
     MAX_INDEX_SIZE,
@@ -38,8 +31,25 @@ from .index import (
     read_index,
     unsafe_shard_name,
 )
-from .pread import ByteRange
-from .sharding import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from bigmodel.checkpoint.sharding import (
+    SAFE_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+from bigmodel.foundations.errors import (
+    CheckpointNotFoundError,
+    InvalidCheckpointError,
+    Problem,
+    UnsafeCheckpointError,
+)
+from bigmodel.foundations.log import logger
+from bigmodel.foundations.progress import progress_bar
+from bigmodel.storage.atomic import file_identity
+from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY, buffer_digest, path_digest
+from bigmodel.storage.pread import ByteRange
+from bigmodel.storage.safetensors import SafetensorsFile
+from bigmodel.storage.torch_bin import BinFile
 
 __all__ = [
     "VerifyResult",

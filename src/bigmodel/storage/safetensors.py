@@ -26,11 +26,11 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .. import _json
-from .._digest import DIGEST_KEY, new_hasher, placeholder
-from .._errors import InvalidCheckpointError, Problem
-from .._io import file_identity, write_all
-from . import stored_dtype, stored_nbytes
+from bigmodel.foundations import strict_json
+from bigmodel.foundations.errors import InvalidCheckpointError, Problem
+from bigmodel.storage.atomic import file_identity, write_all
+from bigmodel.storage.digest import DIGEST_KEY, new_hasher, placeholder
+from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
 
 __all__ = [
     "DTYPE_FROM_NAME",
@@ -170,7 +170,7 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
             hint=_FIX_REWRITE,
         ) from None
     try:
-        obj = _json.loads(text)
+        obj = strict_json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise InvalidCheckpointError.one(
             file, "header-not-json", f"the header is not valid JSON ({exc}).", hint=_FIX_REWRITE
@@ -192,16 +192,16 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
             key=name,
             hint=_FIX_REWRITE,
         )
-        for name in _json.duplicates(obj)
+        for name in strict_json.duplicates(obj)
     ]
     metadata: dict[str, str] = {}
     raw_meta = obj.pop("__metadata__", None)
-    if _json.duplicates(raw_meta):
+    if strict_json.duplicates(raw_meta):
         problems.append(
             Problem(
                 file,
                 "bad-metadata",
-                f"__metadata__ repeats the key(s) {_json.duplicates(raw_meta)}.",
+                f"__metadata__ repeats the key(s) {strict_json.duplicates(raw_meta)}.",
                 hint=_FIX_REWRITE,
             )
         )
@@ -249,12 +249,12 @@ def _parse_entry(
             )
         )
         return None
-    if _json.duplicates(info):
+    if strict_json.duplicates(info):
         problems.append(
             Problem(
                 file,
                 "bad-entry",
-                f"the header entry repeats the field(s) {_json.duplicates(info)}.",
+                f"the header entry repeats the field(s) {strict_json.duplicates(info)}.",
                 key=name,
                 hint=_FIX_REWRITE,
             )

@@ -30,10 +30,15 @@ from typing import Any
 
 import torch
 
-from ._commit import Commit
-from ._log import logger
-from ._progress import ProgressBar, progress_bar
-from .distributed import (
+from bigmodel.api.save import SaveResult, file_metadata, index_bytes, stage_shard
+from bigmodel.checkpoint.sharding import (
+    SAFE_INDEX_NAME,
+    WEIGHTS_INDEX_NAME,
+    find_aliases,
+    plan_shards,
+    shard_name,
+)
+from bigmodel.execution.distributed import (
     Group,
     assign_owners,
     global_rank,
@@ -42,9 +47,10 @@ from .distributed import (
     run_step,
     world_of,
 )
-from .formats import stored_nbytes
-from .save import SaveResult, file_metadata, index_bytes, stage_shard
-from .sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, find_aliases, plan_shards, shard_name
+from bigmodel.foundations.log import logger
+from bigmodel.foundations.progress import ProgressBar, progress_bar
+from bigmodel.storage.commit import Commit
+from bigmodel.storage.dtypes import stored_nbytes
 
 __all__ = ["save_distributed"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .device_map import device_for
+from bigmodel.placement.device_map import device_for
 
 __all__ = ["DtypeOverrides", "Placement", "like", "place", "set_tensor"]
 

@@ -24,10 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._log import logger
-from ._progress import progress_bar
-from .checkpoint import Checkpoint
-from .distributed import (
+from bigmodel.checkpoint.open import Checkpoint
+from bigmodel.execution.distributed import (
     Group,
     NodeCopy,
     assign_owners,
@@ -39,11 +37,13 @@ from .distributed import (
     run_step,
     world_of,
 )
-from .placement import Placement, like, place
-from .pread import pick_io, pread_tensors
+from bigmodel.foundations.log import logger
+from bigmodel.foundations.progress import progress_bar
+from bigmodel.placement.policy import Placement, like, place
+from bigmodel.storage.pread import pick_io, pread_tensors
 
 if TYPE_CHECKING:
-    from .load import LoadReport
+    from bigmodel.api.load import LoadReport
 
 __all__ = ["Plan", "PlanReader"]
 

@@ -14,18 +14,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from ._commit import Commit
-from ._digest import DEFAULT_ALGORITHM, DIGEST_KEY, DIGESTS_KEY, new_hasher
-from ._errors import BigModelError, CheckpointWriteError
-from ._log import logger
-from ._progress import progress_bar
-from ._units import parse_size
-from .checkpoint import ALIASES_KEY
-from .distributed import is_dtensor, resolve_group
-from .formats import stored_dtype, stored_nbytes
-from .formats.safetensors import NAME_FROM_DTYPE, write_safetensors
-from .formats.torch_bin import write_bin
-from .sharding import (
+from bigmodel.checkpoint.open import ALIASES_KEY
+from bigmodel.checkpoint.sharding import (
     SAFE_INDEX_NAME,
     WEIGHTS_INDEX_NAME,
     ShardPlan,
@@ -33,6 +23,16 @@ from .sharding import (
     plan_shards,
     shard_name,
 )
+from bigmodel.execution.distributed import is_dtensor, resolve_group
+from bigmodel.foundations.errors import BigModelError, CheckpointWriteError
+from bigmodel.foundations.log import logger
+from bigmodel.foundations.progress import progress_bar
+from bigmodel.foundations.units import parse_size
+from bigmodel.storage.commit import Commit
+from bigmodel.storage.digest import DEFAULT_ALGORITHM, DIGEST_KEY, DIGESTS_KEY, new_hasher
+from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
+from bigmodel.storage.safetensors import NAME_FROM_DTYPE, write_safetensors
+from bigmodel.storage.torch_bin import write_bin
 
 __all__ = ["SaveResult", "UnsupportedTensorError", "save_checkpoint"]
 
@@ -389,7 +389,7 @@ def save_checkpoint(
     sharded = any(is_dtensor(t) for t in state.values())
     group = resolve_group(process_group) if sharded or process_group is not None else None
     if group is not None:
-        from .distributed_save import save_distributed
+        from bigmodel.execution.distributed_save import save_distributed
 
         return save_distributed(
             state,

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import new_token, open_temp
-from .checkpoint import Checkpoint
-from .formats.safetensors import SafetensorsFile, write_safetensors
+from bigmodel.checkpoint.open import Checkpoint
+from bigmodel.storage.atomic import new_token, open_temp
+from bigmodel.storage.safetensors import SafetensorsFile, write_safetensors
 
 __all__ = [
     "OffloadedTensor",

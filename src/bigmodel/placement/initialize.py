@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ._errors import BigModelError
+from bigmodel.foundations.errors import BigModelError
 
 __all__ = ["InitFn", "MissingInitializerError", "initialize_missing"]
 

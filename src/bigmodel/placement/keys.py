@@ -12,7 +12,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from ._errors import BigModelError
+from bigmodel.foundations.errors import BigModelError
 
 __all__ = ["KeyPlan", "match_keys"]
 

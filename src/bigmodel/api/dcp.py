@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from ._errors import CheckpointNotFoundError, UnsafeCheckpointError
-from ._log import logger
-from ._units import parse_size
-from .checkpoint import open_checkpoint
-from .formats.safetensors import NAME_FROM_DTYPE
-from .save import SaveResult, write_planned
-from .sharding import plan_shards
+from bigmodel.api.save import SaveResult, write_planned
+from bigmodel.checkpoint.open import open_checkpoint
+from bigmodel.checkpoint.sharding import plan_shards
+from bigmodel.foundations.errors import CheckpointNotFoundError, UnsafeCheckpointError
+from bigmodel.foundations.log import logger
+from bigmodel.foundations.units import parse_size
+from bigmodel.storage.safetensors import NAME_FROM_DTYPE
 
 __all__ = ["DcpEntry", "dcp_to_hf", "hf_to_dcp", "read_dcp_metadata"]
 

@@ -22,7 +22,7 @@ from typing import BinaryIO, Protocol
 
 import xxhash
 
-from ._io import file_identity
+from bigmodel.storage.atomic import file_identity
 
 __all__ = [
     "ALGORITHMS",

@@ -27,18 +27,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._errors import BigModelError, InvalidCheckpointError, KeyMismatchError
-from ._log import logger
-from ._units import parse_size
-from .checkpoint import Checkpoint, open_checkpoint
-from .device_map import execution_device, infer_device_map, normalize_device
-from .dispatch import attach_offload_hooks
-from .distributed import Group, is_dtensor, resolve_group, run_step
-from .initialize import InitFn, initialize_missing
-from .keys import match_keys
-from .offload import OffloadedTensor, offload_sources
-from .placement import DtypeOverrides, Placement, place
-from .reading import Plan, PlanReader
+from bigmodel.checkpoint.open import Checkpoint, open_checkpoint
+from bigmodel.execution.distributed import Group, is_dtensor, resolve_group, run_step
+from bigmodel.execution.offload import attach_offload_hooks
+from bigmodel.execution.offload_sources import OffloadedTensor, offload_sources
+from bigmodel.execution.reading import Plan, PlanReader
+from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError, KeyMismatchError
+from bigmodel.foundations.log import logger
+from bigmodel.foundations.units import parse_size
+from bigmodel.placement.device_map import execution_device, infer_device_map, normalize_device
+from bigmodel.placement.initialize import InitFn, initialize_missing
+from bigmodel.placement.keys import match_keys
+from bigmodel.placement.policy import DtypeOverrides, Placement, place
 
 __all__ = [
     "DtypeOverrides",

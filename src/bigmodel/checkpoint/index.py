@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _json
-from ._digest import DIGEST_KEY, DIGESTS_KEY
-from ._errors import InvalidCheckpointError, Problem
-from .formats.safetensors import SafetensorsFile
-from .formats.torch_bin import BinFile
+from bigmodel.foundations import strict_json
+from bigmodel.foundations.errors import InvalidCheckpointError, Problem
+from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
+from bigmodel.storage.safetensors import SafetensorsFile
+from bigmodel.storage.torch_bin import BinFile
 
 __all__ = [
     "ALIASES_KEY",
@@ -116,7 +116,7 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Proble
             hint=INDEX_FIX,
         )
     try:
-        obj = _json.loads(index.read_bytes().decode("utf-8"))
+        obj = strict_json.loads(index.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidCheckpointError.one(
             file, "index-not-json", f"the index is not valid UTF-8 JSON ({exc}).", hint=INDEX_FIX
@@ -141,15 +141,15 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Proble
             key=k,
             hint=INDEX_FIX,
         )
-        for k in _json.duplicates(obj["weight_map"])
+        for k in strict_json.duplicates(obj["weight_map"])
     ]
     for field_name, value in (("the index", obj), ('"metadata"', metadata)):
-        if _json.duplicates(value):
+        if strict_json.duplicates(value):
             problems.append(
                 Problem(
                     file,
                     "index-bad-json",
-                    f"{field_name} repeats the field(s) {_json.duplicates(value)}.",
+                    f"{field_name} repeats the field(s) {strict_json.duplicates(value)}.",
                     hint=INDEX_FIX,
                 )
             )

@@ -34,9 +34,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._units import parse_size
-from .device_map import covering_key, device_for, execution_device, normalize_device
-from .offload import OffloadedTensor, offload_state, resident_sources
+from bigmodel.execution.offload_sources import OffloadedTensor, offload_state, resident_sources
+from bigmodel.foundations.units import parse_size
+from bigmodel.placement.device_map import (
+    covering_key,
+    device_for,
+    execution_device,
+    normalize_device,
+)
 
 __all__ = ["Offloader", "attach_offload_hooks", "attach_placement_hooks", "dispatch_model"]
 

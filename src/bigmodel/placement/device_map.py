@@ -15,8 +15,8 @@ import psutil
 import torch
 from torch import nn
 
-from ._errors import BigModelError
-from ._units import format_size, parse_size
+from bigmodel.foundations.errors import BigModelError
+from bigmodel.foundations.units import format_size, parse_size
 
 __all__ = [
     "PlanError",

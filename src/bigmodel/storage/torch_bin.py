@@ -16,10 +16,10 @@ from typing import BinaryIO
 
 import torch
 
-from .._digest import HashingWriter, new_hasher
-from .._errors import InvalidCheckpointError, UnsafeCheckpointError
-from .._io import file_identity
-from . import stored_dtype
+from bigmodel.foundations.errors import InvalidCheckpointError, UnsafeCheckpointError
+from bigmodel.storage.atomic import file_identity
+from bigmodel.storage.digest import HashingWriter, new_hasher
+from bigmodel.storage.dtypes import stored_dtype
 
 __all__ = ["BinFile", "load_bin", "write_bin"]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ._errors import InvalidCheckpointError
+from bigmodel.foundations.errors import InvalidCheckpointError
 
 __all__ = ["IO_MODES", "ByteRange", "pick_io", "pread_tensors"]
 
