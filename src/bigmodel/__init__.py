@@ -7,39 +7,30 @@ huggingface_hub and safetensors.
 
 from bigmodel.api.dcp import dcp_to_hf, hf_to_dcp
 from bigmodel.api.estimate import Estimate, estimate_memory
-from bigmodel.api.load import (
-    LoadReport,
-    MetaTensorError,
-    MismatchedKey,
-    load_checkpoint,
-    load_sharded_checkpoint,
-)
+from bigmodel.api.load import load_checkpoint, load_sharded_checkpoint
 from bigmodel.api.pretrained import PretrainedMixin, from_pretrained
-from bigmodel.api.save import SaveResult, UnsupportedTensorError, save_checkpoint
-from bigmodel.checkpoint.open import (
-    Checkpoint,
-    TensorInfo,
-    TensorSlice,
-    VerifyResult,
-    open_checkpoint,
-)
-from bigmodel.execution.distributed import DistributedError
+from bigmodel.api.save import save_checkpoint
+from bigmodel.checkpoint.open import Checkpoint, TensorInfo, TensorSlice, open_checkpoint
 from bigmodel.execution.offload import dispatch_model
 from bigmodel.foundations.errors import (
     BigModelError,
     CheckpointConflictError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    DistributedError,
     InvalidCheckpointError,
+    KeyMappingError,
     KeyMismatchError,
+    MetaTensorError,
+    MissingInitializerError,
     Problem,
     UnsafeCheckpointError,
+    UnsupportedTensorError,
 )
+from bigmodel.foundations.types import LoadReport, MismatchedKey, SaveResult, VerifyResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.placement.device_map import PlanError, compute_module_sizes, infer_device_map
 from bigmodel.placement.empty import init_empty_weights, init_on_device
-from bigmodel.placement.initialize import MissingInitializerError
-from bigmodel.placement.keys import KeyMappingError
 
 __version__ = "0.1.0"
 

@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from bigmodel.api.save import SaveResult, write_planned
+from bigmodel.api.save import write_planned
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.checkpoint.sharding import plan_shards
 from bigmodel.foundations.errors import CheckpointNotFoundError, UnsafeCheckpointError
 from bigmodel.foundations.log import logger
+from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.storage.safetensors import NAME_FROM_DTYPE
 

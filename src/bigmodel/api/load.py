@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +32,13 @@ from bigmodel.execution.distributed import Group, is_dtensor, resolve_group, run
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_sources
 from bigmodel.execution.reading import Plan, PlanReader
-from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError, KeyMismatchError
+from bigmodel.foundations.errors import (
+    InvalidCheckpointError,
+    KeyMismatchError,
+    MetaTensorError,
+)
 from bigmodel.foundations.log import logger
+from bigmodel.foundations.types import LoadReport, MismatchedKey
 from bigmodel.foundations.units import parse_size
 from bigmodel.placement.device_map import execution_device, infer_device_map, normalize_device
 from bigmodel.placement.initialize import InitFn, initialize_missing
@@ -42,44 +47,9 @@ from bigmodel.placement.policy import DtypeOverrides, Placement, place
 
 __all__ = [
     "DtypeOverrides",
-    "LoadReport",
-    "MetaTensorError",
-    "MismatchedKey",
     "load_checkpoint",
     "load_sharded_checkpoint",
 ]
-
-
-class MetaTensorError(BigModelError, ValueError):
-    """A load would leave a parameter or buffer on the ``meta`` device (no data)."""
-
-    code = "left-on-meta"
-
-
-class MismatchedKey(NamedTuple):
-    name: str
-    checkpoint_shape: tuple[int, ...]
-    model_shape: tuple[int, ...]
-
-
-@dataclass
-class LoadReport:
-    """What a load did. Names are module keys; tied names filled through a partner are not missing."""
-
-    checkpoint: str
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_keys: list[MismatchedKey] = field(default_factory=list)
-    #: Module tensors the checkpoint did not provide, initialised by their module's initialiser.
-    initialized_keys: list[str] = field(default_factory=list)
-    #: Checkpoint keys that were read.
-    loaded_keys: list[str] = field(default_factory=list)
-    #: Checkpoint key -> module key, for every key whose name changed.
-    renamed_keys: dict[str, str] = field(default_factory=dict)
-    #: ``"removed 'model.'"`` or ``"added 'model.'"`` if a whole-model prefix was detected.
-    prefix: str | None = None
-    bytes_read: int = 0
-    seconds: float = 0.0
 
 
 def _tie_groups(targets: Mapping[str, torch.Tensor]) -> list[list[str]]:

@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 from torch import nn
 
 from bigmodel.api.load import load_checkpoint
-from bigmodel.api.save import SaveResult, save_checkpoint
+from bigmodel.api.save import save_checkpoint
 from bigmodel.checkpoint.open import Checkpoint
 from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError
+from bigmodel.foundations.types import SaveResult
 from bigmodel.placement.empty import init_empty_weights
 from bigmodel.storage.commit import Commit
 

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bigmodel.api.save import SaveResult, reserved_metadata_keys, save_checkpoint
+from bigmodel.api.save import reserved_metadata_keys, save_checkpoint
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.checkpoint.sharding import is_weights_artifact
+from bigmodel.foundations.types import RewriteResult
 from bigmodel.storage.commit import is_ours
 
-__all__ = ["RewriteResult", "rewrite_checkpoint"]
-
-
-@dataclass(frozen=True)
-class RewriteResult:
-    saved: SaveResult
-    source_format: str
-    copied_files: list[str]
+__all__ = ["rewrite_checkpoint"]
 
 
 def rewrite_checkpoint(

@@ -7,7 +7,6 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,9 +23,10 @@ from bigmodel.checkpoint.sharding import (
     shard_name,
 )
 from bigmodel.execution.distributed import is_dtensor, resolve_group
-from bigmodel.foundations.errors import BigModelError, CheckpointWriteError
+from bigmodel.foundations.errors import CheckpointWriteError, UnsupportedTensorError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import progress_bar
+from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.storage.commit import Commit
 from bigmodel.storage.digest import DEFAULT_ALGORITHM, DIGEST_KEY, DIGESTS_KEY, new_hasher
@@ -34,26 +34,9 @@ from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
 from bigmodel.storage.safetensors import NAME_FROM_DTYPE, write_safetensors
 from bigmodel.storage.torch_bin import write_bin
 
-__all__ = ["SaveResult", "UnsupportedTensorError", "save_checkpoint"]
+__all__ = ["save_checkpoint"]
 
 _RESERVED_METADATA = frozenset({"format", "total_size", ALIASES_KEY, DIGEST_KEY, DIGESTS_KEY})
-
-
-class UnsupportedTensorError(BigModelError, ValueError):
-    """A state dict entry that cannot be written (meta/sparse tensor, unsupported dtype, not a tensor)."""
-
-    code = "unsupported-tensor"
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What a save wrote. ``files`` are weight file names relative to ``directory``."""
-
-    directory: Path
-    files: list[str]
-    index_file: str | None
-    total_size: int
-    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _state_dict(

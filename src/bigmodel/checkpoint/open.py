@@ -45,6 +45,7 @@ from bigmodel.foundations.errors import (
 )
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import progress_bar
+from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.atomic import file_identity
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY, buffer_digest, path_digest
 from bigmodel.storage.pread import ByteRange
@@ -52,7 +53,6 @@ from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.torch_bin import BinFile
 
 __all__ = [
-    "VerifyResult",
     "ALIASES_KEY",
     "MAX_INDEX_SIZE",
     "Checkpoint",
@@ -82,20 +82,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """Outcome of :meth:`Checkpoint.verify`: files whose digest matched, files with no digest
-    recorded (only structural checks apply to them), and every problem found."""
-
-    verified: list[str]
-    unverified: list[str]
-    problems: list[Problem]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def _advise_willneed(spans: dict[Path, list[tuple[int, int]]]) -> None:

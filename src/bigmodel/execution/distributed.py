@@ -43,14 +43,13 @@ from typing import Any, TypeVar
 import torch
 
 from bigmodel.execution.offload_sources import write_converted
-from bigmodel.foundations.errors import BigModelError
+from bigmodel.foundations.errors import DistributedError
 from bigmodel.foundations.log import logger
 from bigmodel.storage.atomic import new_token
 from bigmodel.storage.safetensors import SafetensorsFile
 
 __all__ = [
     "STRATEGIES",
-    "DistributedError",
     "Group",
     "assign_owners",
     "choose_strategy",
@@ -62,21 +61,6 @@ __all__ = [
 STRATEGIES = ("auto", "mmap", "shm", "scatter", "rank0")
 T = TypeVar("T")
 Group = Any  # torch.distributed.ProcessGroup; Any keeps torch.distributed optional at import
-
-
-class DistributedError(BigModelError, RuntimeError):
-    """One or more ranks failed; raised on every rank, naming each failing rank and its error."""
-
-    code = "rank-failed"
-
-    def __init__(self, what: str, failures: dict[int, str]) -> None:
-        self.failures = dict(sorted(failures.items()))
-        ranks = ", ".join(str(r) for r in self.failures)
-        lines = "\n".join(f"  rank {r}: {msg}" for r, msg in self.failures.items())
-        super().__init__(
-            f"{what} failed on rank(s) {ranks} of the process group [{self.code}]:\n{lines}\n"
-            "Every rank stopped here; the failing rank's own exception is chained on that rank."
-        )
 
 
 def resolve_group(process_group: Group | None) -> Group | None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bigmodel.api.save import SaveResult, file_metadata, index_bytes, stage_shard
+from bigmodel.api.save import file_metadata, index_bytes, stage_shard
 from bigmodel.checkpoint.sharding import (
     SAFE_INDEX_NAME,
     WEIGHTS_INDEX_NAME,
@@ -49,6 +49,7 @@ from bigmodel.execution.distributed import (
 )
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import ProgressBar, progress_bar
+from bigmodel.foundations.types import SaveResult
 from bigmodel.storage.commit import Commit
 from bigmodel.storage.dtypes import stored_nbytes
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,11 +39,9 @@ from bigmodel.execution.distributed import (
 )
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import progress_bar
+from bigmodel.foundations.types import LoadReport
 from bigmodel.placement.policy import Placement, like, place
 from bigmodel.storage.pread import pick_io, pread_tensors
-
-if TYPE_CHECKING:
-    from bigmodel.api.load import LoadReport
 
 __all__ = ["Plan", "PlanReader"]
 

@@ -14,10 +14,15 @@ __all__ = [
     "CheckpointConflictError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "DistributedError",
     "InvalidCheckpointError",
+    "KeyMappingError",
     "KeyMismatchError",
+    "MetaTensorError",
+    "MissingInitializerError",
     "Problem",
     "UnsafeCheckpointError",
+    "UnsupportedTensorError",
 ]
 
 
@@ -131,3 +136,42 @@ class CheckpointWriteError(BigModelError, OSError):
     """Writing a checkpoint failed; the previous checkpoint in the folder is left intact."""
 
     code = "write-failed"
+
+
+class UnsupportedTensorError(BigModelError, ValueError):
+    """A state dict entry that cannot be written (meta/sparse tensor, unsupported dtype, not a tensor)."""
+
+    code = "unsupported-tensor"
+
+
+class MetaTensorError(BigModelError, ValueError):
+    """A load would leave a parameter or buffer on the ``meta`` device (no data)."""
+
+    code = "left-on-meta"
+
+
+class MissingInitializerError(BigModelError, ValueError):
+    """A tensor is missing from the checkpoint and no initialiser can create it."""
+
+    code = "no-initializer"
+
+
+class KeyMappingError(BigModelError, ValueError):
+    """Two checkpoint keys were renamed to the same module key."""
+
+    code = "key-collision"
+
+
+class DistributedError(BigModelError, RuntimeError):
+    """One or more ranks failed; raised on every rank, naming each failing rank and its error."""
+
+    code = "rank-failed"
+
+    def __init__(self, what: str, failures: dict[int, str]) -> None:
+        self.failures = dict(sorted(failures.items()))
+        ranks = ", ".join(str(r) for r in self.failures)
+        lines = "\n".join(f"  rank {r}: {msg}" for r, msg in self.failures.items())
+        super().__init__(
+            f"{what} failed on rank(s) {ranks} of the process group [{self.code}]:\n{lines}\n"
+            "Every rank stopped here; the failing rank's own exception is chained on that rank."
+        )

@@ -15,17 +15,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from bigmodel.foundations.errors import BigModelError
+from bigmodel.foundations.errors import MissingInitializerError
 
-__all__ = ["InitFn", "MissingInitializerError", "initialize_missing"]
+__all__ = ["InitFn", "initialize_missing"]
 
 InitFn = Callable[[nn.Module], object]
-
-
-class MissingInitializerError(BigModelError, ValueError):
-    """A tensor is missing from the checkpoint and no initialiser can create it."""
-
-    code = "no-initializer"
 
 
 def _initializer(module: nn.Module) -> Callable[[], object] | None:

@@ -12,15 +12,9 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from bigmodel.foundations.errors import BigModelError
+from bigmodel.foundations.errors import KeyMappingError
 
 __all__ = ["KeyPlan", "match_keys"]
-
-
-class KeyMappingError(BigModelError, ValueError):
-    """Two checkpoint keys were renamed to the same module key."""
-
-    code = "key-collision"
 
 
 @dataclass(frozen=True)
