@@ -573,7 +573,7 @@ def test_an_index_with_json_level_and_shard_level_problems_reports_them_all_at_o
 def test_an_index_above_the_size_limit_is_refused_before_it_is_read(tmp_path):
     directory = sharded(tmp_path)
     with open(directory / SAFE_INDEX, "r+b") as fh:
-        fh.truncate(bigmodel.checkpoint.open.MAX_INDEX_SIZE + 1)  # sparse: nothing is written
+        fh.truncate(bigmodel.checkpoint.index.MAX_INDEX_SIZE + 1)  # sparse: nothing is written
     expect_invalid(directory, "index-too-large", file=SAFE_INDEX)
 
 

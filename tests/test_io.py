@@ -109,9 +109,9 @@ def test_io_auto_reads_network_filesystems_with_pread(monkeypatch, tmp_path):
 def test_prefetch_advises_the_kernel_about_exactly_the_tensors_asked_for(tmp_path):
     bigmodel.save_checkpoint(_mixed_state(), tmp_path)
     with bigmodel.open_checkpoint(tmp_path) as ckpt:
-        assert ckpt.prefetch(["a.weight"]) == 64 * 33 * 4
-        assert ckpt.prefetch(["f.empty"]) == 0
-        both = ckpt.prefetch(["a.weight", "b.half", "a.weight"])  # repeats and neighbours merge
+        assert ckpt.readahead(["a.weight"]) == 64 * 33 * 4
+        assert ckpt.readahead(["f.empty"]) == 0
+        both = ckpt.readahead(["a.weight", "b.half", "a.weight"])  # repeats and neighbours merge
         assert both == 64 * 33 * 4 + 17 * 5 * 2
         assert isinstance(ckpt.byte_range("c.ids"), ByteRange)
 

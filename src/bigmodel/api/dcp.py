@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from bigmodel.api.save import write_planned
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.checkpoint.sharding import plan_shards
+from bigmodel.execution.writing import write_planned
 from bigmodel.foundations.errors import CheckpointNotFoundError, UnsafeCheckpointError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import SaveResult

@@ -13,7 +13,8 @@ from torch import nn
 
 from bigmodel.api.load import load_checkpoint
 from bigmodel.api.save import save_checkpoint
-from bigmodel.checkpoint.open import Checkpoint
+from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.checkpoint.naming import HF_LAYOUT
 from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError
 from bigmodel.foundations.types import SaveResult
 from bigmodel.placement.empty import init_empty_weights
@@ -101,7 +102,11 @@ class PretrainedMixin:
                 json.dumps(_config_to_dict(config), indent=2, sort_keys=True).encode("utf-8")
                 + b"\n"
             )
-            commit = Commit(Path(save_directory), durable=save_options.get("durable", True))
+            commit = Commit(
+                Path(save_directory),
+                layout=HF_LAYOUT,
+                durable=save_options.get("durable", True),
+            )
             try:
                 commit.stage_bytes(CONFIG_NAME, data)
                 commit.publish(None, replaces_checkpoint=False)

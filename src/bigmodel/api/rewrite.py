@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from bigmodel.api.save import reserved_metadata_keys, save_checkpoint
+from bigmodel.api.save import save_checkpoint
+from bigmodel.checkpoint.index import RESERVED_METADATA
+from bigmodel.checkpoint.naming import is_weights_artifact
 from bigmodel.checkpoint.open import open_checkpoint
-from bigmodel.checkpoint.sharding import is_weights_artifact
 from bigmodel.foundations.types import RewriteResult
 from bigmodel.storage.commit import is_ours
 
@@ -38,9 +39,10 @@ def rewrite_checkpoint(
     with open_checkpoint(src) as ckpt:
         safe = ckpt.format == "safetensors" if safe_serialization is None else safe_serialization
         state = {name: ckpt.get_tensor(name) for name in ckpt.keys()}
-        reserved = reserved_metadata_keys()
         metadata = {
-            k: v for k, v in ckpt.metadata.items() if isinstance(v, str) and k not in reserved
+            k: v
+            for k, v in ckpt.metadata.items()
+            if isinstance(v, str) and k not in RESERVED_METADATA
         }
         saved = save_checkpoint(
             state,

@@ -2,41 +2,29 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
-from bigmodel.checkpoint.open import ALIASES_KEY
+from bigmodel.checkpoint.index import RESERVED_METADATA
 from bigmodel.checkpoint.sharding import (
-    SAFE_INDEX_NAME,
-    WEIGHTS_INDEX_NAME,
-    ShardPlan,
     find_aliases,
     plan_shards,
-    shard_name,
 )
 from bigmodel.execution.distributed import is_dtensor, resolve_group
-from bigmodel.foundations.errors import CheckpointWriteError, UnsupportedTensorError
-from bigmodel.foundations.log import logger
-from bigmodel.foundations.progress import progress_bar
+from bigmodel.execution.writing import write_planned
+from bigmodel.foundations.errors import UnsupportedTensorError
 from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
-from bigmodel.storage.commit import Commit
-from bigmodel.storage.digest import DEFAULT_ALGORITHM, DIGEST_KEY, DIGESTS_KEY, new_hasher
+from bigmodel.storage.digest import DEFAULT_ALGORITHM, new_hasher
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
-from bigmodel.storage.safetensors import NAME_FROM_DTYPE, write_safetensors
-from bigmodel.storage.torch_bin import write_bin
+from bigmodel.storage.safetensors import NAME_FROM_DTYPE
 
 __all__ = ["save_checkpoint"]
-
-_RESERVED_METADATA = frozenset({"format", "total_size", ALIASES_KEY, DIGEST_KEY, DIGESTS_KEY})
 
 
 def _state_dict(
@@ -74,11 +62,6 @@ def _state_dict(
     return out
 
 
-def reserved_metadata_keys() -> frozenset[str]:
-    """Metadata keys bigmodel writes itself; user metadata must not use them."""
-    return _RESERVED_METADATA
-
-
 def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     if metadata is None:
         return {}
@@ -87,223 +70,12 @@ def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
         raise TypeError(
             f"metadata must map strings to strings (safetensors stores str -> str); offending key: {bad[0]!r}."
         )
-    reserved = sorted(_RESERVED_METADATA & set(metadata))
+    reserved = sorted(RESERVED_METADATA & set(metadata))
     if reserved:
         raise ValueError(
             f"metadata key(s) {reserved} are written by bigmodel itself; choose other names."
         )
     return dict(metadata)
-
-
-def _write_shard(
-    fh: BinaryIO,
-    *,
-    name: str,
-    tensors: dict[str, torch.Tensor],
-    safe: bool,
-    metadata: dict[str, str],
-    digest: str | None,
-    digests: dict[str, str],
-    on_bytes: Callable[[int], object],
-    cast: torch.dtype | None,
-) -> None:
-    if safe:
-        _, value = write_safetensors(
-            fh, tensors.items(), metadata, on_bytes=on_bytes, digest=digest, cast=cast
-        )
-    else:
-        nbytes, value = write_bin(fh, tensors, digest=digest, cast=cast)
-        on_bytes(nbytes)
-    if value is not None:
-        digests[name] = value
-
-
-def stage_shard(
-    commit: Commit,
-    name: str,
-    tensors: dict[str, torch.Tensor],
-    *,
-    safe: bool,
-    metadata: dict[str, str],
-    digest: str | None,
-    digests: dict[str, str],
-    on_bytes: Callable[[int], object],
-    cast: torch.dtype | None,
-) -> None:
-    """Write one shard under a temporary name in ``commit``; its digest goes into ``digests``."""
-    commit.stage(
-        name,
-        functools.partial(
-            _write_shard,
-            name=name,
-            tensors=tensors,
-            safe=safe,
-            metadata=metadata,
-            digest=digest,
-            digests=digests,
-            on_bytes=on_bytes,
-            cast=cast,
-        ),
-    )
-
-
-def index_bytes(
-    names: list[str],
-    plan: ShardPlan,
-    user_meta: Mapping[str, str],
-    *,
-    aliases: Mapping[str, str],
-    digests: Mapping[str, str],
-) -> bytes:
-    """The index file of a sharded save: metadata (sizes, aliases, digests) and weight map."""
-    index_meta: dict[str, object] = {"total_size": plan.total_size, **user_meta}
-    if aliases:
-        index_meta[ALIASES_KEY] = dict(aliases)
-    if digests:  # in file order, whichever thread or rank finished first
-        index_meta[DIGESTS_KEY] = dict(sorted(digests.items()))
-    weight_map = {k: name for name, keys in zip(names, plan.shards, strict=True) for k in keys}
-    index = {"metadata": index_meta, "weight_map": weight_map}
-    return json.dumps(index, indent=2).encode("utf-8") + b"\n"
-
-
-def file_metadata(
-    user_meta: Mapping[str, str], *, index_name: str | None, aliases: Mapping[str, str], safe: bool
-) -> dict[str, str]:
-    """The ``__metadata__`` of every shard (a single file also records the aliases)."""
-    file_meta = {"format": "pt", **user_meta}
-    if index_name is None and aliases:
-        file_meta[ALIASES_KEY] = json.dumps(dict(aliases), sort_keys=True)
-    if not safe and index_name is None and user_meta:
-        logger.warning(
-            "metadata is not stored in a single pytorch_model.bin (the format has no place for it); use safe_serialization=True to keep it"
-        )
-    return file_meta
-
-
-def write_planned(
-    directory: Path,
-    plan: ShardPlan,
-    fetch: Callable[[list[str]], dict[str, torch.Tensor]],
-    *,
-    safe: bool,
-    user_meta: dict[str, str],
-    aliases: dict[str, str],
-    durable: bool,
-    digest: str | None,
-    dtype: torch.dtype | None,
-    progress: bool | None,
-    workers: int = 1,
-) -> SaveResult:
-    """Write the files of ``plan`` into ``directory`` with the commit protocol.
-
-    ``fetch(keys)`` returns one shard's tensors just before the shard is written, so a caller
-    whose tensors are not in memory (a DCP checkpoint) holds ``workers`` shards at a time.
-    ``workers`` shards are written in parallel.
-    """
-    count = len(plan.shards)
-    names = [shard_name(i, count, safe=safe) for i in range(count)]
-    index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(
-            f"save_directory {directory} is a file; pass a folder (it is created if missing)."
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
-    commit = Commit(directory, durable=durable)
-    digests: dict[str, str] = {}
-    step = "cleaning up after an earlier interrupted save"
-    bar = progress_bar(
-        total=plan.total_size, desc=f"Saving {directory.name or directory}", progress=progress
-    )
-    try:
-        commit.lock()
-        commit.clean_debris()
-
-        def stage(name: str, keys: list[str]) -> None:
-            stage_shard(
-                commit,
-                name,
-                fetch(keys),  # released once written, before this worker fetches another
-                safe=safe,
-                metadata=file_meta,
-                digest=digest,
-                digests=digests,
-                on_bytes=bar.update,
-                cast=dtype,
-            )
-
-        step = "writing the shards"
-        parallel = min(max(1, workers), count)
-        if parallel == 1:
-            for name, keys in zip(names, plan.shards, strict=True):
-                step = f"writing {name}"
-                stage(name, keys)
-        else:
-            # Shards go to separate files: writes (and fsyncs) of several overlap. The GIL is
-            # released during each write, the digest update and the cast kernel.
-            with ThreadPoolExecutor(parallel, thread_name_prefix="bigmodel-save") as pool:
-                jobs = [
-                    pool.submit(stage, name, keys)
-                    for name, keys in zip(names, plan.shards, strict=True)
-                ]
-                try:
-                    for job in jobs:
-                        job.result()
-                except BaseException:
-                    for job in jobs:
-                        job.cancel()  # shards not started yet are not written at all
-                    raise
-        if index_name is not None:
-            step = f"writing {index_name}"
-            commit.stage_bytes(
-                index_name, index_bytes(names, plan, user_meta, aliases=aliases, digests=digests)
-            )
-        step = "publishing the new files"
-        commit.publish(index_name)
-    except OSError as exc:
-        commit.abort()
-        if commit.committed:
-            raise CheckpointWriteError(
-                exc.errno,
-                f"The new checkpoint's files are in place in {directory}, but a later step (flushing the "
-                f"folder or removing the previous checkpoint's files) failed: {exc.strerror or exc}. Both "
-                "versions are complete; until the old files are gone, readers that prefer their layout may "
-                "still load them. Fix: save again (it removes leftovers) or delete the stale weight files.",
-            ) from exc
-        raise CheckpointWriteError(
-            exc.errno,
-            f"Saving a checkpoint into {directory} failed while {step}: {exc.strerror or exc}. "
-            "The previous checkpoint in the folder is intact and the partial files were removed. "
-            "Fix: free disk space or fix permissions, then save again.",
-        ) from exc
-    except BaseException:
-        commit.abort()
-        raise
-    finally:
-        commit.unlock()
-        bar.close()
-    logger.info(
-        "saved %d tensors (%d bytes) into %d file(s) in %s",
-        sum(len(keys) for keys in plan.shards) + len(aliases),
-        plan.total_size,
-        count,
-        directory,
-    )
-    return SaveResult(
-        directory=directory,
-        files=names,
-        index_file=index_name,
-        total_size=plan.total_size,
-        aliases=aliases,
-    )
-
-
-def _save_workers(workers: int | None) -> int:
-    if workers is None:
-        return min(4, os.cpu_count() or 1)
-    if workers < 1:
-        raise ValueError(f"workers={workers}: write with at least one thread.")
-    return workers
 
 
 def save_checkpoint(
@@ -402,3 +174,11 @@ def save_checkpoint(
         dtype=dtype,
         progress=progress,
     )
+
+
+def _save_workers(workers: int | None) -> int:
+    if workers is None:
+        return min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"workers={workers}: write with at least one thread.")
+    return workers

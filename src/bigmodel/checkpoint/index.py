@@ -13,15 +13,20 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from bigmodel.checkpoint.sharding import ShardPlan
 from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import InvalidCheckpointError, Problem
+from bigmodel.foundations.log import logger
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
 from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.torch_bin import BinFile
 
 __all__ = [
+    "file_format",
+    "open_shards",
+    "open_weight_file",
     "ALIASES_KEY",
     "INDEX_FIX",
     "MAX_INDEX_SIZE",
@@ -203,3 +208,165 @@ def check_recorded_digests(
                 )
             )
     return problems
+
+
+#: Metadata keys bigmodel writes itself; user metadata must not use them.
+RESERVED_METADATA = frozenset({"format", "total_size", ALIASES_KEY, DIGEST_KEY, DIGESTS_KEY})
+
+
+def index_bytes(
+    names: list[str],
+    plan: ShardPlan,
+    user_meta: Mapping[str, str],
+    *,
+    aliases: Mapping[str, str],
+    digests: Mapping[str, str],
+) -> bytes:
+    """The index file of a sharded save: metadata (sizes, aliases, digests) and weight map."""
+    index_meta: dict[str, object] = {"total_size": plan.total_size, **user_meta}
+    if aliases:
+        index_meta[ALIASES_KEY] = dict(aliases)
+    if digests:  # in file order, whichever thread or rank finished first
+        index_meta[DIGESTS_KEY] = dict(sorted(digests.items()))
+    weight_map = {k: name for name, keys in zip(names, plan.shards, strict=True) for k in keys}
+    index = {"metadata": index_meta, "weight_map": weight_map}
+    return json.dumps(index, indent=2).encode("utf-8") + b"\n"
+
+
+def file_metadata(
+    user_meta: Mapping[str, str], *, index_name: str | None, aliases: Mapping[str, str], safe: bool
+) -> dict[str, str]:
+    """The ``__metadata__`` of every shard (a single file also records the aliases)."""
+    file_meta = {"format": "pt", **user_meta}
+    if index_name is None and aliases:
+        file_meta[ALIASES_KEY] = json.dumps(dict(aliases), sort_keys=True)
+    if not safe and index_name is None and user_meta:
+        logger.warning(
+            "metadata is not stored in a single pytorch_model.bin (the format has no place for it); use safe_serialization=True to keep it"
+        )
+    return file_meta
+
+
+def file_format(name: str) -> Literal["safetensors", "bin"] | None:
+    """The weight format a file name announces (None for anything else)."""
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith((".bin", ".pt", ".pth")):
+        return "bin"
+    return None
+
+
+def open_weight_file(path: Path, fmt: Literal["safetensors", "bin"]) -> Reader:
+    """Open and validate one weights file (header only; ``.bin``: torch's zip, weights_only)."""
+    return SafetensorsFile(path) if fmt == "safetensors" else BinFile(path)
+
+
+def _shard_problem(file: str, shard: str, key: str, fmt: str, directory: Path) -> Problem | None:
+    """Why the shard an index names cannot be opened: an unsafe name, another format, absent."""
+    reason = unsafe_shard_name(shard)
+    if reason is None and file_format(shard) != fmt:
+        reason = f"is not a {fmt} file, but the index is a {fmt} index"
+    if reason is not None:
+        return Problem(
+            file, "unsafe-shard-name", f"shard name {shard!r} {reason}.", key=key, hint=INDEX_FIX
+        )
+    if not (directory / shard).is_file():
+        return Problem(
+            file,
+            "missing-shard",
+            f"the index names shard {shard!r}, which is not in {directory}.",
+            key=key,
+            hint="copy the missing shard into the folder or re-save the checkpoint.",
+        )
+    return None
+
+
+def _usable_shards(
+    index: Path, weight_map: Mapping[str, str], fmt: str, problems: list[Problem]
+) -> list[str]:
+    """Shard names of the index that are safe plain names of this format, present in the folder."""
+    shards: list[str] = []
+    bad: set[str] = set()
+    for key, shard in weight_map.items():
+        if shard in shards or shard in bad:
+            continue
+        problem = _shard_problem(str(index), shard, key, fmt, index.parent)
+        if problem is None:
+            shards.append(shard)
+        else:
+            problems.append(problem)
+            bad.add(shard)
+    return shards
+
+
+def _cross_check(
+    index: Path,
+    weight_map: Mapping[str, str],
+    readers: Mapping[str, Reader],
+    problems: list[Problem],
+) -> None:
+    """Every tensor a shard holds is listed once, under that shard; every listed key is there."""
+    holder: dict[str, str] = {}
+    for shard, reader in readers.items():
+        for name in reader.names():
+            if name in holder:
+                problems.append(
+                    Problem(
+                        str(index),
+                        "duplicate-key",
+                        f"the tensor is stored in both {holder[name]!r} and {shard!r}; which copy wins is undefined.",
+                        key=name,
+                        hint=INDEX_FIX,
+                    )
+                )
+                continue
+            holder[name] = shard
+            if weight_map.get(name) != shard:
+                where = (
+                    f"is not listed in the index {index.name}"
+                    if name not in weight_map
+                    else f"is listed in the index {index.name} under {weight_map[name]!r}"
+                )
+                problems.append(
+                    Problem(
+                        str(index.parent / shard),
+                        "shard-key-not-in-index",
+                        f"the shard holds this tensor, which {where}.",
+                        key=name,
+                        hint=INDEX_FIX,
+                    )
+                )
+    for key, shard in weight_map.items():
+        if shard in readers and holder.get(key) != shard:
+            problems.append(
+                Problem(
+                    str(index),
+                    "index-key-not-in-shard",
+                    f"the index maps this key to {shard!r}, whose header does not contain it.",
+                    key=key,
+                    hint=INDEX_FIX,
+                )
+            )
+
+
+def open_shards(
+    index: Path,
+    weight_map: Mapping[str, str],
+    fmt: Literal["safetensors", "bin"],
+    problems: list[Problem],
+) -> dict[str, Reader]:
+    """Open every shard the index names and check the index against their headers.
+
+    The rules: shard names are plain relative names of the index's format inside its folder;
+    every named shard exists and is valid; each tensor is stored once, in the shard the index
+    names for it; every key the index lists is in that shard. Each broken rule adds a
+    :class:`~bigmodel.Problem`; the shards that could be opened are returned.
+    """
+    readers: dict[str, Reader] = {}
+    for shard in _usable_shards(index, weight_map, fmt, problems):
+        try:
+            readers[shard] = open_weight_file(index.parent / shard, fmt)
+        except InvalidCheckpointError as exc:
+            problems.extend(exc.problems)
+    _cross_check(index, weight_map, readers, problems)
+    return readers

@@ -1,52 +1,20 @@
-"""Shard planning: Hugging Face file names, shared-storage deduplication, greedy packing.
+"""Shard planning: shared-storage deduplication (tied tensors) and greedy packing into shards.
 
 Pure planning: nothing here touches the disk.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
-    "SAFE_INDEX_NAME",
-    "SAFE_WEIGHTS_NAME",
-    "WEIGHTS_INDEX_NAME",
-    "WEIGHTS_NAME",
     "ShardPlan",
     "find_aliases",
-    "is_weights_artifact",
     "plan_shards",
-    "shard_name",
 ]
-
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "pytorch_model.bin"
-WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
-
-#: Files that belong to a checkpoint layout (ours or Hugging Face's). A save removes every one
-#: of them that it did not write, so two layouts never coexist after a save.
-_ARTIFACT_RE = re.compile(
-    r"^(?:model(?:-\d{5}-of-\d{5})?\.safetensors|pytorch_model(?:-\d{5}-of-\d{5})?\.bin"
-    r"|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json)$"
-)
-
-
-def is_weights_artifact(name: str) -> bool:
-    """True for the standard weight and index file names of either format."""
-    return _ARTIFACT_RE.match(name) is not None
-
-
-def shard_name(index: int, count: int, *, safe: bool) -> str:
-    """Hugging Face shard name: 1-based, zero-padded to 5; the bare name when there is one shard."""
-    base, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
-    if count == 1:
-        return f"{base}.{ext}"
-    return f"{base}-{index + 1:05d}-of-{count:05d}.{ext}"
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:

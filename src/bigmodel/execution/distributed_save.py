@@ -30,14 +30,13 @@ from typing import Any
 
 import torch
 
-from bigmodel.api.save import file_metadata, index_bytes, stage_shard
-from bigmodel.checkpoint.sharding import (
-    SAFE_INDEX_NAME,
-    WEIGHTS_INDEX_NAME,
-    find_aliases,
-    plan_shards,
+from bigmodel.checkpoint.index import file_metadata, index_bytes
+from bigmodel.checkpoint.naming import (
+    HF_LAYOUT,
+    index_file_name,
     shard_name,
 )
+from bigmodel.checkpoint.sharding import find_aliases, plan_shards
 from bigmodel.execution.distributed import (
     Group,
     assign_owners,
@@ -47,6 +46,7 @@ from bigmodel.execution.distributed import (
     run_step,
     world_of,
 )
+from bigmodel.execution.writing import stage_shard
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import ProgressBar, progress_bar
 from bigmodel.foundations.types import SaveResult
@@ -229,7 +229,7 @@ def save_distributed(
     plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
     count = len(plan.shards)
     names = [shard_name(i, count, safe=safe) for i in range(count)]
-    index_name = (SAFE_INDEX_NAME if safe else WEIGHTS_INDEX_NAME) if count > 1 else None
+    index_name = index_file_name(count, safe=safe)
     owners = assign_owners(plan.sizes, world)
     file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
     mine = [i for i in range(count) if owners[i] == rank]
@@ -244,7 +244,7 @@ def save_distributed(
             )
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
-            commit = Commit(directory, durable=durable)
+            commit = Commit(directory, layout=HF_LAYOUT, durable=durable)
             commit.lock()
             commit.clean_debris()
             return commit.token
@@ -256,7 +256,7 @@ def save_distributed(
         box = [token]
         dist.broadcast_object_list(box, src=global_rank(group, 0), group=group)
         if commit is None:
-            commit = Commit(directory, durable=durable, token=box[0])
+            commit = Commit(directory, layout=HF_LAYOUT, durable=durable, token=box[0])
 
         digests: dict[str, str] = {}
         bar = progress_bar(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel.checkpoint.open import Checkpoint
+from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.execution.distributed import (
     Group,
     NodeCopy,
@@ -101,7 +101,7 @@ class PlanReader:
         ranges = [ckpt.byte_range(key) for key, _ in items]
         io = pick_io(self.io, ckpt.directory) if ranges and all(ranges) else "mmap"
         if io == "mmap":
-            ckpt.prefetch(key for key, _ in items)  # background readahead, cold caches only pay
+            ckpt.readahead(key for key, _ in items)  # background readahead, cold caches only pay
             return ckpt.get_tensor
         stream = pread_tensors(
             [r for r in ranges if r is not None], max_inflight_bytes=self.io_inflight_bytes

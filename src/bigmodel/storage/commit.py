@@ -30,10 +30,10 @@ import fcntl
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bigmodel.checkpoint.sharding import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME, is_weights_artifact
 from bigmodel.foundations.errors import CheckpointConflictError
 from bigmodel.foundations.log import logger
 from bigmodel.storage.atomic import (
@@ -47,9 +47,23 @@ from bigmodel.storage.atomic import (
     write_all,
 )
 
-__all__ = ["Commit"]
+__all__ = ["Commit", "Layout", "is_ours"]
 
-_INDEX_NAMES = (SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME)
+
+@dataclass(frozen=True)
+class Layout:
+    """The file names of a checkpoint layout, as far as the commit protocol needs them.
+
+    The checkpoint layer provides it (:data:`bigmodel.checkpoint.naming.HF_LAYOUT`); storage
+    knows no names of its own.
+    """
+
+    #: JSON files whose ``weight_map`` refers to data files by name; they are protected while a
+    #: save replaces the files they refer to, and removed before those files.
+    index_names: tuple[str, ...]
+    #: True for a file that belongs to a checkpoint of this layout: a save that replaces the
+    #: checkpoint removes every such file it did not write.
+    is_artifact: Callable[[str], bool]
 
 
 def is_ours(name: str) -> bool:
@@ -78,8 +92,11 @@ def _index_refs(path: Path) -> tuple[dict[str, Any], set[str]] | None:
 class Commit:
     """One save's staged files in ``directory`` and the steps that publish them."""
 
-    def __init__(self, directory: Path, *, durable: bool, token: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, layout: Layout, durable: bool, token: str | None = None
+    ) -> None:
         self.directory = directory
+        self.layout = layout
         self.durable = durable
         #: Marks every file of this save; ranks of a distributed save share one token.
         self.token = token or new_token()
@@ -121,7 +138,7 @@ class Commit:
 
     def _live_refs(self) -> set[str]:
         refs: set[str] = set()
-        for name in _INDEX_NAMES:
+        for name in self.layout.index_names:
             parsed = _index_refs(self.directory / name)
             if parsed is not None:
                 refs |= parsed[1]
@@ -194,7 +211,7 @@ class Commit:
             self._remove_stale(new_names)
 
     def _protect_old_checkpoint(self, incoming: set[str]) -> None:
-        for index_name in _INDEX_NAMES:
+        for index_name in self.layout.index_names:
             index_path = self.directory / index_name
             parsed = _index_refs(index_path)
             if parsed is None:
@@ -240,7 +257,7 @@ class Commit:
         stale = [
             n
             for n in names
-            if n not in keep and (is_weights_artifact(n) or (is_ours(n) and self.token in n))
+            if n not in keep and (self.layout.is_artifact(n) or (is_ours(n) and self.token in n))
         ]
         # Index files first: while an old index exists, its data files must stay whole.
         stale.sort(key=lambda n: (not n.endswith(".index.json"), n))

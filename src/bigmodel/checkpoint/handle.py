@@ -1,0 +1,235 @@
+"""The validated, read-only, lazy :class:`Checkpoint` handle and its tensor descriptions.
+
+A :class:`Checkpoint` is built by :func:`bigmodel.open_checkpoint` once every rule has been
+checked; it then answers questions about tensors from headers alone and reads each tensor's
+bytes only when asked (views of a private file mapping, zero copy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from bigmodel.checkpoint.index import Reader
+from bigmodel.checkpoint.verify import verify_files
+from bigmodel.foundations.types import VerifyResult
+from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
+from bigmodel.storage.pread import ByteRange
+from bigmodel.storage.readahead import readahead
+from bigmodel.storage.safetensors import SafetensorsFile
+
+Format = Literal["safetensors", "bin"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, known without reading its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str
+    #: For an alias of a tied tensor, the stored name it shares data with.
+    alias_of: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class TensorSlice:
+    """Lazy handle on one tensor: ``ckpt.get_slice(name)[0:128, :]`` reads only those bytes."""
+
+    def __init__(self, checkpoint: Checkpoint, info: TensorInfo) -> None:
+        self._checkpoint = checkpoint
+        self.info = info
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    def get_shape(self) -> list[int]:
+        """safetensors-compatible spelling of :attr:`shape`."""
+        return list(self.info.shape)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        view = self._checkpoint.get_tensor(self.info.name)[index]
+        return view.contiguous()
+
+
+class Checkpoint:
+    """A validated, read-only checkpoint (single file or sharded, safetensors or ``.bin``).
+
+    Use as a context manager or call :meth:`close`. Tensors returned by :meth:`get_tensor` are
+    CPU views of a private file mapping: zero-copy, and writing to them never changes the file.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        format: Format,
+        index_file: Path | None,
+        weight_map: dict[str, str],
+        metadata: dict[str, Any],
+        aliases: dict[str, str],
+        readers: dict[str, Reader],
+    ) -> None:
+        self.path = path
+        self.directory = path.parent
+        self.format: Format = format
+        self.index_file = index_file
+        self.metadata = metadata
+        self.aliases = aliases
+        self._weight_map = weight_map
+        self._readers = readers
+
+    # -- structure -----------------------------------------------------------------------
+    @property
+    def is_sharded(self) -> bool:
+        return self.index_file is not None
+
+    @property
+    def files(self) -> list[str]:
+        """Weight file names, relative to :attr:`directory`, in shard order."""
+        return list(self._readers)
+
+    def keys(self) -> list[str]:
+        """Every tensor name: stored tensors in file order, then aliases of tied tensors."""
+        return [*self._weight_map, *self.aliases]
+
+    def stored_keys(self) -> list[str]:
+        """Names whose bytes are in the files (aliases excluded)."""
+        return list(self._weight_map)
+
+    def keys_by_file(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {f: [] for f in self._readers}
+        for name, file in self._weight_map.items():
+            out[file].append(name)
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._weight_map or name in self.aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._weight_map) + len(self.aliases)
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data stored (aliases counted once)."""
+        return sum(self.tensor_info(name).nbytes for name in self._weight_map)
+
+    def _resolve(self, name: str) -> str:
+        if name in self._weight_map:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise KeyError(
+            f"{name!r} is not a tensor of the checkpoint {self.path} ({len(self)} tensors); use .keys() to list them."
+        )
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        stored = self._resolve(name)
+        file = self._weight_map[stored]
+        dtype, shape = self._readers[file].describe(stored)
+        return TensorInfo(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            file=file,
+            alias_of=None if stored == name else stored,
+        )
+
+    # -- data ----------------------------------------------------------------------------
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor on CPU, zero-copy where the file allows it."""
+        stored = self._resolve(name)
+        return self._readers[self._weight_map[stored]].get_tensor(stored)
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        """Where ``name``'s bytes are in its file, for readers that bypass the mapping (None for
+        ``.bin`` files, whose layout belongs to torch's zip format)."""
+        stored = self._resolve(name)
+        reader = self._readers[self._weight_map[stored]]
+        if not isinstance(reader, SafetensorsFile):
+            return None
+        entry = reader.entries[stored]
+        return ByteRange(name, reader.path, entry.begin, entry.nbytes, entry.dtype, entry.shape)
+
+    def readahead(self, names: Iterable[str]) -> int:
+        """Ask the kernel to start reading these tensors' bytes into the page cache, in the
+        background (see :mod:`bigmodel.storage.readahead`), so later accesses find them cached
+        instead of faulting page by page. Returns the bytes advised (ranges merged); 0 for
+        ``.bin`` files and where the platform lacks ``posix_fadvise``.
+        """
+        spans: dict[Path, list[tuple[int, int]]] = {}
+        for name in names:
+            stored = self._resolve(name)
+            reader = self._readers[self._weight_map[stored]]
+            if isinstance(reader, SafetensorsFile):
+                entry = reader.entries[stored]
+                if entry.nbytes:
+                    spans.setdefault(reader.path, []).append((entry.begin, entry.end))
+        return readahead(spans)
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A lazy handle: index it to read only part of the tensor."""
+        return TensorSlice(self, self.tensor_info(name))
+
+    # -- integrity -----------------------------------------------------------------------
+    def digests(self) -> dict[str, str]:
+        """The digest recorded for each file (by the index, or embedded in the file)."""
+        recorded = self.metadata.get(DIGESTS_KEY) if self.is_sharded else None
+        out = dict(recorded) if isinstance(recorded, dict) else {}
+        for file, reader in self._readers.items():
+            embedded = reader.metadata.get(DIGEST_KEY)
+            if isinstance(embedded, str) and file not in out:
+                out[file] = embedded
+        return out
+
+    def verify(
+        self, *, max_workers: int | None = None, progress: bool | None = None
+    ) -> VerifyResult:
+        """Re-hash every file that has a recorded digest and compare (files in parallel).
+
+        A file without a recorded digest is listed in ``unverified``; the structural checks
+        done when the checkpoint was opened (sizes, offsets, keys) still apply to it.
+        """
+        return verify_files(
+            self.directory,
+            self._readers,
+            self.digests(),
+            max_workers=max_workers,
+            progress=progress,
+        )
+
+    def close(self) -> None:
+        """Release the file mappings held by this object; tensors already returned stay valid."""
+        for reader in self._readers.values():
+            reader.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        layout = f"sharded, {len(self._readers)} files" if self.is_sharded else "single file"
+        return f"Checkpoint({str(self.path)!r}, {self.format}, {layout}, {len(self)} tensors)"

@@ -1,0 +1,86 @@
+"""Verifying a checkpoint's files against the digests recorded when they were written.
+
+Files are re-hashed in parallel threads (hashing releases the GIL); each file gives at most
+one :class:`~bigmodel.Problem`. A file without a recorded digest is reported as unverified:
+only the structural checks done when the checkpoint was opened apply to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bigmodel.checkpoint.index import Reader
+from bigmodel.foundations.errors import Problem
+from bigmodel.foundations.progress import progress_bar
+from bigmodel.foundations.types import VerifyResult
+from bigmodel.storage.digest import DIGEST_KEY, buffer_digest, path_digest
+from bigmodel.storage.safetensors import SafetensorsFile
+
+__all__ = ["check_file", "verify_files"]
+
+
+def check_file(directory: Path, file: str, reader: Reader, expected: str) -> Problem | None:
+    """Re-hash one file and compare with ``expected``; None when it matches."""
+    path = str(directory / file)
+    try:
+        if isinstance(reader, SafetensorsFile):
+            embedded = reader.metadata.get(DIGEST_KEY) == expected
+            actual = buffer_digest(reader.mapping(), expected, embedded=embedded)
+        else:
+            actual = path_digest(directory / file, expected, reader.identity)
+    except FileExistsError:
+        return Problem(
+            path,
+            "file-changed",
+            "the file was replaced after the checkpoint was opened.",
+            hint="reopen the checkpoint and verify again.",
+        )
+    if actual is None:
+        return Problem(
+            path,
+            "digest-unverifiable",
+            f"the recorded digest {expected!r} is malformed or cannot be located in the file.",
+            hint="re-save the checkpoint to record fresh digests.",
+        )
+    if actual != expected:
+        return Problem(
+            path,
+            "digest-mismatch",
+            f"the file's contents do not match the digest recorded when it was written (expected {expected}, got {actual}): it is corrupt.",
+            hint="re-download or re-save this file.",
+        )
+    return None
+
+
+def verify_files(
+    directory: Path,
+    readers: Mapping[str, Reader],
+    expected: Mapping[str, str],
+    *,
+    max_workers: int | None = None,
+    progress: bool | None = None,
+) -> VerifyResult:
+    """Check every file of ``readers`` that has an ``expected`` digest, files in parallel."""
+    problems: list[Problem] = []
+    verified: list[str] = []
+    files = [f for f in readers if f in expected]
+    workers = max_workers or min(4, os.cpu_count() or 1)
+    sizes = {f: (directory / f).stat().st_size for f in files}
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        progress_bar(
+            total=sum(sizes.values()), desc=f"Verifying {directory.name}", progress=progress
+        ) as bar,
+    ):
+        checks = pool.map(lambda f: check_file(directory, f, readers[f], expected[f]), files)
+        for file, problem in zip(files, checks, strict=True):
+            bar.update(sizes[file])
+            if problem is None:
+                verified.append(file)
+            else:
+                problems.append(problem)
+    unverified = [f for f in readers if f not in expected]
+    return VerifyResult(verified=verified, unverified=unverified, problems=problems)
