@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bigmodel.checkpoint.open import Checkpoint, open_checkpoint
+from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.foundations.units import parse_size
 from bigmodel.placement.device_map import (
     PlanError,

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel.checkpoint.open import Checkpoint, open_checkpoint
+from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.execution.distributed import Group, is_dtensor, resolve_group, run_step
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_sources

@@ -8,7 +8,8 @@ import textwrap
 from collections import defaultdict
 from typing import Any
 
-from bigmodel.checkpoint.open import Checkpoint, open_checkpoint
+from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.cli._common import EXIT_OK, Subparsers, add_command, emit_json, print_table
 from bigmodel.foundations.units import format_size
 

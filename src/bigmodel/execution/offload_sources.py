@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigmodel.checkpoint.open import Checkpoint
+from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.storage.atomic import new_token, open_temp
 from bigmodel.storage.safetensors import SafetensorsFile, write_safetensors
 
