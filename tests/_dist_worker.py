@@ -200,7 +200,7 @@ def save_placements(folder: str, opts: dict) -> dict:
 
 def save_failing(folder: str, opts: dict) -> dict:
     """Both ranks save a replicated model into opts['out']; rank opts['bad_rank'] fails writing."""
-    import bigmodel.api.save as save_module
+    import bigmodel.execution.writing as writing_module
 
     with bigmodel.init_empty_weights():
         model = Net()
@@ -211,7 +211,7 @@ def save_failing(folder: str, opts: dict) -> dict:
             fh.write(b"partial")
             raise OSError(28, "No space left on device")
 
-        save_module._write_shard = broken  # what every shard write goes through
+        writing_module._write_shard = broken  # what every shard write goes through
     try:
         bigmodel.save_checkpoint(
             model, opts["out"], max_shard_size="12KB", process_group=dist.group.WORLD

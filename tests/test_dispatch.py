@@ -325,8 +325,8 @@ def test_the_execution_device_is_the_first_accelerator_by_index_and_never_disk()
 def test_inputs_and_outputs_keep_their_container_types_when_moved():
     from collections import namedtuple
 
-    from bigmodel.execution.offload import _to
+    from bigmodel.execution.hooks import move_to
 
     Pair = namedtuple("Pair", "x y")
-    moved = _to({"p": Pair(torch.ones(1), [torch.zeros(1)])}, torch.device("cpu"))
+    moved = move_to({"p": Pair(torch.ones(1), [torch.zeros(1)])}, torch.device("cpu"))
     assert isinstance(moved["p"], Pair) and isinstance(moved["p"].y, list)

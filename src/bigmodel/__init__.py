@@ -6,13 +6,13 @@ huggingface_hub and safetensors.
 """
 
 from bigmodel.api.dcp import dcp_to_hf, hf_to_dcp
+from bigmodel.api.dispatch import dispatch_model
 from bigmodel.api.estimate import Estimate, estimate_memory
 from bigmodel.api.load import load_checkpoint, load_sharded_checkpoint
 from bigmodel.api.pretrained import PretrainedMixin, from_pretrained
 from bigmodel.api.save import save_checkpoint
 from bigmodel.checkpoint.handle import Checkpoint, TensorInfo, TensorSlice
 from bigmodel.checkpoint.open import open_checkpoint
-from bigmodel.execution.offload import dispatch_model
 from bigmodel.foundations.errors import (
     BigModelError,
     CheckpointConflictError,

@@ -42,11 +42,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from bigmodel.execution.offload_sources import write_converted
 from bigmodel.foundations.errors import DistributedError
 from bigmodel.foundations.log import logger
 from bigmodel.storage.atomic import new_token
 from bigmodel.storage.safetensors import SafetensorsFile
+from bigmodel.storage.scratch import write_converted
 
 __all__ = [
     "STRATEGIES",

@@ -17,13 +17,12 @@ are read in a background thread while the bytes they hold stay within the prefet
 default the largest entry, i.e. one entry ahead), so reads overlap compute and the memory in
 flight is fixed. Entries that were skipped (a module whose forward did not run) are dropped.
 
-Placement hooks: each device-map entry moves its inputs to its execution device, and the
-model's outputs come back to the device of the caller's inputs.
+The placement hooks (inputs to each entry's device, outputs back to the caller's) are
+attached alongside, see :mod:`bigmodel.execution.hooks`.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,16 +33,16 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bigmodel.execution.offload_sources import OffloadedTensor, offload_state, resident_sources
+from bigmodel.execution.hooks import attach_placement_hooks, move_to
+from bigmodel.execution.offload_sources import OffloadedTensor, resident_sources
 from bigmodel.foundations.units import parse_size
 from bigmodel.placement.device_map import (
     covering_key,
     device_for,
-    execution_device,
     normalize_device,
 )
 
-__all__ = ["Offloader", "attach_offload_hooks", "attach_placement_hooks", "dispatch_model"]
+__all__ = ["Offloader", "attach_offload_hooks"]
 
 
 @dataclass
@@ -226,7 +225,7 @@ class Offloader:
                     mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=spec.requires_grad)
                 else:
                     mod._buffers[leaf] = tensor
-            return _to(args, self.execution_device), _to(kwargs, self.execution_device)
+            return move_to(args, self.execution_device), move_to(kwargs, self.execution_device)
 
         return hook
 
@@ -263,71 +262,6 @@ def _placeholder(module: nn.Module, leaf: str) -> torch.Tensor:
         current = module._buffers[leaf]
     assert current is not None
     return torch.empty_like(current, device="meta")
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True) if value.device != device else value
-    if isinstance(value, tuple):
-        if hasattr(value, "_fields"):  # namedtuple
-            return type(value)(*(_to(v, device) for v in value))
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return type(value)((k, _to(v, device)) for k, v in value.items())
-    return value
-
-
-def _first_device(value: Any) -> torch.device | None:
-    if isinstance(value, torch.Tensor):
-        return value.device
-    items = value.values() if isinstance(value, dict) else value
-    if isinstance(value, (tuple, list, dict)):
-        for item in items:
-            found = _first_device(item)
-            if found is not None:
-                return found
-    return None
-
-
-def attach_placement_hooks(
-    model: nn.Module, device_map: Mapping[str, str], execution: torch.device
-) -> list[RemovableHandle]:
-    """Move each entry's inputs to where it runs, and the outputs back to the caller's device.
-
-    Needed only when the map involves more than the CPU; returns no hooks otherwise.
-    """
-    devices = {normalize_device(execution)} | {d for d in device_map.values() if d != "disk"}
-    if devices <= {"cpu"}:
-        return []
-    handles: list[RemovableHandle] = []
-    for key, device in device_map.items():
-        target = torch.device(execution if device in ("disk", "cpu") else device)
-        module = model.get_submodule(key) if key else model
-        handles.append(module.register_forward_pre_hook(_inputs_to(target), with_kwargs=True))
-    callers: list[torch.device | None] = []
-
-    def remember(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        callers.append(_first_device((args, kwargs)))
-
-    def give_back(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        caller = callers.pop() if callers else None
-        return output if caller is None else _to(output, caller)
-
-    # prepend: the caller's device is recorded before any hook moves the inputs
-    handles.append(model.register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
-    handles.append(model.register_forward_hook(give_back))
-    return handles
-
-
-def _inputs_to(device: torch.device) -> Callable[..., Any]:
-    def hook(
-        mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return _to(args, device), _to(kwargs, device)
-
-    return hook
 
 
 def attach_offload_hooks(
@@ -381,35 +315,3 @@ def attach_offload_hooks(
     model._bigmodel_offloader = offloader  # type: ignore[assignment]
     model._bigmodel_placement_hooks = handles  # type: ignore[assignment]
     return offloader
-
-
-def dispatch_model(
-    model: nn.Module,
-    device_map: Mapping[str, str | int],
-    *,
-    offload_folder: str | os.PathLike[str] | None = None,
-    main_device: str | int | None = None,
-    prefetch: bool | int | str = True,
-) -> nn.Module:
-    """Place an already-loaded model by ``device_map``: modules on an accelerator or ``cpu`` are
-    moved there; modules on ``disk`` are written once into ``offload_folder`` (a temporary
-    folder by default) and released, then brought back just for their forward. Offloaded
-    modules run on ``main_device`` (default: the first accelerator in the map, else ``cpu``);
-    outputs come back to the device of the inputs. ``prefetch`` bounds the bytes read ahead
-    (see :class:`Offloader`)."""
-    resolved = {k: normalize_device(v) for k, v in device_map.items()}
-    for key, device in resolved.items():
-        if device != "disk":
-            target = model.get_submodule(key) if key else model
-            target.to(device)
-    state = model.state_dict(keep_vars=True)
-    disk = {name: tensor for name, tensor in state.items() if device_for(name, resolved) == "disk"}
-    specs = offload_state(disk, offload_folder) if disk else {}
-    attach_offload_hooks(
-        model,
-        specs,
-        resolved,
-        execution_device=execution_device(resolved, main_device),
-        prefetch=prefetch,
-    )
-    return model

@@ -14,7 +14,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +22,13 @@ import torch
 from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint
-from bigmodel.storage.atomic import new_token, open_temp
-from bigmodel.storage.safetensors import SafetensorsFile, write_safetensors
+from bigmodel.storage.scratch import write_converted
 
 __all__ = [
     "OffloadedTensor",
     "offload_sources",
     "offload_state",
     "resident_sources",
-    "write_converted",
 ]
 
 
@@ -118,32 +116,6 @@ def _describe(
             source=source,
             nbytes=target.numel() * dtype.itemsize,
         )
-
-
-def write_converted(
-    folder: Path,
-    items: Iterable[tuple[str, torch.Tensor, torch.dtype]],
-    *,
-    label: str = "offload",
-) -> dict[str, SafetensorsFile]:
-    """Write (name, tensor, target dtype) items into ``folder``, one safetensors file per target
-    dtype, each converted as it is written (one converted tensor in memory at a time); return
-    the reader of each name. Files are named by bigmodel, never after a tensor, and appear
-    complete or not at all (written under a temporary name, then renamed; no fsync: scratch)."""
-    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-    for name, tensor, dtype in items:
-        by_dtype.setdefault(dtype, []).append((name, tensor))
-    readers: dict[str, SafetensorsFile] = {}
-    for dtype, tensors in by_dtype.items():
-        kind = str(dtype).removeprefix("torch.")
-        final = folder / f"{label}-{kind}-{new_token()}.safetensors"
-        temp = folder / f".{final.name}.tmp"
-        with open_temp(temp, durable=False) as fh:
-            write_safetensors(fh, tensors, {"format": "pt"}, cast=dtype)
-        os.replace(temp, final)
-        reader = SafetensorsFile(final)
-        readers.update(dict.fromkeys((name for name, _ in tensors), reader))
-    return readers
 
 
 def offload_state(
