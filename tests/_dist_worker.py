@@ -63,7 +63,12 @@ def replicated(folder: str, opts: dict) -> dict:
     dtype = getattr(torch, opts["dtype"]) if opts.get("dtype") else None
     with bigmodel.init_empty_weights():
         model = Net()
-    report = bigmodel.load_checkpoint(model, folder, dtype=dtype, strategy=opts["strategy"])
+    report = bigmodel.load_checkpoint(
+        model,
+        folder,
+        dtype=dtype,
+        distributed=bigmodel.DistributedOptions(strategy=opts["strategy"]),
+    )
     expected = reference(folder, dtype)
     state = model.state_dict()
     return {
@@ -248,7 +253,11 @@ def failing(folder: str, opts: dict) -> dict:
     with bigmodel.init_empty_weights():
         model = Net()
     try:
-        bigmodel.load_checkpoint(model, target, strategy=opts.get("strategy", "auto"))
+        bigmodel.load_checkpoint(
+            model,
+            target,
+            distributed=bigmodel.DistributedOptions(strategy=opts.get("strategy", "auto")),
+        )
     except bigmodel.DistributedError as exc:
         return {"raised": "DistributedError", "ranks": list(exc.failures), "message": str(exc)}
     return {"raised": None}

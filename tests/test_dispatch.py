@@ -68,7 +68,9 @@ MAP = {
 def test_a_cpu_and_disk_map_gives_the_outputs_of_the_in_memory_model(saved, prefetch):
     reference, folder = saved
     model = _empty()
-    bigmodel.load_checkpoint(model, folder, device_map=MAP, prefetch=prefetch)
+    bigmodel.load_checkpoint(
+        model, folder, device_map=MAP, offload=bigmodel.OffloadOptions(prefetch=prefetch)
+    )
     assert model.layers[1].up.weight.is_meta  # not resident between forwards
     assert not model.layers[0].up.weight.is_meta
     with torch.no_grad():
@@ -245,7 +247,9 @@ DISK_LAYERS = {
 def test_prefetch_reads_ahead_only_as_many_bytes_as_its_bound(saved, prefetch, ahead):
     reference, folder = saved
     model = _empty()
-    bigmodel.load_checkpoint(model, folder, device_map=DISK_LAYERS, prefetch=prefetch)
+    bigmodel.load_checkpoint(
+        model, folder, device_map=DISK_LAYERS, offload=bigmodel.OffloadOptions(prefetch=prefetch)
+    )
     offloader = model._bigmodel_offloader
     block = offloader.entry_bytes[0]
     assert offloader.entry_bytes == [block] * 6

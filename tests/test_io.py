@@ -33,7 +33,7 @@ def test_pread_loads_exactly_what_mmap_loads(tmp_path, dtype):
         with bigmodel.init_empty_weights():
             model = TiedNet()
         report = bigmodel.load_checkpoint(
-            model, tmp_path, io=io, dtype=dtype, io_inflight_bytes="1KB"
+            model, tmp_path, io=bigmodel.IOOptions(io, inflight_bytes="1KB"), dtype=dtype
         )
         loaded[io] = model.state_dict()
         assert model.head.weight is model.embed.weight

@@ -28,7 +28,15 @@ from bigmodel.foundations.errors import (
     UnsafeCheckpointError,
     UnsupportedTensorError,
 )
-from bigmodel.foundations.types import LoadReport, MismatchedKey, SaveResult, VerifyResult
+from bigmodel.foundations.types import (
+    DistributedOptions,
+    IOOptions,
+    LoadReport,
+    MismatchedKey,
+    OffloadOptions,
+    SaveResult,
+    VerifyResult,
+)
 from bigmodel.foundations.units import parse_size
 from bigmodel.placement.device_map import PlanError, compute_module_sizes, infer_device_map
 from bigmodel.placement.empty import init_empty_weights, init_on_device
@@ -42,7 +50,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "DistributedError",
+    "DistributedOptions",
     "Estimate",
+    "IOOptions",
     "InvalidCheckpointError",
     "KeyMappingError",
     "KeyMismatchError",
@@ -50,6 +60,7 @@ __all__ = [
     "MetaTensorError",
     "MismatchedKey",
     "MissingInitializerError",
+    "OffloadOptions",
     "PlanError",
     "PretrainedMixin",
     "Problem",

@@ -9,6 +9,7 @@ from torch import nn
 
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import offload_state
+from bigmodel.foundations.types import OffloadOptions
 from bigmodel.placement.device_map import device_for, execution_device, normalize_device
 
 __all__ = ["dispatch_model"]
@@ -19,15 +20,15 @@ def dispatch_model(
     device_map: Mapping[str, str | int],
     *,
     offload_folder: str | os.PathLike[str] | None = None,
-    main_device: str | int | None = None,
-    prefetch: bool | int | str = True,
+    offload: OffloadOptions | None = None,
 ) -> nn.Module:
     """Place an already-loaded model by ``device_map``: modules on an accelerator or ``cpu`` are
     moved there; modules on ``disk`` are written once into ``offload_folder`` (a temporary
-    folder by default) and released, then brought back just for their forward. Offloaded
-    modules run on ``main_device`` (default: the first accelerator in the map, else ``cpu``);
-    outputs come back to the device of the inputs. ``prefetch`` bounds the bytes read ahead
-    (see :class:`Offloader`)."""
+    folder by default) and released, then brought back just for their forward. ``offload``
+    (:class:`~bigmodel.OffloadOptions`) says where offloaded modules run (default: the first
+    accelerator in the map, else ``cpu``) and how far reads run ahead; outputs come back to
+    the device of the inputs."""
+    offload = offload or OffloadOptions()
     resolved = {k: normalize_device(v) for k, v in device_map.items()}
     for key, device in resolved.items():
         if device != "disk":
@@ -40,7 +41,7 @@ def dispatch_model(
         model,
         specs,
         resolved,
-        execution_device=execution_device(resolved, main_device),
-        prefetch=prefetch,
+        execution_device=execution_device(resolved, offload.main_device),
+        prefetch=offload.prefetch,
     )
     return model

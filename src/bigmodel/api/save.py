@@ -15,9 +15,10 @@ from bigmodel.checkpoint.sharding import (
     find_aliases,
     plan_shards,
 )
-from bigmodel.execution.distributed import is_dtensor, resolve_group
+from bigmodel.execution.distributed import resolve_group
 from bigmodel.execution.writing import write_planned
 from bigmodel.foundations.errors import UnsupportedTensorError
+from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.storage.digest import DEFAULT_ALGORITHM, new_hasher

@@ -44,21 +44,19 @@ import torch
 
 from bigmodel.foundations.errors import DistributedError
 from bigmodel.foundations.log import logger
+from bigmodel.foundations.types import STRATEGIES
 from bigmodel.storage.atomic import new_token
 from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.scratch import write_converted
 
 __all__ = [
-    "STRATEGIES",
     "Group",
     "assign_owners",
     "choose_strategy",
-    "is_dtensor",
     "local_shard",
     "resolve_group",
 ]
 
-STRATEGIES = ("auto", "mmap", "shm", "scatter", "rank0")
 T = TypeVar("T")
 Group = Any  # torch.distributed.ProcessGroup; Any keeps torch.distributed optional at import
 
@@ -129,14 +127,6 @@ def _describe(error: BaseException) -> str:
     last = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
     where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
     return f"{type(error).__name__}: {error}{where}"
-
-
-# -- sharded tensors --------------------------------------------------------------------------
-def is_dtensor(tensor: torch.Tensor) -> bool:
-    # No import: DTensor's modules cost tens of MB, and a tensor can only be a DTensor if
-    # the caller already imported them.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local_shard(

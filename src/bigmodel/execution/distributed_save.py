@@ -41,7 +41,6 @@ from bigmodel.execution.distributed import (
     Group,
     assign_owners,
     global_rank,
-    is_dtensor,
     rank_of,
     run_step,
     world_of,
@@ -49,6 +48,7 @@ from bigmodel.execution.distributed import (
 from bigmodel.execution.writing import stage_shard
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import ProgressBar, progress_bar
+from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
 from bigmodel.storage.commit import Commit
 from bigmodel.storage.dtypes import stored_nbytes

@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bigmodel.execution.hooks import attach_placement_hooks, move_to
 from bigmodel.execution.offload_sources import OffloadedTensor, resident_sources
-from bigmodel.foundations.units import parse_size
+from bigmodel.foundations.types import OffloadOptions
 from bigmodel.placement.device_map import (
     covering_key,
     device_for,
@@ -134,14 +134,8 @@ class Offloader:
         return sum(seen.values())
 
     def _bound(self, prefetch: bool | int | str) -> int:
-        if prefetch is True:
-            return max(self.entry_bytes, default=0) or 1
-        if prefetch is False:
-            return 0
-        bound = parse_size(prefetch)
-        if bound < 0:
-            raise ValueError(f"prefetch={prefetch!r}: a bound in bytes must be >= 0.")
-        return bound
+        bound = OffloadOptions(prefetch=prefetch).prefetch_bytes
+        return max(self.entry_bytes, default=0) or 1 if bound is None else bound
 
     # -- reading ----------------------------------------------------------------------------
     def _read(self, names: list[str]) -> _Batch:

@@ -18,7 +18,7 @@ tensor is in flight beyond the final model (``io="pread"``: the in-flight bound)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +31,6 @@ from bigmodel.execution.distributed import (
     assign_owners,
     broadcast_tensor,
     choose_strategy,
-    is_dtensor,
     local_shard,
     rank_of,
     run_step,
@@ -39,13 +38,13 @@ from bigmodel.execution.distributed import (
 )
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import progress_bar
-from bigmodel.foundations.types import LoadReport
+from bigmodel.foundations.tensors import is_dtensor
+from bigmodel.foundations.types import IOOptions, LoadReport
+from bigmodel.placement.load_plan import Plan
 from bigmodel.placement.policy import Placement, like, place
 from bigmodel.storage.pread import pick_io, pread_tensors
 
-__all__ = ["Plan", "PlanReader"]
-
-Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
+__all__ = ["PlanReader"]
 
 
 @dataclass
@@ -59,8 +58,7 @@ class PlanReader:
     report: LoadReport
     #: Replace tensors (load_checkpoint); False copies into materialised ones (HF semantics).
     assign: bool = True
-    io: str = "auto"
-    io_inflight_bytes: int = 256 * 2**20
+    io: IOOptions = field(default_factory=IOOptions)
     strategy: str = "auto"
     progress: bool | None = None
     bar: Any = None
@@ -99,12 +97,12 @@ class PlanReader:
         """
         ckpt = self.ckpt
         ranges = [ckpt.byte_range(key) for key, _ in items]
-        io = pick_io(self.io, ckpt.directory) if ranges and all(ranges) else "mmap"
+        io = pick_io(self.io.mode, ckpt.directory) if ranges and all(ranges) else "mmap"
         if io == "mmap":
             ckpt.readahead(key for key, _ in items)  # background readahead, cold caches only pay
             return ckpt.get_tensor
         stream = pread_tensors(
-            [r for r in ranges if r is not None], max_inflight_bytes=self.io_inflight_bytes
+            [r for r in ranges if r is not None], max_inflight_bytes=self.io.inflight
         )
 
         def fetch(key: str) -> torch.Tensor:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from bigmodel.foundations.errors import Problem
+from bigmodel.foundations.units import parse_size
 
 
 class MismatchedKey(NamedTuple):
@@ -71,3 +72,96 @@ class RewriteResult:
     saved: SaveResult
     source_format: str
     copied_files: list[str]
+
+
+#: Ways to read a checkpoint's bytes (see :class:`IOOptions`).
+IO_MODES = ("auto", "mmap", "pread")
+#: Ways ranks share replicated tensors in a distributed load (see :class:`DistributedOptions`).
+STRATEGIES = ("auto", "mmap", "shm", "scatter", "rank0")
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """How a model runs when its device map keeps modules on ``cpu`` or ``disk``.
+
+    Used by :func:`bigmodel.load_checkpoint` (``offload=``) and :func:`bigmodel.dispatch_model`
+    together with ``device_map`` and ``offload_folder``.
+
+    * ``main_device``: where offloaded modules run and where outputs are returned (default:
+      the first accelerator of the map, else ``cpu``).
+    * ``prefetch``: how far the hooks read ahead of the module that runs. ``True`` (default)
+      reads up to the size of the largest device-map entry ahead, so reading overlaps compute
+      with a fixed amount of memory in flight; ``False`` reads each entry when it runs; a size
+      (``"512MB"`` or a number of bytes) sets the bound.
+    """
+
+    main_device: str | int | None = None
+    prefetch: bool | int | str = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefetch, bool):
+            parse_size(self.prefetch)  # a bad size fails here, before anything is loaded
+
+    @property
+    def prefetch_bytes(self) -> int | None:
+        """The read-ahead bound in bytes; None means "the largest entry"."""
+        if self.prefetch is True:
+            return None
+        if self.prefetch is False:
+            return 0
+        return parse_size(self.prefetch)
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """How a load coordinates with other processes under ``torch.distributed``.
+
+    * ``process_group``: the group whose ranks all call the load (default: the default group,
+      when one is initialised). ``False`` loads in this process alone whatever is initialised
+      (say, on rank 0 only).
+    * ``strategy`` for replicated (plain) tensors: ``"mmap"`` (every rank maps the files; one
+      page-cache copy per node), ``"shm"`` (one rank per node converts into shared memory, the
+      others map it), ``"scatter"`` (each rank reads a part, then broadcasts), ``"rank0"``
+      (rank 0 reads everything and broadcasts); ``"auto"`` picks mmap for CPU loads without a
+      conversion, shm for CPU loads with one, scatter for accelerators. Sharded (DTensor)
+      parameters always read only this rank's slice.
+    """
+
+    process_group: Any = None
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)} "
+                "(see bigmodel.DistributedOptions for what each does)."
+            )
+
+
+@dataclass(frozen=True)
+class IOOptions:
+    """How a load reads bytes. ``load_checkpoint(io="pread")`` is short for
+    ``io=IOOptions(mode="pread")``.
+
+    * ``mode``: ``"mmap"`` maps the files (zero copy when dtype and device match; the kernel is
+      asked to read the planned tensors ahead); ``"pread"`` reads with parallel ``preadv``
+      calls (for network and FUSE filesystems, where page faults are slow); ``"auto"`` picks
+      pread on such filesystems and mmap elsewhere. ``.bin`` files are always mapped by torch.
+    * ``inflight_bytes`` (pread only): how far reads may run ahead of the tensor being placed.
+    """
+
+    mode: str = "auto"
+    inflight_bytes: int | str = "256MiB"
+
+    def __post_init__(self) -> None:
+        if self.mode not in IO_MODES:
+            raise ValueError(f"io={self.mode!r}: choose one of {', '.join(IO_MODES)}.")
+        parse_size(self.inflight_bytes)  # a bad size fails here, before anything is read
+
+    @property
+    def inflight(self) -> int:
+        return parse_size(self.inflight_bytes)
+
+    @classmethod
+    def of(cls, io: str | IOOptions) -> IOOptions:
+        return io if isinstance(io, IOOptions) else cls(mode=io)

@@ -10,14 +10,16 @@ weight is never initialised, not even transiently.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from bigmodel.foundations.errors import MissingInitializerError
+from bigmodel.foundations.errors import MetaTensorError, MissingInitializerError
+from bigmodel.foundations.tensors import is_dtensor
+from bigmodel.placement.policy import Placement, place
 
-__all__ = ["InitFn", "initialize_missing"]
+__all__ = ["InitFn", "check_nothing_on_meta", "initialize_missing", "materialize_missing"]
 
 InitFn = Callable[[nn.Module], object]
 
@@ -98,3 +100,62 @@ def initialize_missing(
                 fn()
         done.extend(owned)
     return done
+
+
+def check_nothing_on_meta(model: nn.Module, skip: frozenset[str] = frozenset()) -> None:
+    """Raise naming every tensor left on ``meta``, except the offloaded ones in ``skip``."""
+    left = [
+        f"parameter {n!r}"
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if p.is_meta and n not in skip
+    ]
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, buf in module._buffers.items():
+            full = f"{module_name}.{name}" if module_name else name
+            if buf is not None and buf.is_meta and full not in skip:
+                kind = (
+                    "non-persistent buffer"
+                    if name in module._non_persistent_buffers_set
+                    else "buffer"
+                )
+                left.append(f"{kind} {full!r}")
+    if left:
+        raise MetaTensorError(
+            f"After loading, {len(left)} tensor(s) are still on the meta device and hold no data: "
+            f"{', '.join(left[:20])}{' ...' if len(left) > 20 else ''} [{MetaTensorError.code}]. "
+            "Fix: build the model with bigmodel.init_empty_weights() (it keeps non-persistent buffers "
+            "real) instead of torch.device('meta'), and let missing weights be initialised (init_missing=True)."
+        )
+
+
+def materialize_missing(
+    model: nn.Module,
+    targets: Mapping[str, torch.Tensor],
+    to_init: list[list[str]],
+    placement: Placement,
+    init_fn: InitFn | None = None,
+) -> list[str]:
+    """Materialise the tensors still on meta that the checkpoint lacked, then initialise them.
+
+    A materialised module keeps the values it was built with.
+    """
+    fresh: list[str] = []
+    sharded = [g[0] for g in to_init if is_dtensor(targets[g[0]]) and targets[g[0]].is_meta]
+    if sharded:
+        raise MetaTensorError(
+            f"{len(sharded)} sharded (DTensor) tensor(s) are not in the checkpoint: "
+            f"{', '.join(sharded[:10])} [{MetaTensorError.code}]. bigmodel initialises missing "
+            "tensors only for unsharded modules. Fix: load a checkpoint that has them, or "
+            "initialise the model before fully_shard / parallelize_module."
+        )
+    for group in to_init:
+        old = targets[group[0]]
+        if old.is_meta:
+            empty = torch.empty(
+                old.shape,
+                dtype=placement.dtype_for(group[0], old),
+                device=placement.device_for(group[0], old),
+            )
+            place(model, group, old, empty)
+            fresh.extend(group)
+    return initialize_missing(model, fresh, init_fn=init_fn) if fresh else []

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from bigmodel.foundations.errors import InvalidCheckpointError
+from bigmodel.foundations.types import IO_MODES
 
-__all__ = ["IO_MODES", "ByteRange", "pick_io", "pread_tensors"]
+__all__ = ["ByteRange", "pick_io", "pread_tensors"]
 
-IO_MODES = ("auto", "mmap", "pread")
 #: Filesystem types where page-faulting a mapping is slow; ``io="auto"`` reads with pread there.
 REMOTE_FILESYSTEMS = frozenset(
     {

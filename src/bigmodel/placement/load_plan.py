@@ -1,0 +1,116 @@
+"""What a load will read, decided from headers alone: key matching, shapes, tied names.
+
+:func:`plan_load` pairs every module tensor with the checkpoint key that fills it (after
+``key_mapping`` and whole-model prefix detection, see :mod:`bigmodel.placement.keys`), groups
+names that share one tensor object (tied weights are read once), and checks shapes. A load
+that the options forbid (strict with missing/unexpected keys; a shape mismatch without
+``ignore_mismatched_sizes``) raises :class:`~bigmodel.KeyMismatchError` here, before any
+weight is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.foundations.errors import KeyMismatchError
+from bigmodel.foundations.log import logger
+from bigmodel.foundations.types import LoadReport, MismatchedKey
+from bigmodel.placement.keys import match_keys
+
+__all__ = ["LoadPlan", "MatchRules", "Plan", "plan_load", "tie_groups"]
+
+Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
+
+
+@dataclass(frozen=True)
+class MatchRules:
+    """How checkpoint keys are matched to module names, and what a mismatch means."""
+
+    strict: bool = True
+    key_mapping: Mapping[str, str] | None = None
+    detect_prefix: bool = True
+    ignore_mismatched_sizes: bool = False
+    #: Only loads that replace tensors can re-initialise a mis-shaped one (for the error's hint).
+    can_ignore_mismatched: bool = True
+
+
+@dataclass
+class LoadPlan:
+    """What to read (in file order), what to initialise, and the report so far."""
+
+    items: Plan
+    to_init: list[list[str]]
+    report: LoadReport
+
+
+def tie_groups(targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Names of the module's state grouped by tensor object (a tied weight appears under several)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in targets.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def _pair(
+    ckpt: Checkpoint,
+    targets: Mapping[str, torch.Tensor],
+    from_model: Mapping[str, str],
+    report: LoadReport,
+) -> tuple[Plan, list[list[str]]]:
+    """For each tie group, the checkpoint key that fills it, or the group to initialise."""
+    items: Plan = []
+    to_init: list[list[str]] = []
+    for group in tie_groups(targets):
+        tensor = targets[group[0]]
+        source = None
+        mismatched = False
+        for name in group:
+            if name not in from_model:
+                continue
+            shape = ckpt.tensor_info(from_model[name]).shape
+            if shape != tuple(tensor.shape):
+                report.mismatched_keys.append(MismatchedKey(name, shape, tuple(tensor.shape)))
+                mismatched = True
+            elif source is None:
+                source = from_model[name]
+        if source is not None:
+            items.append((source, group))
+        else:
+            if not mismatched:
+                report.missing_keys.extend(group)
+            to_init.append(group)
+    return items, to_init
+
+
+def _enforce(ckpt: Checkpoint, report: LoadReport, rules: MatchRules) -> None:
+    # Like torch's load_state_dict, a shape mismatch is an error even when strict=False.
+    bad_shapes = bool(report.mismatched_keys) and not rules.ignore_mismatched_sizes
+    if bad_shapes or (rules.strict and (report.missing_keys or report.unexpected_keys)):
+        raise KeyMismatchError(
+            checkpoint=str(ckpt.path),
+            missing_keys=report.missing_keys if rules.strict else (),
+            unexpected_keys=report.unexpected_keys if rules.strict else (),
+            mismatched=report.mismatched_keys if bad_shapes else (),
+            can_ignore_mismatched=rules.can_ignore_mismatched,
+        )
+
+
+def plan_load(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor], rules: MatchRules) -> LoadPlan:
+    """Match keys and shapes from the headers alone; raise before anything is loaded."""
+    keys = match_keys(
+        ckpt.keys(), targets, key_mapping=rules.key_mapping, detect_prefix=rules.detect_prefix
+    )
+    from_model = {m: c for c, m in keys.to_model.items()}
+    report = LoadReport(checkpoint=str(ckpt.path), renamed_keys=keys.renamed, prefix=keys.prefix)
+    if keys.prefix:
+        logger.info("checkpoint %s: %s to match the model's key names", ckpt.path, keys.prefix)
+    items, to_init = _pair(ckpt, targets, from_model, report)
+    report.unexpected_keys = [c for c, m in keys.to_model.items() if m not in targets]
+    _enforce(ckpt, report, rules)
+    order = {file: i for i, file in enumerate(ckpt.files)}
+    items.sort(key=lambda item: order[ckpt.tensor_info(item[0]).file])
+    return LoadPlan(items=items, to_init=to_init, report=report)

@@ -1,0 +1,66 @@
+"""Each advanced concern of a load is one documented option type, checked before anything is read."""
+
+import pytest
+import torch
+
+import bigmodel
+from conftest import TiedNet
+
+
+@pytest.fixture
+def folder(tmp_path):
+    bigmodel.save_checkpoint(TiedNet(), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_an_unknown_io_mode_is_refused_with_the_accepted_modes():
+    with pytest.raises(ValueError, match=r"io='fast': choose one of auto, mmap, pread"):
+        bigmodel.IOOptions("fast")
+
+
+def test_io_as_a_string_is_short_for_io_options_with_that_mode(folder):
+    with bigmodel.init_empty_weights():
+        short = TiedNet()
+    with bigmodel.init_empty_weights():
+        spelled = TiedNet()
+    bigmodel.load_checkpoint(short, folder, io="pread")
+    bigmodel.load_checkpoint(spelled, folder, io=bigmodel.IOOptions(mode="pread"))
+    for (name, a), b in zip(short.state_dict().items(), spelled.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_bad_in_flight_bound_fails_when_the_options_are_built():
+    with pytest.raises(ValueError, match="Invalid size 'lots'"):
+        bigmodel.IOOptions("pread", inflight_bytes="lots")
+
+
+def test_an_unknown_distributed_strategy_is_refused_with_the_accepted_ones():
+    with pytest.raises(ValueError, match="strategy='fastest': choose one of auto, mmap, shm"):
+        bigmodel.DistributedOptions(strategy="fastest")
+
+
+def test_a_bad_prefetch_bound_fails_when_the_options_are_built():
+    with pytest.raises(ValueError, match="Invalid size"):
+        bigmodel.OffloadOptions(prefetch="-1MB")
+    assert bigmodel.OffloadOptions(prefetch="2KB").prefetch_bytes == 2000
+    assert bigmodel.OffloadOptions(prefetch=False).prefetch_bytes == 0
+    assert bigmodel.OffloadOptions().prefetch_bytes is None  # the largest entry
+
+
+@pytest.mark.parametrize(
+    "old",
+    [{"prefetch": False}, {"main_device": "cpu"}, {"strategy": "mmap"}, {"io_inflight_bytes": 1}],
+)
+def test_the_keywords_that_moved_into_option_types_are_not_accepted_any_more(folder, old):
+    with bigmodel.init_empty_weights():
+        model = TiedNet()
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        bigmodel.load_checkpoint(model, folder, **old)
+
+
+def test_the_common_call_needs_no_option_type(folder):
+    with bigmodel.init_empty_weights():
+        model = TiedNet()
+    report = bigmodel.load_checkpoint(model, folder, dtype=torch.bfloat16)
+    assert not report.missing_keys
+    assert model.embed.weight.dtype == torch.bfloat16
