@@ -1,8 +1,16 @@
-"""The benchmark scripts keep working (smoke run on a tiny model; no timing is asserted)."""
+"""The benchmark scripts keep working (smoke run on a tiny model; no timing is asserted).
+
+Each runs a whole benchmark in a subprocess (a minute or more on two cores), so they are marked
+``bench`` and left out of the default run: ``.venv/bin/python -m pytest -q -m bench``.
+"""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bench
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
