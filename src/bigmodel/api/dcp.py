@@ -26,7 +26,7 @@ import torch
 
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.checkpoint.sharding import plan_shards
-from bigmodel.execution.writing import write_planned
+from bigmodel.execution.writing import WriteOptions, write_planned
 from bigmodel.foundations.errors import CheckpointNotFoundError, UnsafeCheckpointError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import SaveResult
@@ -140,13 +140,7 @@ def dcp_to_hf(
         Path(dst),
         plan,
         fetch,
-        safe=True,
-        user_meta={},
-        aliases={},
-        durable=durable,
-        digest="xxh3_128",
-        dtype=dtype,
-        progress=progress,
+        WriteOptions(durable=durable, digest="xxh3_128", dtype=dtype, progress=progress),
     )
 
 

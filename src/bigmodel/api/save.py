@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from bigmodel.checkpoint.sharding import (
     plan_shards,
 )
 from bigmodel.execution.distributed import resolve_group
-from bigmodel.execution.writing import write_planned
+from bigmodel.execution.writing import WriteOptions, write_planned
 from bigmodel.foundations.errors import UnsupportedTensorError
 from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
@@ -140,6 +141,14 @@ def save_checkpoint(
             f"dtype={dtype} is not a floating-point dtype; only floating-point tensors are cast."
         )
     state = _state_dict(obj, safe=safe, cast=dtype)
+    opts = WriteOptions(
+        safe=safe,
+        user_meta=user_meta,
+        durable=durable,
+        digest=digest,
+        dtype=dtype,
+        progress=progress,
+    )
     # Only a sharded model or an explicit group makes the save collective: a replicated model
     # is commonly saved by rank 0 alone, and that call must not wait for the other ranks.
     sharded = any(is_dtensor(t) for t in state.values())
@@ -147,18 +156,7 @@ def save_checkpoint(
     if group is not None:
         from bigmodel.execution.distributed_save import save_distributed
 
-        return save_distributed(
-            state,
-            Path(save_directory),
-            group=group,
-            limit=limit,
-            safe=safe,
-            user_meta=user_meta,
-            durable=durable,
-            digest=digest,
-            dtype=dtype,
-            progress=progress,
-        )
+        return save_distributed(state, Path(save_directory), opts, group=group, limit=limit)
     aliases = find_aliases(state) if safe else {}
     stored = {k: v for k, v in state.items() if k not in aliases}
     plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
@@ -166,14 +164,8 @@ def save_checkpoint(
         Path(save_directory),
         plan,
         lambda keys: {k: stored[k] for k in keys},
+        dataclasses.replace(opts, aliases=aliases),
         workers=_save_workers(workers),
-        safe=safe,
-        user_meta=user_meta,
-        aliases=aliases,
-        durable=durable,
-        digest=digest,
-        dtype=dtype,
-        progress=progress,
     )
 
 

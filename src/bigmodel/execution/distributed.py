@@ -50,6 +50,7 @@ from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.scratch import write_converted
 
 __all__ = [
+    "broadcast_object",
     "Group",
     "assign_owners",
     "choose_strategy",
@@ -100,6 +101,15 @@ def global_rank(group: Group, group_rank: int) -> int:
     import torch.distributed as dist
 
     return dist.get_global_rank(group, group_rank)
+
+
+def broadcast_object(group: Group, value: T, src: int = 0) -> T:
+    """``value`` as group rank ``src`` has it, on every rank (a picklable object)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [value]
+    dist.broadcast_object_list(box, src=global_rank(group, src), group=group)
+    return box[0]  # type: ignore[no-any-return]
 
 
 def run_step(group: Group | None, what: str, fn: Callable[[], T]) -> T:

@@ -21,6 +21,7 @@ Any failure removes this save's staged files on every rank and raises
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -30,22 +31,20 @@ from typing import Any
 
 import torch
 
-from bigmodel.checkpoint.index import file_metadata, index_bytes
 from bigmodel.checkpoint.naming import (
     HF_LAYOUT,
-    index_file_name,
-    shard_name,
 )
 from bigmodel.checkpoint.sharding import find_aliases, plan_shards
 from bigmodel.execution.distributed import (
     Group,
     assign_owners,
+    broadcast_object,
     global_rank,
     rank_of,
     run_step,
     world_of,
 )
-from bigmodel.execution.writing import stage_shard
+from bigmodel.execution.writing import ShardStager, WriteOptions, prepare_directory
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import ProgressBar, progress_bar
 from bigmodel.foundations.tensors import is_dtensor
@@ -204,138 +203,130 @@ def _in_rank_order(pieces: list[_Piece], full_shape: tuple[int, ...], longest: i
     return True
 
 
-def save_distributed(
-    state: dict[str, torch.Tensor],
-    directory: Path,
-    *,
-    group: Group,
-    limit: int,
-    safe: bool,
-    user_meta: dict[str, str],
-    durable: bool,
-    digest: str | None,
-    dtype: torch.dtype | None,
-    progress: bool | None,
-) -> SaveResult:
-    import torch.distributed as dist
+class _DistributedSave:
+    """One collective save: the steps of the module docstring, one method each."""
 
-    rank, world = rank_of(group), world_of(group)
-    # Tied DTensors are one parameter object, so their local shards share storage too.
-    aliases = find_aliases({k: _local(v) for k, v in state.items()}) if safe else {}
-    box: list[Any] = [aliases]
-    dist.broadcast_object_list(box, src=global_rank(group, 0), group=group)
-    aliases = box[0]  # rank 0's view decides, so every rank plans the same files
-    stored = {k: v for k, v in state.items() if k not in aliases}
-    plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
-    count = len(plan.shards)
-    names = [shard_name(i, count, safe=safe) for i in range(count)]
-    index_name = index_file_name(count, safe=safe)
-    owners = assign_owners(plan.sizes, world)
-    file_meta = file_metadata(user_meta, index_name=index_name, aliases=aliases, safe=safe)
-    mine = [i for i in range(count) if owners[i] == rank]
+    def __init__(
+        self,
+        state: dict[str, torch.Tensor],
+        directory: Path,
+        opts: WriteOptions,
+        group: Group,
+        limit: int,
+    ) -> None:
+        self.group, self.directory = group, directory
+        self.rank, self.world = rank_of(group), world_of(group)
+        # Tied DTensors are one parameter object, so their local shards share storage too.
+        # Rank 0's view decides, so every rank plans the same files.
+        mine = find_aliases({k: _local(v) for k, v in state.items()}) if opts.safe else {}
+        self.opts = dataclasses.replace(opts, aliases=broadcast_object(group, mine))
+        self.stored = {k: v for k, v in state.items() if k not in self.opts.aliases}
+        sizes = {k: stored_nbytes(v, opts.dtype) for k, v in self.stored.items()}
+        self.plan = plan_shards(sizes, limit)
+        self.names, self.index_name = self.opts.file_names(self.plan)
+        self.owners = assign_owners(self.plan.sizes, self.world)
+        self.mine = [i for i, owner in enumerate(self.owners) if owner == self.rank]
+        self.commit: Commit | None = None
 
-    commit: Commit | None = None
+    def _lock(self) -> str | None:
+        """Rank 0 takes the folder's lock and cleans debris; its commit token marks every file."""
+        prepare_directory(self.directory, create=self.rank == 0)
+        if self.rank != 0:
+            return None
+        self.commit = Commit(self.directory, layout=HF_LAYOUT, durable=self.opts.durable)
+        self.commit.lock()
+        self.commit.clean_debris()
+        return self.commit.token
 
-    def lock() -> str | None:
-        nonlocal commit
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(
-                f"save_directory {directory} is a file; pass a folder (it is created if missing)."
+    def _join(self) -> Commit:
+        token = run_step(self.group, f"preparing to save into {self.directory}", self._lock)
+        token = broadcast_object(self.group, token)
+        if self.commit is None:
+            self.commit = Commit(
+                self.directory, layout=HF_LAYOUT, durable=self.opts.durable, token=token
             )
-        if rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            commit = Commit(directory, layout=HF_LAYOUT, durable=durable)
-            commit.lock()
-            commit.clean_debris()
-            return commit.token
-        return None
+        return self.commit
 
-    bar: Any = ProgressBar()
-    try:
-        token = run_step(group, f"preparing to save into {directory}", lock)
-        box = [token]
-        dist.broadcast_object_list(box, src=global_rank(group, 0), group=group)
-        if commit is None:
-            commit = Commit(directory, layout=HF_LAYOUT, durable=durable, token=box[0])
+    def _gather_and_write(self, stager: ShardStager) -> None:
+        """Visit shards in plan order (the same on every rank, so collectives pair); each goes
+        to its owner's background writer."""
+        gatherer = _Gatherer(self.stored, self.group)
+        writer = _ShardWriter(lambda i, tensors: stager.stage(self.names[i], tensors))
+        try:
+            for i, keys in enumerate(self.plan.shards):
+                tensors: dict[str, torch.Tensor] = {}
+                for key in keys:
+                    tensor = self.stored[key]
+                    if is_dtensor(tensor):
+                        whole = gatherer.gather(key, tensor, self.owners[i])
+                        if whole is not None:
+                            tensors[key] = whole
+                    elif self.owners[i] == self.rank:
+                        tensors[key] = tensor
+                if self.owners[i] == self.rank:
+                    writer.put(i, tensors)
+                del tensors
+        except BaseException:
+            writer.close(reraise=False)
+            raise
+        writer.close()
 
-        digests: dict[str, str] = {}
-        bar = progress_bar(
-            total=sum(plan.sizes[i] for i in mine),
-            desc=f"Saving {directory.name} (rank {rank})",
-            progress=progress,
-        )
-        gatherer = _Gatherer(stored, group)
+    def _publish(self, commit: Commit, stager: ShardStager) -> None:
+        """Rank 0 adopts every rank's staged files, writes the index, publishes."""
+        import torch.distributed as dist
 
-        def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
-            assert commit is not None
-            stage_shard(
-                commit,
-                names[index],
-                tensors,
-                safe=safe,
-                metadata=file_meta,
-                digest=digest,
-                digests=digests,
-                on_bytes=bar.update,
-                cast=dtype,
-            )
-
-        def gather_and_write() -> None:
-            writer = _ShardWriter(write)
-            try:
-                for i, keys in enumerate(plan.shards):  # one order on every rank: collectives pair
-                    tensors: dict[str, torch.Tensor] = {}
-                    for key in keys:
-                        tensor = stored[key]
-                        if is_dtensor(tensor):
-                            whole = gatherer.gather(key, tensor, owners[i])
-                            if whole is not None:
-                                tensors[key] = whole
-                        elif owners[i] == rank:
-                            tensors[key] = tensor
-                    if owners[i] == rank:
-                        writer.put(i, tensors)
-                    del tensors
-            except BaseException:
-                writer.close(reraise=False)
-                raise
-            writer.close()
-
-        run_step(group, f"gathering and writing shards into {directory}", gather_and_write)
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, (commit.staged(), digests), group=group)
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, (commit.staged(), stager.digests), group=self.group)
 
         def publish() -> None:
-            if rank != 0:
+            if self.rank != 0:
                 return
-            assert commit is not None
             for other, (staged, their_digests) in enumerate(everyone):
                 if other != 0:
                     commit.adopt(staged)
-                digests.update(their_digests)
-            if index_name is not None:
-                commit.stage_bytes(
-                    index_name,
-                    index_bytes(names, plan, user_meta, aliases=aliases, digests=digests),
-                )
-            commit.publish(index_name)
+                stager.digests.update(their_digests)
+            stager.stage_index(self.names, self.plan)
+            commit.publish(self.index_name)
 
-        run_step(group, f"publishing the checkpoint in {directory}", publish)
-    except BaseException:
-        if commit is not None:
-            commit.abort()
-        raise
-    finally:
-        bar.close()
-        if rank == 0 and commit is not None:
-            commit.unlock()
-    logger.info(
-        "rank %d of %d wrote %d of %d file(s) into %s", rank, world, len(mine), count, directory
-    )
-    return SaveResult(
-        directory=directory,
-        files=names,
-        index_file=index_name,
-        total_size=plan.total_size,
-        aliases=aliases,
-    )
+        run_step(self.group, f"publishing the checkpoint in {self.directory}", publish)
+
+    def run(self) -> SaveResult:
+        bar: Any = ProgressBar()
+        try:
+            commit = self._join()
+            bar = progress_bar(
+                total=sum(self.plan.sizes[i] for i in self.mine),
+                desc=f"Saving {self.directory.name} (rank {self.rank})",
+                progress=self.opts.progress,
+            )
+            stager = ShardStager(commit, self.opts, self.index_name, bar)
+            run_step(
+                self.group,
+                f"gathering and writing shards into {self.directory}",
+                lambda: self._gather_and_write(stager),
+            )
+            self._publish(commit, stager)
+        except BaseException:
+            if self.commit is not None:
+                self.commit.abort()
+            raise
+        finally:
+            bar.close()
+            if self.rank == 0 and self.commit is not None:
+                self.commit.unlock()
+        logger.info(
+            "rank %d of %d wrote %d of %d file(s) into %s",
+            self.rank,
+            self.world,
+            len(self.mine),
+            len(self.names),
+            self.directory,
+        )
+        return self.opts.result(self.directory, self.plan)
+
+
+def save_distributed(
+    state: dict[str, torch.Tensor], directory: Path, opts: WriteOptions, *, group: Group, limit: int
+) -> SaveResult:
+    """Save ``state`` from every rank of ``group`` into one checkpoint (see the module docstring)."""
+    return _DistributedSave(state, directory, opts, group, limit).run()
