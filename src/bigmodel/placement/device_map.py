@@ -1,22 +1,31 @@
-"""Where each module lives: module sizes, device budgets, and the device-map planner.
+"""Where each module lives: device maps, module sizes, and the planner's model entry point.
 
 A device map is ``{module name: device}`` where a device is an accelerator (``"cuda:0"``,
-written as ``0`` too), ``"cpu"`` or ``"disk"``. Keys match module and tensor names on dotted
-prefix boundaries only: ``layers.1`` covers ``layers.1.mlp.weight`` and never ``layers.10``.
+written as ``0`` too), ``"cpu"`` or ``"disk"`` (see :mod:`bigmodel.foundations.devices`). Keys
+match module and tensor names on dotted prefix boundaries only: ``layers.1`` covers
+``layers.1.mlp.weight`` and never ``layers.10``. Plans come from the one planner,
+:mod:`bigmodel.placement.planner`; :func:`infer_device_map` runs it on a model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 
+from bigmodel.foundations.devices import (
+    Device,
+    default_max_memory,
+    device_order,
+    normalize_device,
+    parse_max_memory,
+)
 from bigmodel.foundations.errors import BigModelError
-from bigmodel.foundations.units import format_size, parse_size
+from bigmodel.foundations.units import format_size
+from bigmodel.placement.planner import plan, repeated_block_classes, tree_from_module
+from bigmodel.storage.dtypes import stored_nbytes
 
 __all__ = [
     "PlanError",
@@ -27,39 +36,14 @@ __all__ = [
     "execution_device",
     "infer_device_map",
     "normalize_device",
+    "repeated_block_classes",
 ]
-
-Device = str
 
 
 class PlanError(BigModelError, ValueError):
     """No placement of the model fits the budgets."""
 
     code = "no-placement"
-
-
-def normalize_device(device: str | int | torch.device) -> Device:
-    """``0`` / ``"0"`` / ``torch.device("cuda", 0)`` -> ``"cuda:0"``; ``"cpu"``, ``"disk"`` as is."""
-    if isinstance(device, torch.device):
-        return "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
-    text = str(device)
-    if text.isdigit():
-        return f"cuda:{text}"
-    if text in ("cpu", "disk") or (":" in text and text.split(":")[1].isdigit()):
-        return text
-    if text == "cuda":
-        return "cuda:0"
-    raise ValueError(
-        f"Unknown device {device!r}: use an accelerator index (0), 'cuda:0', 'cpu' or 'disk'."
-    )
-
-
-def _device_rank(device: Device) -> tuple[int, int]:
-    if device == "disk":
-        return (2, 0)
-    if device == "cpu":
-        return (1, 0)
-    return (0, int(device.split(":")[1]))
 
 
 def execution_device(
@@ -75,7 +59,7 @@ def execution_device(
             )
         return device
     accelerators = sorted(
-        {d for d in device_map.values() if d not in ("cpu", "disk")}, key=_device_rank
+        {d for d in device_map.values() if d not in ("cpu", "disk")}, key=device_order
     )
     return accelerators[0] if accelerators else "cpu"
 
@@ -97,15 +81,6 @@ def device_for(name: str, device_map: Mapping[str, Device]) -> Device | None:
     return None if key is None else device_map[key]
 
 
-def _nbytes(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
-    itemsize = (
-        dtype.itemsize
-        if dtype is not None and tensor.is_floating_point()
-        else tensor.element_size()
-    )
-    return tensor.numel() * itemsize
-
-
 def _tensors(module: nn.Module, prefix: str) -> Iterable[tuple[str, torch.Tensor]]:
     yield from module.named_parameters(prefix=prefix, remove_duplicate=False)
     yield from module.named_buffers(prefix=prefix, remove_duplicate=False)
@@ -125,54 +100,11 @@ def compute_module_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> 
             continue
         seen.add(id(tensor))
         parts = name.split(".")[:-1]
-        size = _nbytes(tensor, dtype)
+        size = stored_nbytes(tensor, dtype)
         sizes[""] += size
         for i in range(1, len(parts) + 1):
             sizes[".".join(parts[:i])] = sizes.get(".".join(parts[:i]), 0) + size
     return sizes
-
-
-def default_max_memory(*, reserve: float = 0.1) -> dict[Device, int | None]:
-    """Free memory of every accelerator and available RAM, each minus ``reserve`` (a fraction
-    kept for activations and temporaries), then unlimited disk."""
-    budgets: dict[Device, int | None] = {}
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            free, _ = torch.cuda.mem_get_info(index)
-            budgets[f"cuda:{index}"] = int(free * (1 - reserve))
-    budgets["cpu"] = int(psutil.virtual_memory().available * (1 - reserve))
-    budgets["disk"] = None
-    return budgets
-
-
-def _budgets(
-    max_memory: Mapping[str | int, int | str | None] | None, reserve: float
-) -> dict[Device, int | None]:
-    if max_memory is None:
-        return default_max_memory(reserve=reserve)
-    out: dict[Device, int | None] = {}
-    for device, size in max_memory.items():
-        out[normalize_device(device)] = None if size is None else parse_size(size)
-    return dict(sorted(out.items(), key=lambda kv: _device_rank(kv[0])))
-
-
-def repeated_block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """Classes of the elements of ``ModuleList``/``Sequential`` containers whose children are
-    all of one class (transformer layers): the natural units that must not be split."""
-    classes: set[type[nn.Module]] = set()
-    for module in model.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1:
-                classes |= kinds
-    return classes
-
-
-@dataclass
-class _Unit:
-    name: str
-    module: nn.Module | None  # None for a bare parameter/buffer of a split module
-    size: int
 
 
 def infer_device_map(
@@ -186,139 +118,27 @@ def infer_device_map(
 ) -> dict[str, Device]:
     """Plan ``{module name: device}`` so that every device stays within its budget.
 
-    Devices are filled in order (accelerators, ``cpu``, ``disk``) with whole modules, in
-    registration order; a module that does not fit where the plan stands is split into its
-    children unless its class is in ``no_split_module_classes`` (default: the classes of
-    repeated blocks, see :func:`repeated_block_classes`), in which case it moves to the next
-    device. ``strategy="balanced"`` spreads the model evenly over the accelerators instead of
-    filling the first. Tensors tied across modules are charged once and their modules kept on
-    one device. Budgets default to free memory minus ``reserve`` (see
+    Runs the one planner (:mod:`bigmodel.placement.planner`, the same that plans a checkpoint
+    for :func:`bigmodel.estimate_memory`) on the model's module tree: devices are filled in
+    order (accelerators, ``cpu``, ``disk``) with whole modules, in registration order; a module
+    that does not fit where the plan stands is split into its children unless its class is in
+    ``no_split_module_classes`` (default: the classes of repeated blocks, see
+    :func:`repeated_block_classes`), in which case it moves to the next device.
+    ``strategy="balanced"`` spreads the model evenly over the accelerators instead of filling
+    the first. Tensors tied across modules are charged once and their modules kept on one
+    device. ``max_memory`` is read by :func:`~bigmodel.foundations.devices.parse_max_memory`
+    (only ``disk`` may be unlimited) and defaults to free memory minus ``reserve`` (see
     :func:`default_max_memory`); raise :class:`PlanError` when a block fits nowhere.
     """
-    if strategy not in ("auto", "sequential", "balanced"):
-        raise ValueError(f"Unknown strategy {strategy!r}; use 'auto', 'sequential' or 'balanced'.")
-    budgets = _budgets(max_memory, reserve)
-    sizes = compute_module_sizes(model, dtype)
-    no_split_names = {
-        c if isinstance(c, str) else c.__name__
-        for c in (
-            no_split_module_classes
-            if no_split_module_classes is not None
-            else repeated_block_classes(model)
-        )
-    }
-    accelerators = [d for d in budgets if d not in ("cpu", "disk")]
-    if strategy == "balanced" and len(accelerators) > 1:
-        # Each accelerator but the last takes an even share; the last keeps its whole budget,
-        # so that whole-block granularity never pushes the tail of the model off the accelerators.
-        share = -(-sizes[""] // len(accelerators))
-        for device in accelerators[:-1]:
-            limit = budgets[device]
-            budgets[device] = share if limit is None else min(limit, share)
-
-    devices = list(budgets)
-    used = dict.fromkeys(devices, 0)
-    placed: dict[str, Device] = {}
-    tensor_device: dict[int, Device] = {}  # id(tensor) -> device, for ties
-    current = 0
-
-    def tied_device(unit: _Unit) -> Device | None:
-        tensors = (
-            _tensors(unit.module, unit.name)
-            if unit.module is not None
-            else [(unit.name, _lookup(model, unit.name))]
-        )
-        for _, tensor in tensors:
-            if id(tensor) in tensor_device:
-                return tensor_device[id(tensor)]
-        return None
-
-    def new_bytes(unit: _Unit) -> int:
-        tensors = (
-            _tensors(unit.module, unit.name)
-            if unit.module is not None
-            else [(unit.name, _lookup(model, unit.name))]
-        )
-        seen: set[int] = set()
-        total = 0
-        for _, tensor in tensors:
-            if id(tensor) not in tensor_device and id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += _nbytes(tensor, dtype)
-        return total
-
-    def assign(unit: _Unit, device: Device) -> None:
-        placed[unit.name] = device
-        used[device] += new_bytes(unit)
-        tensors = (
-            _tensors(unit.module, unit.name)
-            if unit.module is not None
-            else [(unit.name, _lookup(model, unit.name))]
-        )
-        for _, tensor in tensors:
-            tensor_device.setdefault(id(tensor), device)
-
-    queue = [_Unit(name, child, sizes[name]) for name, child in model.named_children()]
-    queue += [_Unit(name, None, _nbytes(t, dtype)) for name, t in _direct_tensors(model, "")]
-    while queue:
-        unit = queue.pop(0)
-        forced = tied_device(unit)
-        if forced is not None:
-            assign(unit, forced)
-            continue
-        need = new_bytes(unit)
-        while current < len(devices):
-            device = devices[current]
-            limit = budgets[device]
-            if limit is None or used[device] + need <= limit:
-                assign(unit, device)
-                break
-            splittable = (
-                unit.module is not None
-                and type(unit.module).__name__ not in no_split_names
-                and len(list(unit.module.children())) > 0
-            )
-            if splittable:
-                assert unit.module is not None
-                children = [
-                    _Unit(f"{unit.name}.{n}", c, sizes[f"{unit.name}.{n}"])
-                    for n, c in unit.module.named_children()
-                ]
-                children += [
-                    _Unit(n, None, _nbytes(t, dtype))
-                    for n, t in _direct_tensors(unit.module, unit.name)
-                ]
-                queue = children + queue
-                break
-            if not any(
-                b is None or b >= need
-                for d, b in budgets.items()
-                if _device_rank(d) >= _device_rank(device)
-            ):
-                raise PlanError(_impossible(unit.name, need, budgets))
-            current += 1
-        else:
-            raise PlanError(_impossible(unit.name, need, budgets))
-    return _merge(model, placed)
-
-
-def _direct_tensors(module: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
-    dotted = f"{prefix}." if prefix else ""
-    out: list[tuple[str, torch.Tensor]] = [
-        (dotted + n, p) for n, p in module._parameters.items() if p is not None
-    ]
-    out += [(dotted + n, b) for n, b in module._buffers.items() if b is not None]
-    return out
-
-
-def _lookup(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
-    tensor: torch.Tensor | None = module._parameters.get(leaf)
-    if tensor is None:
-        tensor = module._buffers[leaf]
-    assert tensor is not None
-    return tensor
+    budgets = (
+        default_max_memory(reserve=reserve) if max_memory is None else parse_max_memory(max_memory)
+    )
+    tree = tree_from_module(model, dtype=dtype, no_split_module_classes=no_split_module_classes)
+    placement = plan(tree, budgets, strategy=strategy)
+    if placement.unplaced:
+        first = placement.unplaced[0]
+        raise PlanError(_impossible(first.name, first.nbytes, placement.budgets))
+    return placement.device_map
 
 
 def _impossible(name: str, need: int, budgets: Mapping[Device, int | None]) -> str:
@@ -330,37 +150,3 @@ def _impossible(name: str, need: int, budgets: Mapping[Device, int | None]) -> s
         f"room (budgets: {listed}) [{PlanError.code}]. Fix: raise max_memory, add 'disk' to offload the rest, "
         "load in a smaller dtype, or allow splitting this module (remove its class from no_split_module_classes)."
     )
-
-
-def _merge(model: nn.Module, placed: dict[str, Device]) -> dict[str, Device]:
-    """Collapse children that all landed on one device back into their parent's entry."""
-    result = dict(placed)
-    changed = True
-    while changed:
-        changed = False
-        parents = {k.rpartition(".")[0] for k in result if "." in k}
-        for parent in sorted(parents, key=lambda p: -p.count(".")):
-            module = model.get_submodule(parent)
-            members = [f"{parent}.{n}" for n, _ in module.named_children()] + [
-                n for n, _ in _direct_tensors(module, parent)
-            ]
-            if (
-                members
-                and all(m in result for m in members)
-                and len({result[m] for m in members}) == 1
-            ):
-                device = result[members[0]]
-                for m in members:
-                    del result[m]
-                result[parent] = device
-                changed = True
-                break
-    top = [n for n, _ in model.named_children()] + [n for n, _ in _direct_tensors(model, "")]
-    if (
-        top
-        and all(m in result for m in top)
-        and len(set(result.values())) == 1
-        and len(result) == len(top)
-    ):
-        return {"": next(iter(result.values()))}
-    return result

@@ -1,0 +1,394 @@
+"""The one device planner: the same plan for a model and for the checkpoint saved from it.
+
+Planning runs on a small tree description (:class:`PlanNode`): a node per module (or dotted
+name prefix), the tensors directly under it as ``(name, identity, nbytes)`` — tied tensors share
+an identity, so they are charged once — its children in order, and whether it may be split.
+The tree is built from an ``nn.Module`` (:func:`tree_from_module`) or from a checkpoint's
+tensor names alone (:func:`tree_from_checkpoint`), then :func:`plan` places it:
+
+* devices are filled in order (accelerators, ``cpu``, ``disk``; see
+  :mod:`bigmodel.foundations.devices`) with whole units in tree order, starting with the
+  children of the root;
+* a unit that does not fit where the plan stands is split into its children and its direct
+  tensors if it may be split, else it moves to the next device; a unit that no remaining
+  device could hold is recorded as unplaced, and the plan goes on with the next unit;
+* a unit holding a tensor already placed (a tied weight) goes where that tensor went and pays
+  only for its other tensors;
+* children that all landed on one device are merged back into their parent's entry (``""``
+  when the whole tree is on one device).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bigmodel.checkpoint.handle import Checkpoint, TensorInfo
+from bigmodel.foundations.devices import Device
+from bigmodel.storage.dtypes import stored_nbytes
+
+__all__ = [
+    "STRATEGIES",
+    "atoms",
+    "device_of",
+    "PlanNode",
+    "PlanTensor",
+    "Placement",
+    "Unit",
+    "largest_unit",
+    "natural_key",
+    "plan",
+    "repeated_block_classes",
+    "tree_from_checkpoint",
+    "tree_from_module",
+    "tree_from_names",
+]
+
+#: ``"auto"`` and ``"sequential"`` fill the first device first; ``"balanced"`` spreads the
+#: tree evenly over the accelerators.
+STRATEGIES = ("auto", "sequential", "balanced")
+
+_NUMERIC = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class PlanTensor:
+    """One tensor name: ``identity`` is shared by every name of one tied tensor."""
+
+    name: str
+    identity: Hashable
+    nbytes: int
+
+
+@dataclass
+class PlanNode:
+    """A module, or a dotted prefix of checkpoint names. ``name`` is the full dotted name
+    (``""`` for the root); ``tensors`` are the ones directly under it."""
+
+    name: str
+    tensors: list[PlanTensor] = field(default_factory=list)
+    children: list[PlanNode] = field(default_factory=list)
+    splittable: bool = True
+
+    def members(self) -> list[PlanNode]:
+        """What the node splits into: its children, then each direct tensor as a unit."""
+        leaves = [PlanNode(t.name, [t], [], splittable=False) for t in self.tensors]
+        return [*self.children, *leaves]
+
+    def walk(self) -> Iterator[PlanNode]:
+        """This node and every node under it, parents before children, in order."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node.children))
+
+    def all_tensors(self) -> Iterator[PlanTensor]:
+        for node in self.walk():
+            yield from node.tensors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors under this node, each tied tensor counted once."""
+        return _unique_bytes(self.all_tensors(), {})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A placement unit: its name, its bytes (not yet charged elsewhere) and tensor count."""
+
+    name: str
+    nbytes: int
+    tensors: int
+
+
+@dataclass
+class Placement:
+    """What :func:`plan` decided. ``device_map`` is ``{name: device}`` with children merged
+    back into their parents; ``used`` the bytes charged to each device; ``budgets`` the
+    budgets planned against (after ``balanced`` shares); ``unplaced`` the units that fit on
+    no device, in order."""
+
+    device_map: dict[str, Device]
+    used: dict[Device, int]
+    budgets: dict[Device, int | None]
+    unplaced: list[Unit]
+
+    @property
+    def fits(self) -> bool:
+        return not self.unplaced
+
+
+# -- building trees ------------------------------------------------------------------------
+
+
+def repeated_block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """Classes of the elements of ``ModuleList``/``Sequential`` containers whose children are
+    all of one class (transformer layers): the natural units that must not be split."""
+    classes: set[type[nn.Module]] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1:
+                classes |= kinds
+    return classes
+
+
+def tree_from_module(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
+) -> PlanNode:
+    """The plan tree of ``model`` (``meta`` is fine): one node per module, in registration
+    order, with its own parameters then buffers (floating-point ones sized at ``dtype``).
+    Modules of a class in ``no_split_module_classes`` (default: the classes of repeated
+    blocks, :func:`repeated_block_classes`) and modules without children are not split."""
+    no_split = {
+        c if isinstance(c, str) else c.__name__
+        for c in (
+            no_split_module_classes
+            if no_split_module_classes is not None
+            else repeated_block_classes(model)
+        )
+    }
+    root = PlanNode("")
+    stack: list[tuple[PlanNode, nn.Module]] = [(root, model)]
+    while stack:
+        node, module = stack.pop()
+        dotted = f"{node.name}." if node.name else ""
+        own = [*module._parameters.items(), *module._buffers.items()]
+        node.tensors = [
+            PlanTensor(dotted + name, id(t), stored_nbytes(t, dtype))
+            for name, t in own
+            if t is not None
+        ]
+        for name, child in module.named_children():
+            sub = PlanNode(dotted + name, splittable=type(child).__name__ not in no_split)
+            node.children.append(sub)
+            stack.append((sub, child))
+        node.splittable = node.splittable and bool(node.children)
+    return root
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key comparing numbers as numbers: ``layers.2`` before ``layers.10``."""
+    return [
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part
+    ]
+
+
+def tree_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None) -> PlanNode:
+    """The plan tree of a checkpoint, from its tensor descriptions alone (no data read).
+
+    Order is the model's as far as names tell: shard by shard (writers fill shards in model
+    order), then by name with numbers compared as numbers; aliases of tied tensors come last
+    and share the identity of the tensor they alias. See :func:`tree_from_names`.
+    """
+    infos = {name: ckpt.tensor_info(name) for name in ckpt.keys()}
+    shard = {file: i for i, file in enumerate(ckpt.files)}
+    stored = sorted(ckpt.stored_keys(), key=lambda k: (shard[infos[k].file], natural_key(k)))
+    aliases = sorted(ckpt.aliases, key=natural_key)
+    return tree_from_names(
+        PlanTensor(name, infos[name].alias_of or name, _info_nbytes(infos[name], dtype))
+        for name in [*stored, *aliases]
+    )
+
+
+def _info_nbytes(info: TensorInfo, dtype: torch.dtype | None) -> int:
+    cast = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+    return info.numel * cast.itemsize
+
+
+def tree_from_names(tensors: Iterable[PlanTensor]) -> PlanNode:
+    """The plan tree of dotted tensor names, in the order given: every dotted prefix is a
+    node. The children of a node whose children are all numeric (``layers.0``, ``layers.1``,
+    at least two of them) are repeated blocks and are not split; other nodes with children may
+    be."""
+    root = PlanNode("")
+    nodes = {"": root}
+    for tensor in tensors:
+        _node_at(nodes, tensor.name.rpartition(".")[0]).tensors.append(tensor)
+    for node in nodes.values():
+        repeated = len(node.children) >= 2 and all(
+            _NUMERIC.fullmatch(child.name.rpartition(".")[2]) for child in node.children
+        )
+        for child in node.children:
+            child.splittable = bool(child.children) and not repeated
+    return root
+
+
+def _node_at(nodes: dict[str, PlanNode], name: str) -> PlanNode:
+    missing: list[str] = []
+    while name not in nodes:
+        missing.append(name)
+        name = name.rpartition(".")[0]
+    parent = nodes[name]
+    for path in reversed(missing):
+        child = PlanNode(path)
+        parent.children.append(child)
+        nodes[path] = child
+        parent = child
+    return parent
+
+
+def atoms(tree: PlanNode) -> Iterator[PlanNode]:
+    """The units the planner can never split (repeated blocks, leaf modules, bare tensors of
+    a split node), in order: what a plan is made of, however it merges them."""
+    stack = list(reversed(tree.members()))
+    while stack:
+        unit = stack.pop()
+        if unit.splittable:
+            stack.extend(reversed(unit.members()))
+        else:
+            yield unit
+
+
+def largest_unit(tree: PlanNode) -> Unit | None:
+    """The largest of the :func:`atoms`: the least one device must hold. The first in order
+    wins a tie; None if the tree holds nothing."""
+    best: Unit | None = None
+    for atom in atoms(tree):
+        size = atom.nbytes
+        if best is None or size > best.nbytes:
+            best = Unit(atom.name, size, sum(1 for _ in atom.all_tensors()))
+    return best
+
+
+def device_of(name: str, device_map: Mapping[str, Device]) -> Device | None:
+    """The device of ``name`` under a plan's ``device_map``: the entry for it or for its
+    nearest dotted ancestor (``""`` covers everything); None if no entry covers it."""
+    while name not in device_map:
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+    return device_map[name]
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+def plan(
+    tree: PlanNode, budgets: Mapping[Device, int | None], *, strategy: str = "auto"
+) -> Placement:
+    """Place ``tree`` on ``budgets`` (``{device: bytes or None for unlimited}`` in plan order,
+    as :func:`bigmodel.foundations.devices.parse_max_memory` returns) — see the module
+    docstring for the rules. Never raises for lack of room: see :attr:`Placement.unplaced`."""
+    planned = _strategy_budgets(tree, budgets, strategy)
+    state = _State(planned)
+    queue = deque(tree.members())
+    while queue:
+        queue.extendleft(reversed(state.place(queue.popleft())))
+    return Placement(_merge(tree, state.placed), state.used, planned, state.unplaced)
+
+
+def _strategy_budgets(
+    tree: PlanNode, budgets: Mapping[Device, int | None], strategy: str
+) -> dict[Device, int | None]:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}; use 'auto', 'sequential' or 'balanced'.")
+    out = dict(budgets)
+    accelerators = [d for d in out if d not in ("cpu", "disk")]
+    if strategy == "balanced" and len(accelerators) > 1:
+        # Each accelerator but the last takes an even share; the last keeps its whole budget,
+        # so that whole-block granularity never pushes the tail of the model off the accelerators.
+        share = -(-tree.nbytes // len(accelerators))
+        for device in accelerators[:-1]:
+            limit = out[device]
+            out[device] = share if limit is None else min(limit, share)
+    return out
+
+
+class _State:
+    """The plan so far: where units went, bytes charged, where each tensor identity lives
+    (``None``: its first unit fit nowhere), and the device being filled."""
+
+    def __init__(self, budgets: dict[Device, int | None]) -> None:
+        self.budgets = budgets
+        self.devices = list(budgets)
+        self.used = dict.fromkeys(self.devices, 0)
+        self.placed: dict[str, Device] = {}
+        self.home: dict[Hashable, Device | None] = {}
+        self.unplaced: list[Unit] = []
+        self.current = 0
+
+    def place(self, unit: PlanNode) -> list[PlanNode]:
+        """Place ``unit`` (or record it as unplaced); return its members if it must be split."""
+        tensors = list(unit.all_tensors())
+        tied = [t.identity for t in tensors if t.identity in self.home]
+        if tied:
+            home = self.home[tied[0]]
+            if home is None:
+                self._lose(unit, tensors)
+            else:
+                self._assign(unit, tensors, home)
+            return []
+        need = _unique_bytes(tensors, self.home)
+        for index in range(self.current, len(self.devices)):
+            device = self.devices[index]
+            limit = self.budgets[device]
+            if limit is None or self.used[device] + need <= limit:
+                self.current = index
+                self._assign(unit, tensors, device)
+                return []
+            if unit.splittable:
+                return unit.members()
+            later = list(self.budgets.values())[index:]
+            if not any(b is None or b >= need for b in later):
+                break
+        self._lose(unit, tensors)
+        return []
+
+    def _assign(self, unit: PlanNode, tensors: list[PlanTensor], device: Device) -> None:
+        self.placed[unit.name] = device
+        self.used[device] += _unique_bytes(tensors, self.home)
+        for tensor in tensors:
+            self.home.setdefault(tensor.identity, device)
+
+    def _lose(self, unit: PlanNode, tensors: list[PlanTensor]) -> None:
+        self.unplaced.append(Unit(unit.name, _unique_bytes(tensors, self.home), len(tensors)))
+        for tensor in tensors:
+            self.home.setdefault(tensor.identity, None)
+
+
+def _unique_bytes(tensors: Iterable[PlanTensor], charged: Mapping[Hashable, object]) -> int:
+    """Bytes of ``tensors`` not yet in ``charged``, each identity counted once."""
+    seen: set[Hashable] = set()
+    total = 0
+    for tensor in tensors:
+        if tensor.identity not in charged and tensor.identity not in seen:
+            seen.add(tensor.identity)
+            total += tensor.nbytes
+    return total
+
+
+def _merge(tree: PlanNode, placed: Mapping[str, Device]) -> dict[str, Device]:
+    """``placed`` with every node whose members all landed on one device collapsed into one
+    entry for the node, in tree order (``{"": device}`` when everything is on one device)."""
+    whole: dict[str, Device] = {}
+    for node in reversed(list(tree.walk())):
+        if node is not tree and node.name in placed:
+            whole[node.name] = placed[node.name]
+            continue
+        devices = {whole.get(c.name) for c in node.children}
+        devices |= {placed.get(t.name) for t in node.tensors}
+        only = next(iter(devices)) if len(devices) == 1 else None
+        if only is not None:
+            whole[node.name] = only
+    out: dict[str, Device] = {}
+    stack: list[PlanNode | PlanTensor] = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, PlanTensor):
+            if item.name in placed:
+                out[item.name] = placed[item.name]
+        elif item.name in whole:
+            out[item.name] = whole[item.name]
+        else:
+            stack.extend(reversed([*item.children, *item.tensors]))
+    return out
