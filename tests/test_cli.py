@@ -250,6 +250,24 @@ def test_estimate_places_blocks_in_order_and_says_whether_they_fit(capsys, llama
     assert json.loads(out)["total_bytes"] * 2 == data["total_bytes"]
 
 
+def test_estimate_refuses_an_unknown_dtype_and_an_unlimited_cpu_as_usage_errors(capsys, llama):
+    _, folder = llama
+    code, _, err = run(capsys, "estimate", folder, "--dtype", "int8")
+    assert code == 2
+    assert "Unknown dtype 'int8'" in err and "bf16" in err
+    code, _, err = run(capsys, "estimate", folder, "--max-memory", "cpu,disk")
+    assert code == 2
+    assert "only 'disk' may be unlimited" in err and "cpu=8GB" in err
+
+
+def test_estimate_prints_the_plan_as_a_table(capsys, llama):
+    _, folder = llama
+    code, out, _ = run(capsys, "estimate", folder, "--max-memory", "cpu=40KB,disk")
+    assert code == 0
+    assert "largest block model.layers.0" in out
+    assert "model.layers.0 .. model.norm" in out and "fits: yes" in out
+
+
 def test_demo_runs_end_to_end_and_both_workflows_agree(capsys):
     code, out, _ = run(capsys, "demo", "--size", "20MB", "--json")
     assert code == 0

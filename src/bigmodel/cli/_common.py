@@ -8,10 +8,14 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.units import parse_size
 
 __all__ = [
     "add_command",
+    "dtype_arg",
     "EXIT_OK",
     "EXIT_PROBLEM",
     "EXIT_USAGE",
@@ -78,6 +82,14 @@ def size_arg(text: str) -> int:
     """argparse type for sizes, with parse_size's explanation on error."""
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def dtype_arg(text: str) -> torch.dtype:
+    """argparse type for dtypes (bf16, fp16, fp32, ...), with parse_dtype's list on error."""
+    try:
+        return parse_dtype(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

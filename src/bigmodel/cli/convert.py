@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from bigmodel.api.dcp import METADATA_NAME, dcp_to_hf
 from bigmodel.api.rewrite import rewrite_checkpoint
 from bigmodel.cli._common import (
     EXIT_OK,
     Subparsers,
     add_command,
+    dtype_arg,
     emit_json,
     progress_flag,
     size_arg,
@@ -30,33 +29,13 @@ with the reason and nothing is written. Tied (shared) tensors are stored once.
 A DCP folder's .metadata is a pickle: converting one needs --trusted.
 """
 
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-}
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    try:
-        return DTYPES[text.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(
-            f"unknown dtype {text!r}; choose one of {', '.join(sorted(DTYPES))}"
-        ) from None
-
 
 def register(sub: Subparsers) -> None:
     p = add_command(sub, "convert", help=HELP, example=EXAMPLE)
     p.add_argument("src", help="checkpoint folder, index file or weights file")
     p.add_argument("dst", help="output folder (created if missing)")
     p.add_argument(
-        "--dtype", type=parse_dtype, help="cast floating-point tensors: bf16, fp16, fp32, fp64"
+        "--dtype", type=dtype_arg, help="cast floating-point tensors: bf16, fp16, fp32, fp64"
     )
     p.add_argument(
         "--max-shard-size",

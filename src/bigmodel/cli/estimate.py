@@ -7,17 +7,16 @@ import argparse
 import psutil
 import torch
 
-from bigmodel.api.estimate import estimate_checkpoint, parse_max_memory
-from bigmodel.checkpoint.open import open_checkpoint
+from bigmodel.api.estimate import estimate_memory
 from bigmodel.cli._common import (
     EXIT_OK,
     EXIT_PROBLEM,
     Subparsers,
     add_command,
+    dtype_arg,
     emit_json,
     print_table,
 )
-from bigmodel.cli.convert import parse_dtype
 from bigmodel.foundations.units import format_size
 
 HELP = "estimate the memory a checkpoint needs per device, and whether it fits"
@@ -26,8 +25,12 @@ examples:
   bigmodel estimate ./llama                               # budget: available RAM, then disk
   bigmodel estimate ./llama --max-memory 0=20GB,cpu=8GB --dtype bf16
   bigmodel estimate ./llama --max-memory cpu=8GB,disk --json
-Blocks are grouped by the repeated-block prefix of the tensor names (model.layers.7) and
-placed whole, in order, on the devices given. Exit code 1 when the checkpoint does not fit.
+Planned as load_checkpoint(device_map="auto") plans the model, from the tensor names
+alone: devices are filled in order (accelerators, cpu, disk); a name prefix that
+does not fit is split into its parts, except repeated blocks (the numbered children of a
+prefix, model.layers.7), which are placed whole; tied tensors are counted once. "blocks" are
+the units never split. Only disk may be given without a size. Exit code 1 when the
+checkpoint does not fit.
 Leave room for activations: the budget is for weights only.
 """
 
@@ -42,21 +45,16 @@ def register(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--dtype",
-        type=parse_dtype,
-        help="size floating-point tensors at this dtype: bf16, fp16, fp32",
+        type=dtype_arg,
+        help="size floating-point tensors at this dtype: bf16, fp16, fp32, fp64",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    budget = (
-        parse_max_memory(args.max_memory)
-        if args.max_memory
-        else {"cpu": psutil.virtual_memory().available, "disk": None}
-    )
-    with open_checkpoint(args.path) as ckpt:
-        plan = estimate_checkpoint(ckpt, budget, dtype=args.dtype)
+    budget = args.max_memory or {"cpu": psutil.virtual_memory().available, "disk": None}
+    plan = estimate_memory(args.path, max_memory=budget, dtype=args.dtype)
     dtype = (
         str(args.dtype).removeprefix("torch.")
         if isinstance(args.dtype, torch.dtype)
