@@ -180,7 +180,7 @@ def choose_strategy(strategy: str, *, on_cpu: bool, converting: bool) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(
             f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)} "
-            "(see bigmodel.distributed for what each does)."
+            "(see bigmodel.DistributedOptions for what each does)."
         )
     if strategy != "auto":
         return strategy

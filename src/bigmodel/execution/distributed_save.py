@@ -1,6 +1,6 @@
 """``save_checkpoint`` under a process group: every rank writes its own shards, one commit.
 
-Steps (each ends with an exchange of outcomes, see :func:`bigmodel.distributed.run_step`):
+Steps (each ends with an exchange of outcomes, see :func:`bigmodel.execution.distributed.run_step`):
 
 1. Every rank computes the same shard plan from global shapes; shards are assigned to ranks,
    balanced by bytes. Rank 0 takes the folder's lock, cleans debris of earlier saves and shares
@@ -13,7 +13,7 @@ Steps (each ends with an exchange of outcomes, see :func:`bigmodel.distributed.r
    stages it (temporary name, fsync'd when durable) while the next shards are gathered. The
    ranks write in parallel, and each holds about three shards' tensors at a time.
 4. Rank 0 adopts every staged file, writes the index with every shard's digest, and
-   publishes with the ordinary commit protocol (see ``bigmodel._commit``).
+   publishes with the ordinary commit protocol (see :mod:`bigmodel.storage.commit`).
 
 Any failure removes this save's staged files on every rank and raises
 :class:`~bigmodel.DistributedError` everywhere; the previous checkpoint stays loadable.

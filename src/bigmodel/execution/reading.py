@@ -6,10 +6,10 @@ progress bar); :meth:`PlanReader.read` sends each planned tensor down one of thr
 
 * local (one process, or a strategy where every rank maps the files): ``io="mmap"`` views of
   the mapping after a background readahead of every planned byte, or ``io="pread"`` parallel
-  reads bounded by bytes in flight (see :mod:`bigmodel.pread`);
+  reads bounded by bytes in flight (see :mod:`bigmodel.storage.pread`);
 * sharded (a DTensor target): only the slice this rank's placement owns is read;
 * replicated under a process group: ``mmap``, ``shm``, ``scatter`` or ``rank0`` (see
-  :mod:`bigmodel.distributed`).
+  :mod:`bigmodel.execution.distributed`).
 
 Tensors go from the file to their final dtype and device in one step; at most one converted
 tensor is in flight beyond the final model (``io="pread"``: the in-flight bound).
@@ -93,7 +93,7 @@ class PlanReader:
         mmap: views of the mapping, after asking the kernel to read every planned tensor ahead
         in the background (views then do not fault page by page in the first forward pass,
         and conversions find their input cached). pread: parallel reads scheduled by bytes in
-        flight (see ``bigmodel.pread``).
+        flight (see ``bigmodel.storage.pread``).
         """
         ckpt = self.ckpt
         ranges = [ckpt.byte_range(key) for key, _ in items]
