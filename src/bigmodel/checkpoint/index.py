@@ -111,6 +111,24 @@ def unsafe_shard_name(name: str) -> str | None:
 
 
 def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Problem]]:
+    """The weight map, the metadata and the problems of the index file ``index``.
+
+    A file that is not an index at all raises; problems in its entries are collected.
+    """
+    file = str(index)
+    obj = _load_index(index)
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise InvalidCheckpointError.one(
+            file, "index-bad-metadata", '"metadata" must be a JSON object.', hint=INDEX_FIX
+        )
+    problems = _repeated_key_problems(file, obj, metadata)
+    weight_map = _shard_names(file, obj["weight_map"], problems)
+    return weight_map, metadata, problems
+
+
+def _load_index(index: Path) -> dict[str, Any]:
+    """The parsed index, refused if too large, not JSON, or without a ``weight_map`` object."""
     file = str(index)
     size = index.stat().st_size
     if size > MAX_INDEX_SIZE:
@@ -133,11 +151,13 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Proble
             'the index must be a JSON object with a "weight_map" object.',
             hint=INDEX_FIX,
         )
-    metadata = obj.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise InvalidCheckpointError.one(
-            file, "index-bad-metadata", '"metadata" must be a JSON object.', hint=INDEX_FIX
-        )
+    return obj
+
+
+def _repeated_key_problems(
+    file: str, obj: dict[str, Any], metadata: dict[str, Any]
+) -> list[Problem]:
+    """Keys the weight map lists twice, then fields the index or its metadata repeat."""
     problems = [
         Problem(
             file,
@@ -158,8 +178,13 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Proble
                     hint=INDEX_FIX,
                 )
             )
+    return problems
+
+
+def _shard_names(file: str, raw_map: dict[str, Any], problems: list[Problem]) -> dict[str, str]:
+    """The weight map's entries whose value is a string; each other value adds a problem."""
     weight_map: dict[str, str] = {}
-    for key, shard in obj["weight_map"].items():
+    for key, shard in raw_map.items():
         if not isinstance(shard, str):
             problems.append(
                 Problem(
@@ -172,7 +197,7 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Proble
             )
         else:
             weight_map[key] = shard
-    return weight_map, metadata, problems
+    return weight_map
 
 
 def check_recorded_digests(

@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,82 +108,129 @@ def _child(method: str, folder: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import bigmodel
-
     if args.child:
         _child(args.child, Path(args.folder))
         return EXIT_OK
     cfg = DemoConfig.for_size(args.size)
     with tempfile.TemporaryDirectory(prefix="bigmodel-demo-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        model = DemoGPT(cfg).eval()
-        built = time.perf_counter() - start
-        params = sum(p.numel() for p in model.parameters())
-        with torch.no_grad():
-            reference = model(_inputs(cfg))
-        start = time.perf_counter()
-        saved = bigmodel.save_checkpoint(
-            model, folder, max_shard_size=max(args.size // 5, 1), progress=progress_flag(args)
-        )
-        save_s = time.perf_counter() - start
-        (folder / "demo_config.json").write_text(json.dumps(asdict(cfg)))
-        del model
-        results = {}
-        env = dict(os.environ, BIGMODEL_DISABLE_PROGRESS_BARS="1")
-        for method in ("bigmodel", "naive"):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "bigmodel",
-                    "demo",
-                    "--child",
-                    method,
-                    "--folder",
-                    str(folder),
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                print(
-                    f"bigmodel demo: the {method} run failed (exit {out.returncode}).",
-                    file=sys.stderr,
-                )
-                return EXIT_PROBLEM
-            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
-            results[method]["match"] = torch.equal(
-                torch.load(folder / f"logits-{method}.pt"), reference
-            )
+        reference, model_info, checkpoint_info = _build_and_save(cfg, folder, args)
+        results = _load_in_children(folder, reference)
+        if results is None:
+            return EXIT_PROBLEM
         ok = all(r["match"] for r in results.values())
         summary = {
-            "model": {"parameters": params, "bytes": saved.total_size, **asdict(cfg)},
-            "checkpoint": {
-                "folder": str(folder) if args.keep else None,
-                "shards": len(saved.files),
-                "save_s": save_s,
-                "build_s": built,
-            },
+            "model": model_info,
+            "checkpoint": checkpoint_info,
             "results": results,
             "outputs_match": ok,
         }
     if args.json:
         emit_json(summary)
         return EXIT_OK if ok else EXIT_PROBLEM
+    _print_report(model_info, checkpoint_info, results)
+    if not ok:
+        print("bigmodel demo: outputs differ — this is a bug, please report it.", file=sys.stderr)
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+def _build_and_save(
+    cfg: DemoConfig, folder: Path, args: argparse.Namespace
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """Build the model, compute its reference output and save it sharded into ``folder``.
+
+    Returns the reference output and the "model" and "checkpoint" parts of the summary. The
+    model itself is dropped on return, before the child processes load it.
+    """
+    import bigmodel
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = DemoGPT(cfg).eval()
+    built = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        reference = model(_inputs(cfg))
+    start = time.perf_counter()
+    saved = bigmodel.save_checkpoint(
+        model, folder, max_shard_size=max(args.size // 5, 1), progress=progress_flag(args)
+    )
+    save_s = time.perf_counter() - start
+    (folder / "demo_config.json").write_text(json.dumps(asdict(cfg)))
+    model_info = {"parameters": params, "bytes": saved.total_size, **asdict(cfg)}
+    checkpoint_info = {
+        "folder": str(folder) if args.keep else None,
+        "shards": len(saved.files),
+        "save_s": save_s,
+        "build_s": built,
+    }
+    return reference, model_info, checkpoint_info
+
+
+def _load_in_children(folder: Path, reference: torch.Tensor) -> dict[str, dict[str, Any]] | None:
+    """Each method's measurements from a fresh process, with whether its output matches
+    ``reference``; None (after printing why) if a child process fails."""
+    results = {}
+    env = dict(os.environ, BIGMODEL_DISABLE_PROGRESS_BARS="1")
+    for method in ("bigmodel", "naive"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bigmodel",
+                "demo",
+                "--child",
+                method,
+                "--folder",
+                str(folder),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            print(
+                f"bigmodel demo: the {method} run failed (exit {out.returncode}).",
+                file=sys.stderr,
+            )
+            return None
+        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[method]["match"] = torch.equal(
+            torch.load(folder / f"logits-{method}.pt"), reference
+        )
+    return results
+
+
+def _print_report(
+    model: dict[str, Any], checkpoint: dict[str, Any], results: dict[str, dict[str, Any]]
+) -> None:
+    """The summary as text: the model, the checkpoint, a table of both methods, the verdict."""
     print(
-        f"DemoGPT: {params / 1e6:.0f}M parameters, {format_size(saved.total_size)} float32 (tied head stored once), "
-        f"{cfg.layers} block(s) of width {cfg.hidden}"
+        f"DemoGPT: {model['parameters'] / 1e6:.0f}M parameters, {format_size(model['bytes'])} float32 (tied head stored once), "
+        f"{model['layers']} block(s) of width {model['hidden']}"
     )
     print(
-        f"saved as {len(saved.files)} shard(s) in {save_s:.2f}s"
-        + (f" into {folder}" if args.keep else "")
+        f"saved as {checkpoint['shards']} shard(s) in {checkpoint['save_s']:.2f}s"
+        + (f" into {checkpoint['folder']}" if checkpoint["folder"] is not None else "")
     )
     print()
+    print_table(
+        ["method", "load s", "load+forward s", "peak anon mem", "peak RSS", "same output"],
+        _result_rows(results),
+    )
+    b, n = results["bigmodel"], results["naive"]
+    print()
+    print(
+        f"bigmodel loads in {b['load_s'] / max(n['load_s'], 1e-9):.3f}x the time of the naive workflow, with "
+        f"{format_size(max(n['anon'] - b['anon'], 0))} less private memory: its weights are the page cache itself "
+        "(shared between processes, reclaimable)."
+    )
+
+
+def _result_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for method, label in (
         ("bigmodel", "bigmodel.from_pretrained"),
@@ -199,17 +247,4 @@ def run(args: argparse.Namespace) -> int:
                 "yes" if r["match"] else "NO",
             ]
         )
-    print_table(
-        ["method", "load s", "load+forward s", "peak anon mem", "peak RSS", "same output"], rows
-    )
-    b, n = results["bigmodel"], results["naive"]
-    print()
-    print(
-        f"bigmodel loads in {b['load_s'] / max(n['load_s'], 1e-9):.3f}x the time of the naive workflow, with "
-        f"{format_size(max(n['anon'] - b['anon'], 0))} less private memory: its weights are the page cache itself "
-        "(shared between processes, reclaimable)."
-    )
-    if not ok:
-        print("bigmodel demo: outputs differ — this is a bug, please report it.", file=sys.stderr)
-        return EXIT_PROBLEM
-    return EXIT_OK
+    return rows

@@ -151,6 +151,40 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
 
 
 def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
+    """Validate the header bytes ``raw``: a header that cannot be read at all raises at once;
+    problems in its entries and metadata are collected and raised together."""
+    _check_tensor_count(file, raw)
+    obj = _decode_header(file, raw)
+    data_start = 8 + len(raw)
+    problems: list[Problem] = [
+        Problem(
+            file,
+            "duplicate-tensor",
+            "the header names this tensor more than once; the format forbids it and readers disagree on which copy wins.",
+            key=name,
+            hint=_FIX_REWRITE,
+        )
+        for name in strict_json.duplicates(obj)
+    ]
+    metadata = _parse_metadata(file, obj.pop("__metadata__", None), problems)
+
+    entries: dict[str, TensorEntry] = {}
+    for name, info in obj.items():
+        entry = _parse_entry(file, name, info, data_start, problems)
+        if entry is not None:
+            entries[name] = entry
+
+    if not problems:
+        _check_coverage(file, entries, data_start, file_size, problems)
+    if problems:
+        raise InvalidCheckpointError(problems)
+    return SafetensorsHeader(
+        entries=entries, metadata=metadata, data_start=data_start, file_size=file_size
+    )
+
+
+def _check_tensor_count(file: str, raw: bytes) -> None:
+    """Refuse a header with too many tensors before parsing it (parsing costs memory per entry)."""
     # Every entry names "data_offsets" once: an upper bound on the entry count, without parsing.
     approx_count = raw.count(b'"data_offsets"')
     if approx_count > MAX_TENSORS:
@@ -160,6 +194,10 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
             f"the header describes about {approx_count} tensors, above the limit of {MAX_TENSORS} per file.",
             hint="split the checkpoint into more shards (bigmodel.save_checkpoint with a smaller max_shard_size).",
         )
+
+
+def _decode_header(file: str, raw: bytes) -> dict[str, Any]:
+    """The header as a JSON object (a :class:`strict_json.JsonObject`, which remembers repeats)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -182,20 +220,11 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
             f"the header must be a JSON object, not {type(obj).__name__}.",
             hint=_FIX_REWRITE,
         )
+    return obj
 
-    data_start = 8 + len(raw)
-    problems: list[Problem] = [
-        Problem(
-            file,
-            "duplicate-tensor",
-            "the header names this tensor more than once; the format forbids it and readers disagree on which copy wins.",
-            key=name,
-            hint=_FIX_REWRITE,
-        )
-        for name in strict_json.duplicates(obj)
-    ]
-    metadata: dict[str, str] = {}
-    raw_meta = obj.pop("__metadata__", None)
+
+def _parse_metadata(file: str, raw_meta: object, problems: list[Problem]) -> dict[str, str]:
+    """The ``__metadata__`` map (empty when absent or broken, the breakage added to ``problems``)."""
     if strict_json.duplicates(raw_meta):
         problems.append(
             Problem(
@@ -205,145 +234,130 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
                 hint=_FIX_REWRITE,
             )
         )
-    if raw_meta is not None:
-        if not isinstance(raw_meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
-        ):
-            problems.append(
-                Problem(
-                    file,
-                    "bad-metadata",
-                    "__metadata__ must map strings to strings.",
-                    hint=_FIX_REWRITE,
-                )
+    if raw_meta is None:
+        return {}
+    if not isinstance(raw_meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+    ):
+        problems.append(
+            Problem(
+                file,
+                "bad-metadata",
+                "__metadata__ must map strings to strings.",
+                hint=_FIX_REWRITE,
             )
-        else:
-            metadata = raw_meta
+        )
+        return {}
+    return raw_meta
 
-    entries: dict[str, TensorEntry] = {}
-    for name, info in obj.items():
-        entry = _parse_entry(file, name, info, data_start, problems)
-        if entry is not None:
-            entries[name] = entry
 
-    if not problems:
-        _check_coverage(file, entries, data_start, file_size, problems)
-    if problems:
-        raise InvalidCheckpointError(problems)
-    return SafetensorsHeader(
-        entries=entries, metadata=metadata, data_start=data_start, file_size=file_size
-    )
+class _EntryRuleError(Exception):
+    """The first rule a header entry breaks: its problem code, message and fix."""
+
+    def __init__(self, code: str, message: str, hint: str = _FIX_REWRITE) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
 
 
 def _parse_entry(
     file: str, name: str, info: object, data_start: int, problems: list[Problem]
 ) -> TensorEntry | None:
+    """The entry of tensor ``name``, or None after adding the first rule it breaks to ``problems``.
+
+    Each rule relies on the ones before it, so checking stops at the first broken one.
+    """
+    try:
+        fields = _entry_object(info)
+        dtype_name = _dtype_name_field(fields)
+        shape = _shape_field(fields)
+        offsets = _data_offsets_field(fields)
+        dtype = _known_dtype(dtype_name)
+        _check_span(dtype_name, dtype, shape, offsets)
+    except _EntryRuleError as broken:
+        problems.append(Problem(file, broken.code, broken.message, key=name, hint=broken.hint))
+        return None
+    begin, end = offsets
+    return TensorEntry(
+        name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end
+    )
+
+
+def _entry_object(info: object) -> dict[str, Any]:
+    """The entry is a JSON object that names each field once."""
     if not isinstance(info, dict):
-        problems.append(
-            Problem(
-                file,
-                "bad-entry",
-                f"the header entry must be an object with dtype, shape and data_offsets, not {type(info).__name__}.",
-                key=name,
-                hint=_FIX_REWRITE,
-            )
+        raise _EntryRuleError(
+            "bad-entry",
+            f"the header entry must be an object with dtype, shape and data_offsets, not {type(info).__name__}.",
         )
-        return None
     if strict_json.duplicates(info):
-        problems.append(
-            Problem(
-                file,
-                "bad-entry",
-                f"the header entry repeats the field(s) {strict_json.duplicates(info)}.",
-                key=name,
-                hint=_FIX_REWRITE,
-            )
+        raise _EntryRuleError(
+            "bad-entry", f"the header entry repeats the field(s) {strict_json.duplicates(info)}."
         )
-        return None
-    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    return info
+
+
+def _dtype_name_field(fields: dict[str, Any]) -> str:
+    """``dtype`` is a string."""
+    dtype_name = fields.get("dtype")
     if not isinstance(dtype_name, str):
-        problems.append(
-            Problem(file, "bad-entry", "'dtype' must be a string.", key=name, hint=_FIX_REWRITE)
-        )
-        return None
+        raise _EntryRuleError("bad-entry", "'dtype' must be a string.")
+    return dtype_name
+
+
+def _shape_field(fields: dict[str, Any]) -> list[int]:
+    """``shape`` is a list of non-negative integers."""
+    shape = fields.get("shape")
     if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-        problems.append(
-            Problem(
-                file,
-                "bad-entry",
-                f"'shape' must be a list of non-negative integers, got {shape!r}.",
-                key=name,
-                hint=_FIX_REWRITE,
-            )
+        raise _EntryRuleError(
+            "bad-entry", f"'shape' must be a list of non-negative integers, got {shape!r}."
         )
-        return None
+    return shape
+
+
+def _data_offsets_field(fields: dict[str, Any]) -> list[int]:
+    """``data_offsets`` is two non-negative integers."""
+    offsets = fields.get("data_offsets")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(_is_int(o) and o >= 0 for o in offsets)
     ):
-        problems.append(
-            Problem(
-                file,
-                "bad-entry",
-                f"'data_offsets' must be two non-negative integers, got {offsets!r}.",
-                key=name,
-                hint=_FIX_REWRITE,
-            )
+        raise _EntryRuleError(
+            "bad-entry", f"'data_offsets' must be two non-negative integers, got {offsets!r}."
         )
-        return None
-    begin, end = offsets
+    return offsets
+
+
+def _known_dtype(dtype_name: str) -> torch.dtype:
+    """``dtype`` names a byte-sized dtype this torch build has."""
     if dtype_name in _SUB_BYTE:
-        problems.append(
-            Problem(
-                file,
-                "unsupported-dtype",
-                f"dtype {dtype_name} packs elements below a byte and has no torch equivalent.",
-                key=name,
-                hint="convert this tensor to a byte-sized dtype before saving.",
-            )
+        raise _EntryRuleError(
+            "unsupported-dtype",
+            f"dtype {dtype_name} packs elements below a byte and has no torch equivalent.",
+            hint="convert this tensor to a byte-sized dtype before saving.",
         )
-        return None
     dtype = DTYPE_FROM_NAME.get(dtype_name)
     if dtype is None:
         known = ", ".join(sorted(DTYPE_FROM_NAME))
-        problems.append(
-            Problem(
-                file,
-                "unknown-dtype",
-                f"unknown dtype {dtype_name!r}; known dtypes are {known}.",
-                key=name,
-                hint=_FIX_REWRITE,
-            )
+        raise _EntryRuleError(
+            "unknown-dtype", f"unknown dtype {dtype_name!r}; known dtypes are {known}."
         )
-        return None
-    numel = math.prod(shape)
-    expected = numel * dtype.itemsize
+    return dtype
+
+
+def _check_span(dtype_name: str, dtype: torch.dtype, shape: list[int], offsets: list[int]) -> None:
+    """``data_offsets`` end after they begin and span exactly the bytes the shape needs."""
+    begin, end = offsets
     if end < begin:
-        problems.append(
-            Problem(
-                file,
-                "bad-offsets",
-                f"data_offsets {offsets} end before they begin.",
-                key=name,
-                hint=_FIX_REWRITE,
-            )
-        )
-        return None
+        raise _EntryRuleError("bad-offsets", f"data_offsets {offsets} end before they begin.")
+    expected = math.prod(shape) * dtype.itemsize
     if expected != end - begin:
-        problems.append(
-            Problem(
-                file,
-                "size-mismatch",
-                f"shape {shape} of {dtype_name} needs {expected} bytes but data_offsets {offsets} span {end - begin}.",
-                key=name,
-                hint=_FIX_REWRITE,
-            )
+        raise _EntryRuleError(
+            "size-mismatch",
+            f"shape {shape} of {dtype_name} needs {expected} bytes but data_offsets {offsets} span {end - begin}.",
         )
-        return None
-    return TensorEntry(
-        name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end
-    )
 
 
 def _check_coverage(
