@@ -3,14 +3,10 @@ import torch
 from torch import nn
 
 import bigmodel
-from bigmodel.placement.device_map import (
-    PlanError,
-    compute_module_sizes,
-    device_for,
-    infer_device_map,
-    normalize_device,
-    repeated_block_classes,
-)
+from bigmodel.foundations.devices import normalize_device
+from bigmodel.foundations.errors import PlanError
+from bigmodel.placement.device_map import compute_module_sizes, device_for, infer_device_map
+from bigmodel.placement.planner import repeated_block_classes
 
 
 class Layer(nn.Module):
@@ -126,7 +122,7 @@ def test_devices_are_normalised():
 
 
 def test_default_budgets_leave_a_reserve_for_activations():
-    from bigmodel.placement.device_map import default_max_memory
+    from bigmodel.foundations.devices import default_max_memory
 
     budgets = default_max_memory(reserve=0.5)
     import psutil

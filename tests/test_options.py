@@ -64,3 +64,24 @@ def test_the_common_call_needs_no_option_type(folder):
     report = bigmodel.load_checkpoint(model, folder, dtype=torch.bfloat16)
     assert not report.missing_keys
     assert model.embed.weight.dtype == torch.bfloat16
+
+
+def test_a_dtype_can_be_named_the_way_the_command_line_names_it(folder, tmp_path):
+    with bigmodel.init_empty_weights():
+        model = TiedNet()
+    bigmodel.load_checkpoint(model, folder, dtype="bf16")
+    assert model.embed.weight.dtype == torch.bfloat16
+    saved = bigmodel.save_checkpoint(model, tmp_path / "half", dtype="float16")
+    with bigmodel.open_checkpoint(saved.directory) as ckpt:
+        assert ckpt.tensor_info("embed.weight").dtype == torch.float16
+    estimate = bigmodel.estimate_memory(folder, max_memory="cpu=1GB", dtype="torch.bfloat16")
+    full = bigmodel.estimate_memory(folder, max_memory="cpu=1GB").total
+    step = 8  # the int64 buffer keeps its dtype
+    assert estimate.total == (full - step) // 2 + step
+
+
+def test_an_unknown_dtype_name_is_refused_with_the_accepted_names(folder):
+    with bigmodel.init_empty_weights():
+        model = TiedNet()
+    with pytest.raises(ValueError, match=r"Unknown dtype 'bf61': use one of bf16, bfloat16"):
+        bigmodel.load_checkpoint(model, folder, dtype="bf61")

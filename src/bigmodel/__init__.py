@@ -24,6 +24,7 @@ from bigmodel.foundations.errors import (
     KeyMismatchError,
     MetaTensorError,
     MissingInitializerError,
+    PlanError,
     Problem,
     UnsafeCheckpointError,
     UnsupportedTensorError,
@@ -38,7 +39,7 @@ from bigmodel.foundations.types import (
     VerifyResult,
 )
 from bigmodel.foundations.units import parse_size
-from bigmodel.placement.device_map import PlanError, compute_module_sizes, infer_device_map
+from bigmodel.placement.device_map import compute_module_sizes, infer_device_map
 from bigmodel.placement.empty import init_empty_weights, init_on_device
 
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ import torch
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.checkpoint.sharding import plan_shards
 from bigmodel.execution.writing import WriteOptions, write_planned
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.errors import CheckpointNotFoundError, UnsafeCheckpointError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import SaveResult
@@ -97,7 +98,7 @@ def dcp_to_hf(
     trusted: bool = False,
     prefix: str = "",
     max_shard_size: int | str = "5GB",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     durable: bool = True,
     progress: bool | None = None,
 ) -> SaveResult:
@@ -108,6 +109,7 @@ def dcp_to_hf(
     One output shard is read at a time, so memory is bounded by ``max_shard_size``. ``dtype``
     casts floating-point tensors as they are written. Non-tensor entries are skipped (logged).
     """
+    dtype = None if dtype is None else parse_dtype(dtype)
     folder = Path(src)
     entries, others = read_dcp_metadata(folder, trusted=trusted)
     if others:

@@ -9,8 +9,9 @@ from torch import nn
 
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import offload_state
+from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.types import OffloadOptions
-from bigmodel.placement.device_map import device_for, execution_device, normalize_device
+from bigmodel.placement.device_map import device_for, execution_device
 
 __all__ = ["dispatch_model"]
 

@@ -19,6 +19,7 @@ from torch import nn
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.foundations.devices import default_max_memory, parse_max_memory
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.placement.planner import (
     PlanNode,
     atoms,
@@ -105,7 +106,7 @@ def estimate_memory(
     model_or_checkpoint: nn.Module | Checkpoint | str | os.PathLike[str],
     *,
     max_memory: str | Mapping[Any, int | str | None] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
 ) -> Estimate:
     """Bytes needed per device for a plan within ``max_memory``, the largest block, and whether
@@ -119,6 +120,7 @@ def estimate_memory(
     ``disk`` may be unlimited) and defaults to free memory minus a reserve, then disk.
     :attr:`DevicePlan.blocks` are the units never split (see :class:`Block`) on each device.
     """
+    dtype = None if dtype is None else parse_dtype(dtype)
     budgets = default_max_memory() if max_memory is None else parse_max_memory(max_memory)
     if isinstance(model_or_checkpoint, nn.Module):
         tree = tree_from_module(

@@ -34,6 +34,8 @@ from bigmodel.execution.distributed import Group, resolve_group, run_step
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_sources
 from bigmodel.execution.reading import PlanReader
+from bigmodel.foundations.devices import normalize_device
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.errors import (
     InvalidCheckpointError,
 )
@@ -44,7 +46,7 @@ from bigmodel.foundations.types import (
     LoadReport,
     OffloadOptions,
 )
-from bigmodel.placement.device_map import execution_device, infer_device_map, normalize_device
+from bigmodel.placement.device_map import execution_device, infer_device_map
 from bigmodel.placement.initialize import InitFn, check_nothing_on_meta, materialize_missing
 from bigmodel.placement.load_plan import LoadPlan, MatchRules, plan_load
 from bigmodel.placement.policy import DtypeOverrides, Placement
@@ -206,7 +208,7 @@ def load_checkpoint(
     model: nn.Module,
     checkpoint: str | os.PathLike[str] | Checkpoint,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | int | None = None,
     strict: bool = True,
     dtype_overrides: DtypeOverrides | None = None,
@@ -232,7 +234,8 @@ def load_checkpoint(
     one step and is assigned into the module; on CPU with an unchanged dtype it stays a view of
     the file mapping (no copy, no anonymous memory).
 
-    * ``dtype`` casts floating-point tensors; integer and bool tensors keep theirs. Without it,
+    * ``dtype`` (a ``torch.dtype`` or a name: ``"bf16"``, ``"float16"``...) casts floating-point
+      tensors; integer and bool tensors keep theirs. Without it,
       each tensor takes the dtype the module declared. ``dtype_overrides`` maps a module class or
       a dotted module name to a dtype, e.g. ``{nn.LayerNorm: torch.float32}`` to keep norms in fp32.
     * ``device``: where tensors go (default: CPU for tensors on ``meta``, else where they are).
@@ -259,6 +262,7 @@ def load_checkpoint(
       (:class:`~bigmodel.DistributedOptions`) chooses the group and how replicated tensors
       are shared.
     """
+    dtype = None if dtype is None else parse_dtype(dtype)
     resolved = _resolve_device_map(
         model,
         device_map,

@@ -12,6 +12,7 @@ from bigmodel.api.save import save_checkpoint
 from bigmodel.checkpoint.index import RESERVED_METADATA
 from bigmodel.checkpoint.naming import is_weights_artifact
 from bigmodel.checkpoint.open import open_checkpoint
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.types import RewriteResult
 from bigmodel.storage.commit import is_ours
 
@@ -24,7 +25,7 @@ def rewrite_checkpoint(
     *,
     max_shard_size: int | str,
     safe_serialization: bool | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     copy_extras: bool = True,
     progress: bool | None = None,
 ) -> RewriteResult:
@@ -36,6 +37,7 @@ def rewrite_checkpoint(
     kept. With ``copy_extras``, other files of the source folder (config, tokenizer) are copied
     when ``dst`` is another folder. ``dst`` may be ``src`` itself: the save is atomic.
     """
+    dtype = None if dtype is None else parse_dtype(dtype)
     with open_checkpoint(src) as ckpt:
         safe = ckpt.format == "safetensors" if safe_serialization is None else safe_serialization
         state = {name: ckpt.get_tensor(name) for name in ckpt.keys()}

@@ -18,6 +18,7 @@ from bigmodel.checkpoint.sharding import (
 )
 from bigmodel.execution.distributed import resolve_group
 from bigmodel.execution.writing import WriteOptions, write_planned
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.errors import UnsupportedTensorError
 from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
@@ -89,7 +90,7 @@ def save_checkpoint(
     metadata: Mapping[str, str] | None = None,
     durable: bool = True,
     digest: str | None = DEFAULT_ALGORITHM,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     process_group: Any = None,
     workers: int | None = None,
     progress: bool | None = None,
@@ -117,7 +118,7 @@ def save_checkpoint(
     writing each file; it is embedded in every safetensors file and listed in the index, and
     :meth:`bigmodel.Checkpoint.verify` / ``open_checkpoint(..., verify=True)`` check it.
 
-    ``dtype`` casts floating-point tensors while they are written, one at a time per shard
+    ``dtype`` (a ``torch.dtype`` or a name such as ``"bf16"``) casts floating-point tensors while they are written, one at a time per shard
     being written (save an fp32 model as bf16 without a second copy in memory); other tensors
     keep their dtype.
 
@@ -131,6 +132,7 @@ def save_checkpoint(
     :class:`~bigmodel.DistributedError` on every rank and leaves the previous checkpoint.
     Without either, the save is this process's alone (the usual ``if rank == 0: save``).
     """
+    dtype = None if dtype is None else parse_dtype(dtype)
     safe = bool(safe_serialization)
     limit = parse_size(max_shard_size)
     if digest is not None:

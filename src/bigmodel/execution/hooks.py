@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bigmodel.placement.device_map import normalize_device
+from bigmodel.foundations.devices import normalize_device
 
 __all__ = ["attach_placement_hooks", "move_to"]
 

@@ -35,12 +35,9 @@ from torch.utils.hooks import RemovableHandle
 
 from bigmodel.execution.hooks import attach_placement_hooks, move_to
 from bigmodel.execution.offload_sources import OffloadedTensor, resident_sources
+from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.types import OffloadOptions
-from bigmodel.placement.device_map import (
-    covering_key,
-    device_for,
-    normalize_device,
-)
+from bigmodel.placement.device_map import covering_key, device_for
 
 __all__ = ["Offloader", "attach_offload_hooks"]
 

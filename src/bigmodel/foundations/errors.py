@@ -1,4 +1,20 @@
-"""The error hierarchy. Every user-facing error derives from :class:`BigModelError`.
+"""The whole error hierarchy, in one place. Every error raised on purpose derives from
+:class:`BigModelError`; each also derives from the built-in exception a caller would catch
+without knowing bigmodel (``ValueError``, ``FileNotFoundError``, ``OSError``...)::
+
+    BigModelError
+    ├── InvalidCheckpointError (ValueError)      a file or index breaks a rule; .problems
+    │   └── UnsafeCheckpointError                a pickle that weights-only loading refuses
+    ├── CheckpointNotFoundError (FileNotFoundError)
+    ├── KeyMismatchError (ValueError)            strict load: missing/unexpected/mis-shaped keys
+    ├── KeyMappingError (ValueError)             two checkpoint keys renamed to one module key
+    ├── MetaTensorError (ValueError)             a load would leave a tensor on meta
+    ├── MissingInitializerError (ValueError)     a missing tensor nobody can initialise
+    ├── PlanError (ValueError)                   no device placement fits the budgets
+    ├── UnsupportedTensorError (ValueError)      a state-dict entry that cannot be saved
+    ├── CheckpointConflictError                  another save into the folder is running
+    ├── CheckpointWriteError (OSError)           a save failed; the previous checkpoint is intact
+    └── DistributedError (RuntimeError)          a step failed on some rank; raised on every rank
 
 Messages name the file or key, state the rule that was broken (with a stable short code in
 ``[brackets]``, also available as ``.code``), and say what to do about it.
@@ -20,6 +36,7 @@ __all__ = [
     "KeyMismatchError",
     "MetaTensorError",
     "MissingInitializerError",
+    "PlanError",
     "Problem",
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
@@ -175,3 +192,9 @@ class DistributedError(BigModelError, RuntimeError):
             f"{what} failed on rank(s) {ranks} of the process group [{self.code}]:\n{lines}\n"
             "Every rank stopped here; the failing rank's own exception is chained on that rank."
         )
+
+
+class PlanError(BigModelError, ValueError):
+    """No placement of the model fits the budgets."""
+
+    code = "no-placement"

@@ -22,7 +22,7 @@ from bigmodel.foundations.devices import (
     normalize_device,
     parse_max_memory,
 )
-from bigmodel.foundations.errors import BigModelError
+from bigmodel.foundations.errors import PlanError
 from bigmodel.foundations.units import format_size
 from bigmodel.placement.planner import plan, repeated_block_classes, tree_from_module
 from bigmodel.storage.dtypes import stored_nbytes
@@ -38,12 +38,6 @@ __all__ = [
     "normalize_device",
     "repeated_block_classes",
 ]
-
-
-class PlanError(BigModelError, ValueError):
-    """No placement of the model fits the budgets."""
-
-    code = "no-placement"
 
 
 def execution_device(
