@@ -1,13 +1,20 @@
-"""One rank of a two-rank gloo group, run by test_distributed.py as a fresh subprocess.
+"""One rank of a gloo group, run by test_distributed.py as a long-lived subprocess.
 
-Usage: python _dist_worker.py SCENARIO RANK WORLD PORT FOLDER [OPTIONS_JSON]
-Prints one JSON line with what the test checks.
+Usage: python _dist_worker.py RANK WORLD PORT
+
+The rank joins the group once, then runs the scenarios it is sent, one after another in the
+same group: it reads one JSON request a line on stdin, ``{"scenario": NAME, "folder": PATH,
+"options": {...}}``, and answers each with one JSON line on stdout, ``{"rank": R, "result":
+{...}}`` (what the test checks) or ``{"rank": R, "error": TRACEBACK}``. A request without a
+scenario, or the end of stdin, leaves the group and exits. Scenarios undo what they patch, so
+the next one finds the process as it was.
 """
 
 import datetime
 import json
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -199,7 +206,10 @@ def save_placements(folder: str, opts: dict) -> dict:
         return original(self, *args, **kwargs)
 
     DTensor.full_tensor = counting
-    result = bigmodel.save_checkpoint(state, opts["out"], max_shard_size=opts["shard"])
+    try:
+        result = bigmodel.save_checkpoint(state, opts["out"], max_shard_size=opts["shard"])
+    finally:
+        DTensor.full_tensor = original
     return {"full_tensor_calls": calls, "files": result.files}
 
 
@@ -210,6 +220,7 @@ def save_failing(folder: str, opts: dict) -> dict:
     with bigmodel.init_empty_weights():
         model = Net()
     bigmodel.load_checkpoint(model, folder)
+    original = writing_module._write_shard
     if dist.get_rank() == opts["bad_rank"]:
 
         def broken(fh, **kwargs):
@@ -223,6 +234,8 @@ def save_failing(folder: str, opts: dict) -> dict:
         )
     except bigmodel.DistributedError as exc:
         return {"raised": "DistributedError", "ranks": list(exc.failures), "message": str(exc)}
+    finally:
+        writing_module._write_shard = original
     return {"raised": None}
 
 
@@ -263,29 +276,51 @@ def failing(folder: str, opts: dict) -> dict:
     return {"raised": None}
 
 
+def ping(folder: str, opts: dict) -> dict:
+    """One all-reduce: the group still works (after a scenario that failed on purpose)."""
+    total = torch.tensor([dist.get_rank() + 1])
+    dist.all_reduce(total)
+    return {"sum": int(total)}
+
+
+SCENARIOS = {
+    "replicated": replicated,
+    "sharded": sharded,
+    "failing": failing,
+    "sharded-missing": sharded_missing,
+    "save-llama": save_llama,
+    "save-failing": save_failing,
+    "save-placements": save_placements,
+    "ping": ping,
+}
+
+
 def main() -> None:
-    scenario, rank, world, port, folder = sys.argv[1:6]
-    opts = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+    rank, world, port = (int(arg) for arg in sys.argv[1:4])
+    # Answers go to a private copy of stdout; whatever else writes to stdout (a library's print,
+    # C code) lands in stderr and cannot corrupt them.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
-        rank=int(rank),
-        world_size=int(world),
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        scenarios = {
-            "replicated": replicated,
-            "sharded": sharded,
-            "failing": failing,
-            "sharded-missing": sharded_missing,
-            "save-llama": save_llama,
-            "save-failing": save_failing,
-            "save-placements": save_placements,
-        }
-        result = scenarios[scenario](folder, opts)
-        print(json.dumps({"rank": int(rank), **result}), flush=True)
-        dist.barrier()  # no rank tears the group down while a peer still talks to it
+        for line in sys.stdin:
+            request = json.loads(line)
+            if not request.get("scenario"):
+                break
+            try:
+                scenario = SCENARIOS[request["scenario"]]
+                answer = {"rank": rank, "result": scenario(request["folder"], request["options"])}
+            except BaseException:  # SystemExit too: report it, the test decides
+                answer = {"rank": rank, "error": traceback.format_exc()}
+            answers.write(json.dumps(answer) + "\n")
+            answers.flush()
+            dist.barrier()  # no rank starts the next scenario while a peer is in this one
     finally:
         dist.destroy_process_group()
     # Skip interpreter finalisation: gloo's worker threads can abort it ("terminate called

@@ -1,10 +1,18 @@
-"""Two-rank gloo groups on CPU, each rank a real subprocess: replicated and sharded loads, errors."""
+"""Gloo groups on CPU, each rank a real subprocess: replicated and sharded loads and saves, errors.
 
+The scenarios share one pair of long-lived ranks (the ``ranks`` fixture), each run in turn in the
+same process group, so the module pays torch's import and the group's set-up once, not once a
+test. Only the four-rank HSDP save starts ranks of its own (``run_ranks``).
+"""
+
+import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,35 +32,122 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(scenario, folder, options=None, world=2, timeout=90):
-    """Start ``world`` ranks of _dist_worker.py; return each rank's JSON result, rank order."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(rank), str(world), str(port), str(folder)]
-            + ([json.dumps(options)] if options is not None else []),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            # loopback for gloo: a sandbox's hostname may not resolve to a usable interface
-            env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
-        )
-        for rank in range(world)
-    ]
-    results = []
-    try:
-        for rank, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, (
-                f"rank {rank} exited with {proc.returncode}:\n{err[-3000:]}"
+class RankGroup:
+    """``world`` long-lived ranks of _dist_worker.py in one gloo group, running scenarios in turn.
+
+    Every wait has a deadline: a rank that does not answer in time, dies, or raises fails the
+    test with its message and the end of its stderr, and the group is torn down; the next
+    scenario starts a fresh one, so a broken group never hangs or poisons the tests after it.
+    """
+
+    def __init__(self, world: int = 2) -> None:
+        self.world = world
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list = []
+        self.buffers: list[bytes] = []
+
+    def _start(self) -> None:
+        port = _free_port()
+        # each rank's stderr, to a file: a pipe nobody reads could fill and stall the rank
+        self.logs = [tempfile.TemporaryFile() for _ in range(self.world)]  # noqa: SIM115
+        self.buffers = [b""] * self.world
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(rank), str(self.world), str(port)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.logs[rank],
+                # loopback for gloo: a sandbox's hostname may not resolve to a usable interface
+                env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
             )
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
+            for rank in range(self.world)
+        ]
+
+    def _report(self, rank: int) -> str:
+        code = self.procs[rank].poll()
+        log = self.logs[rank]
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-3000:] or "(empty)\n"
+        state = "still running" if code is None else f"exit code {code}"
+        return f"\n-- rank {rank} ({state}), end of its stderr:\n{tail}"
+
+    def _fail(self, message: str) -> None:
+        details = "".join(self._report(rank) for rank in range(len(self.procs)))
+        self.close(timeout=0)  # peers of a failed rank may be stuck in a collective
+        pytest.fail(message + details, pytrace=False)
+
+    def _answer(self, rank: int, scenario: str, deadline: float, timeout: float) -> dict:
+        """Rank ``rank``'s next answer line, read before ``deadline``."""
+        fd = self.procs[rank].stdout.fileno()
+        while b"\n" not in self.buffers[rank]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(f"rank {rank} gave no answer to {scenario!r} within {timeout} s")
+            readable, _, _ = select.select([fd], [], [], left)
+            if readable:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    self._fail(f"rank {rank} exited during {scenario!r}")
+                self.buffers[rank] += chunk
+        line, self.buffers[rank] = self.buffers[rank].split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, scenario: str, folder, options=None, timeout: float = 90) -> list[dict]:
+        """Run ``scenario`` on every rank; return each rank's result, in rank order."""
+        if not self.procs:
+            self._start()
+        request = {"scenario": scenario, "folder": str(folder), "options": options or {}}
+        deadline = time.monotonic() + timeout
+        try:
+            for proc in self.procs:
+                proc.stdin.write(json.dumps(request).encode() + b"\n")
+                proc.stdin.flush()
+        except BrokenPipeError:
+            self._fail(f"a rank had exited before {scenario!r} was sent")
+        answers = [self._answer(rank, scenario, deadline, timeout) for rank in range(self.world)]
+        errors = [a for a in answers if "error" in a]
+        if errors:  # a rank raised where the scenario expects none: its peers may be stuck
+            self._fail(
+                "".join(f"rank {a['rank']} raised in {scenario!r}:\n{a['error']}" for a in errors)
+            )
+        return [{"rank": a["rank"], **a["result"]} for a in answers]
+
+    def close(self, timeout: float = 30) -> None:
+        """Ask every rank to leave the group and exit; kill those still there at the deadline."""
+        for proc in self.procs:
+            with contextlib.suppress(OSError):  # a rank already gone
+                proc.stdin.write(b"{}\n")
+                proc.stdin.flush()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    return results
+            proc.stdout.close()
+        for log in self.logs:
+            log.close()
+        self.procs, self.logs = [], []
+
+
+def run_ranks(scenario, folder, options=None, world=2, timeout=90):
+    """Start ``world`` fresh ranks for one scenario; return each rank's result, in rank order."""
+    group = RankGroup(world)
+    try:
+        return group.run(scenario, folder, options, timeout=timeout)
+    finally:
+        group.close()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Two ranks shared by every two-rank scenario of this module, torn down at its end."""
+    group = RankGroup(world=2)
+    yield group
+    group.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,63 +158,65 @@ def folder(tmp_path_factory):
     return path
 
 
-def test_replicated_cpu_loads_map_the_same_files_on_every_rank(folder):
-    ranks = run_ranks("replicated", folder, {"strategy": "auto"})
-    for r in ranks:
+def test_replicated_cpu_loads_map_the_same_files_on_every_rank(ranks, folder):
+    for r in ranks.run("replicated", folder, {"strategy": "auto"}):
         assert r["equal"] and r["tied"]
         assert r["bytes_read"] == r["total"]
         assert r["up_weight_file"].startswith(str(folder)), r  # a view of the shard, no copy
 
 
-def test_a_cpu_conversion_is_done_once_per_node_in_shared_memory_and_mapped_by_every_rank(folder):
-    ranks = run_ranks("replicated", folder, {"strategy": "auto", "dtype": "bfloat16"})
-    for r in ranks:
+def test_a_cpu_conversion_is_done_once_per_node_in_shared_memory_and_mapped_by_every_rank(
+    ranks, folder
+):
+    results = ranks.run("replicated", folder, {"strategy": "auto", "dtype": "bfloat16"})
+    for r in results:
         assert r["equal"] and r["tied"]
         assert r["dtypes"] == ["torch.bfloat16", "torch.int64"]
         # the weight is a view of the node's converted file (unlinked once every rank mapped it)
         assert "bigmodel-" in r["up_weight_file"] and "(deleted)" in r["up_weight_file"], r
-    assert ranks[1]["bytes_read"] < ranks[0]["bytes_read"]  # only the node's leader converted
+    assert results[1]["bytes_read"] < results[0]["bytes_read"]  # only the node's leader converted
 
 
 @pytest.mark.parametrize("strategy", ["scatter", "rank0"])
-def test_scatter_and_rank0_read_each_byte_once_and_broadcast(folder, strategy):
-    ranks = run_ranks("replicated", folder, {"strategy": strategy, "dtype": "bfloat16"})
-    assert all(r["equal"] and r["tied"] for r in ranks)
-    total = ranks[0]["total"]
-    assert sum(r["bytes_read"] for r in ranks) == total
+def test_scatter_and_rank0_read_each_byte_once_and_broadcast(ranks, folder, strategy):
+    results = ranks.run("replicated", folder, {"strategy": strategy, "dtype": "bfloat16"})
+    assert all(r["equal"] and r["tied"] for r in results)
+    total = results[0]["total"]
+    assert sum(r["bytes_read"] for r in results) == total
     if strategy == "scatter":
-        assert all(r["bytes_read"] < 0.7 * total for r in ranks), ranks
+        assert all(r["bytes_read"] < 0.7 * total for r in results), results
     else:
-        assert ranks[1]["bytes_read"] == 0
+        assert results[1]["bytes_read"] == 0
 
 
 @pytest.mark.parametrize("how", ["fsdp", "tp"])
-def test_dtensor_parameters_get_only_their_slice_and_gather_to_the_checkpoint(folder, how):
-    ranks = run_ranks("sharded", folder, {"how": how})
-    for r in ranks:
+def test_dtensor_parameters_get_only_their_slice_and_gather_to_the_checkpoint(ranks, folder, how):
+    results = ranks.run("sharded", folder, {"how": how})
+    for r in results:
         assert r["equal"] and r["same_output"], r
         assert r["sharded"], r
     # each rank read about half of every sharded tensor, never the whole
-    assert sum(r["bytes_read"] for r in ranks) < 2 * ranks[0]["total"]
-    for r in ranks:
+    assert sum(r["bytes_read"] for r in results) < 2 * results[0]["total"]
+    for r in results:
         assert r["bytes_read"] <= r["total"] - 0.4 * r["sharded_bytes"], r
 
 
 def test_a_sharded_parameter_missing_from_the_checkpoint_is_an_error_on_every_rank(
-    folder, tmp_path
+    ranks, folder, tmp_path
 ):
-    ranks = run_ranks("sharded-missing", folder, {"partial": str(tmp_path / "partial")})
-    for r in ranks:
+    for r in ranks.run("sharded-missing", folder, {"partial": str(tmp_path / "partial")}):
         assert r["raised"] == "MetaTensorError" and "up.weight" in r["message"], r
 
 
 @pytest.mark.parametrize("strategy", ["auto", "scatter"])
-def test_a_failure_on_one_rank_raises_on_every_rank_and_names_it(folder, strategy):
-    ranks = run_ranks("failing", folder, {"bad_rank": 1, "strategy": strategy})
-    for r in ranks:
+def test_a_failure_on_one_rank_raises_on_every_rank_and_names_it_and_the_group_goes_on(
+    ranks, folder, strategy
+):
+    for r in ranks.run("failing", folder, {"bad_rank": 1, "strategy": strategy}):
         assert r["raised"] == "DistributedError", r
         assert r["ranks"] == [1]
         assert "-missing" in r["message"] and "rank 1" in r["message"]
+    assert [r["sum"] for r in ranks.run("ping", folder)] == [3, 3]  # no rank left mid-collective
 
 
 def test_a_single_process_has_no_group_and_takes_the_ordinary_path():
@@ -135,7 +232,7 @@ def test_a_single_process_has_no_group_and_takes_the_ordinary_path():
 
 
 # -- distributed save ------------------------------------------------------------------------------
-def test_an_fsdp_model_saved_from_two_ranks_is_one_checkpoint_transformers_loads(tmp_path):
+def test_an_fsdp_model_saved_from_two_ranks_is_one_checkpoint_transformers_loads(ranks, tmp_path):
     import shutil
 
     from transformers import LlamaForCausalLM
@@ -146,12 +243,12 @@ def test_an_fsdp_model_saved_from_two_ranks_is_one_checkpoint_transformers_loads
     reference = LlamaForCausalLM(tiny_llama_config(tie=False)).eval()
     reference.save_pretrained(tmp_path / "ref")
     out = tmp_path / "out"
-    ranks = run_ranks(
+    results = ranks.run(
         "save-llama", tmp_path / "ref", {"out": str(out), "shard": "40KB"}, timeout=120
     )
-    assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) > 2
+    assert results[0]["files"] == results[1]["files"] and len(results[0]["files"]) > 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ranks[0]["files"] + [ranks[0]["index"]]
+        results[0]["files"] + [results[0]["index"]]
     )  # no temporary files left
     shutil.copy(tmp_path / "ref" / "config.json", out)
     loaded = LlamaForCausalLM.from_pretrained(out).eval()
@@ -160,16 +257,18 @@ def test_an_fsdp_model_saved_from_two_ranks_is_one_checkpoint_transformers_loads
         assert ckpt.verify().problems == []  # each rank's digests reached the index
 
 
-def test_each_dtensor_travels_once_to_the_rank_that_writes_it_whatever_its_placement(tmp_path):
+def test_each_dtensor_travels_once_to_the_rank_that_writes_it_whatever_its_placement(
+    ranks, tmp_path
+):
     from _dist_worker import placements_full
     from conftest import assert_same_state
 
     out = tmp_path / "out"
-    ranks = run_ranks("save-placements", tmp_path, {"out": str(out), "shard": "100B"})
-    assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) > 2
+    results = ranks.run("save-placements", tmp_path, {"out": str(out), "shard": "100B"})
+    assert results[0]["files"] == results[1]["files"] and len(results[0]["files"]) > 2
     # Shard (even, uneven, empty on a rank) and Replicate are gathered to the writer alone;
     # only the Partial sum needs the all-gather of full_tensor()
-    for r in ranks:
+    for r in results:
         assert r["full_tensor_calls"] == [[2, 2]], r
     with bigmodel.open_checkpoint(out) as ckpt:
         saved = {k: ckpt.get_tensor(k).clone() for k in ckpt.keys()}
@@ -181,10 +280,11 @@ def test_an_hsdp_model_on_a_two_by_two_mesh_is_gathered_without_any_all_gather(t
     from conftest import assert_same_state
 
     out = tmp_path / "out"
-    ranks = run_ranks(
+    # four ranks, not the shared two: a group's world size is fixed when it is set up
+    results = run_ranks(
         "save-placements", tmp_path, {"out": str(out), "shard": "100B", "mesh": "2x2"}, world=4
     )
-    for r in ranks:
+    for r in results:
         assert r["full_tensor_calls"] == [], r  # replicas send duplicates; none is all-gathered
     with bigmodel.open_checkpoint(out) as ckpt:
         saved = {k: ckpt.get_tensor(k).clone() for k in ckpt.keys()}
@@ -192,7 +292,9 @@ def test_an_hsdp_model_on_a_two_by_two_mesh_is_gathered_without_any_all_gather(t
     assert_same_state(saved, {k: full[k] for k in ("uneven_rows", "ints", "one_row", "columns")})
 
 
-def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(tmp_path, folder):
+def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(
+    ranks, tmp_path, folder
+):
     from conftest import assert_same_state
 
     torch.manual_seed(1)
@@ -200,8 +302,7 @@ def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(
     out = tmp_path / "out"
     bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
     before = sorted(p.name for p in out.iterdir())
-    ranks = run_ranks("save-failing", folder, {"out": str(out), "bad_rank": 1})
-    for r in ranks:
+    for r in ranks.run("save-failing", folder, {"out": str(out), "bad_rank": 1}):
         assert r["raised"] == "DistributedError" and r["ranks"] == [1], r
         assert "No space left" in r["message"]
     assert sorted(p.name for p in out.iterdir()) == before  # staged files of both ranks removed
