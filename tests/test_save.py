@@ -137,6 +137,33 @@ def test_the_same_tensor_under_two_names_in_a_state_dict_is_an_alias(tmp_path):
     assert_same_state(_state(bigmodel.open_checkpoint(tmp_path)), {"a": w, "b": w, "c": w.view(9)})
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_a_conjugate_or_negative_view_is_saved_as_its_values_never_as_an_alias(tmp_path, safe):
+    x = torch.randn(5, dtype=torch.complex64)
+    state = {"a": x, "b": x.conj(), "re": x.real, "im_of_conj": x.conj().imag}
+    assert state["b"].is_conj() and state["im_of_conj"].is_neg()
+    result = bigmodel.save_checkpoint(state, tmp_path, safe_serialization=safe)
+    assert result.aliases == {}
+    expected = {k: v.resolve_conj().resolve_neg() for k, v in state.items()}
+    assert_same_state(_state(bigmodel.open_checkpoint(tmp_path)), expected)
+
+
+def test_a_lone_conjugate_view_is_written_as_its_values(tmp_path):
+    x = torch.randn(3, 2, dtype=torch.complex64)
+    bigmodel.save_checkpoint({"b": x.conj()}, tmp_path)
+    assert_same_state(_state(bigmodel.open_checkpoint(tmp_path)), {"b": x.conj().resolve_conj()})
+
+
+def test_the_same_conjugate_view_under_two_names_is_still_one_tied_tensor(tmp_path):
+    x = torch.randn(4, dtype=torch.complex64).conj()
+    result = bigmodel.save_checkpoint({"a": x, "b": x}, tmp_path)
+    assert result.aliases == {"b": "a"}
+    assert_same_state(
+        _state(bigmodel.open_checkpoint(tmp_path)),
+        {"a": x.resolve_conj(), "b": x.resolve_conj()},
+    )
+
+
 _DTYPES = sorted(NAME_FROM_DTYPE, key=str)
 
 

@@ -24,17 +24,21 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same bytes read the same way: a tied weight. A conjugate or negative view (lazy bits
+    that change the values read from the same bytes) is never the same as its base."""
     return (
         a.dtype == b.dtype
         and a.shape == b.shape
         and a.stride() == b.stride()
         and a.storage_offset() == b.storage_offset()
+        and a.is_conj() == b.is_conj()
+        and a.is_neg() == b.is_neg()
     )
 
 
 def find_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Map each name whose tensor is an exact alias of an earlier name (same storage, offset,
-    shape, stride and dtype: a tied weight) to that earlier name.
+    shape, stride, dtype and conjugate/negative bits: a tied weight) to that earlier name.
 
     Tensors that overlap the same storage in different ways (a slice, a transpose) are not
     aliases: each is stored as its own contiguous copy, because safetensors cannot express

@@ -471,6 +471,8 @@ def _as_bytes(tensor: torch.Tensor, cast: torch.dtype | None = None) -> memoryvi
     flat = tensor.detach()
     if flat.device.type != "cpu":
         flat = flat.to("cpu")
+    # Lazy conjugate/negative bits change the values, not the bytes: resolve them first.
+    flat = flat.resolve_conj().resolve_neg()
     flat = flat.to(stored_dtype(flat, cast)).contiguous().reshape(-1)
     array: Any = flat.view(torch.uint8).numpy()
     return memoryview(array).cast("B")

@@ -119,7 +119,8 @@ def write_bin(
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
-        t = t.to(stored_dtype(t, cast))
+        # Lazy conjugate/negative bits change the values, not the bytes: resolve them first.
+        t = t.resolve_conj().resolve_neg().to(stored_dtype(t, cast))
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
         out[name] = t
