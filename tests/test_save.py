@@ -258,6 +258,31 @@ def test_tensors_that_cannot_be_saved_are_rejected_by_name_before_anything_is_wr
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("digest", ["xxh3_128", None])
+@pytest.mark.parametrize(
+    ("name", "rule"), [("__metadata__", "reserves for the file's metadata"), ("x\ud800", "UTF-8")]
+)
+def test_a_tensor_name_the_format_cannot_hold_is_refused_and_the_old_checkpoint_stays(
+    tmp_path, name, rule, digest
+):
+    old = {"w": torch.arange(4.0)}
+    bigmodel.save_checkpoint(old, tmp_path)
+    with pytest.raises(bigmodel.UnsupportedTensorError, match=rule) as info:
+        bigmodel.save_checkpoint(
+            {name: torch.zeros(2), "w": torch.ones(4)}, tmp_path, digest=digest
+        )
+    assert repr(name) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert_same_state(_state(bigmodel.open_checkpoint(tmp_path)), old)
+
+
+def test_the_safetensors_writer_itself_refuses_a_reserved_name(tmp_path):
+    from bigmodel.storage.safetensors import header_bytes
+
+    with pytest.raises(bigmodel.UnsupportedTensorError, match="__metadata__"):
+        header_bytes([("__metadata__", torch.zeros(1))], {"format": "pt"})
+
+
 def test_metadata_must_be_strings_and_must_not_use_reserved_keys(tmp_path):
     with pytest.raises(TypeError, match="strings"):
         bigmodel.save_checkpoint({"a": torch.zeros(1)}, tmp_path, metadata={"n": 1})

@@ -25,7 +25,7 @@ from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.storage.digest import DEFAULT_ALGORITHM, new_hasher
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
-from bigmodel.storage.safetensors import NAME_FROM_DTYPE
+from bigmodel.storage.safetensors import NAME_FROM_DTYPE, tensor_name_problem
 
 __all__ = ["save_checkpoint"]
 
@@ -43,6 +43,12 @@ def _state_dict(
         if not isinstance(name, str):
             raise UnsupportedTensorError(
                 f"State dict key {name!r} is a {type(name).__name__}; keys must be strings. Fix: rename the entry."
+            )
+        problem = tensor_name_problem(name) if safe else None
+        if problem is not None:
+            raise UnsupportedTensorError(
+                f"State dict key {name!r} {problem}, so safetensors cannot store it. "
+                "Fix: rename the entry, or pass safe_serialization=False."
             )
         if not isinstance(tensor, torch.Tensor):
             raise UnsupportedTensorError(

@@ -27,12 +27,14 @@ from typing import Any, BinaryIO
 import torch
 
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.errors import InvalidCheckpointError, Problem
+from bigmodel.foundations.errors import InvalidCheckpointError, Problem, UnsupportedTensorError
 from bigmodel.storage.atomic import file_identity, write_all
 from bigmodel.storage.digest import DIGEST_KEY, new_hasher, placeholder
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
 
 __all__ = [
+    "RESERVED_NAMES",
+    "tensor_name_problem",
     "DTYPE_FROM_NAME",
     "MAX_HEADER_SIZE",
     "MAX_TENSORS",
@@ -70,6 +72,23 @@ _DTYPE_NAMES: dict[str, str] = {
     "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
+#: Header keys that are not tensors; no tensor may be named so.
+RESERVED_NAMES = frozenset({"__metadata__"})
+
+
+def tensor_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a tensor in a safetensors file, or None if it can."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if name in RESERVED_NAMES:
+        return "is the key the safetensors format reserves for the file's metadata"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (it contains a lone surrogate)"
+    return None
+
+
 #: safetensors dtype names whose elements are smaller than a byte; torch has no 1:1 dtype.
 _SUB_BYTE = {"F4", "F6_E2M3", "F6_E3M2"}
 
@@ -489,6 +508,12 @@ def header_bytes(
     does, so that every tensor is aligned for zero-copy views.
     """
     ordered = sorted(tensors, key=lambda item: (-stored_dtype(item[1], cast).itemsize, item[0]))
+    for name, _ in ordered:
+        problem = tensor_name_problem(name)
+        if problem is not None:
+            raise UnsupportedTensorError(
+                f"Tensor name {name!r} {problem}. Fix: rename the tensor before saving."
+            )
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
