@@ -105,7 +105,35 @@ class SaveServer:
             self.proc.wait()
 
 
-def _kill_trials(tmp_path, scenario, trials):
+class SharedSaveServer:
+    """One SaveServer for every kill -9 test of the module (one torch import, not one a test).
+
+    Started on first use; a test that fails mid-trial discards it (it may still owe an answer),
+    so the next test starts a fresh one.
+    """
+
+    def __init__(self):
+        self.server = None
+
+    def get(self):
+        if self.server is None:
+            self.server = SaveServer()
+        return self.server
+
+    def discard(self):
+        if self.server is not None:
+            server, self.server = self.server, None
+            server.close()
+
+
+@pytest.fixture(scope="module")
+def save_server():
+    shared = SharedSaveServer()
+    yield shared
+    shared.discard()
+
+
+def _kill_trials(tmp_path, scenario, trials, shared):
     old_layout, new_layout = SCENARIOS[scenario]
     rng = random.Random(scenario)
     probe = tmp_path / "probe"
@@ -114,7 +142,7 @@ def _kill_trials(tmp_path, scenario, trials):
     bigmodel.save_checkpoint(NEW, probe, **new_layout)
     duration = time.perf_counter() - start
     outcomes = []
-    server = SaveServer()
+    server = shared.get()
     try:
         for trial in range(trials):
             folder = tmp_path / f"trial{trial}"
@@ -137,23 +165,24 @@ def _kill_trials(tmp_path, scenario, trials):
                 f"leftovers after trial {trial}"
             )
             assert_same_state(_loaded(folder), NEWEST)
-    finally:
-        server.close()
+    except BaseException:
+        shared.discard()
+        raise
     return outcomes
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_save_killed_with_sigkill_at_random_times_leaves_the_old_or_the_new_weights(
-    tmp_path, scenario
+    tmp_path, scenario, save_server
 ):
-    outcomes = _kill_trials(tmp_path, scenario, trials=20)
+    outcomes = _kill_trials(tmp_path, scenario, trials=20, shared=save_server)
     assert len(outcomes) == 20  # every trial loaded exactly old or new (else _old_or_new raised)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_many_sigkills_never_leave_a_mixture(tmp_path, scenario):
-    outcomes = _kill_trials(tmp_path, scenario, trials=200)
+def test_many_sigkills_never_leave_a_mixture(tmp_path, scenario, save_server):
+    outcomes = _kill_trials(tmp_path, scenario, trials=200, shared=save_server)
     assert {"old", "new"} <= set(outcomes)
 
 
