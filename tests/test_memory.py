@@ -27,14 +27,19 @@ def _probe(mode, folder):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def saved(tmp_path_factory):
+    """One measured save (a fresh subprocess): its numbers, and the checkpoint the loads read."""
     folder = tmp_path_factory.mktemp("memory")
-    _probe("save", folder)
-    return folder
+    return _probe("save", folder), folder
 
 
-def test_saving_a_model_in_ram_spends_far_less_than_one_tensor_extra(tmp_path):
-    m = _probe("save", tmp_path)
+@pytest.fixture(scope="module")
+def checkpoint(saved):
+    return saved[1]
+
+
+def test_saving_a_model_in_ram_spends_far_less_than_one_tensor_extra(saved):
+    m, _ = saved
     assert m["extra_peak"] < m["tensor"] // 4 + SLACK, m
 
 
