@@ -183,18 +183,27 @@ print(json.dumps({"anon": mem.increase("anon"), "block": 2 * 2048 * 2048 * dtype
 """
 
 
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    """The 384 MiB checkpoint the budget tests load, saved once for both dtypes."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("offload") / "ckpt"
+    subprocess.run(
+        [sys.executable, "-c", PROBE, str(folder), "float32", "save"], check=True, timeout=300
+    )
+    return folder
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_disk_offloaded_model_keeps_its_cpu_budget(tmp_path, dtype):
+def test_a_disk_offloaded_model_keeps_its_cpu_budget(big_checkpoint, tmp_path, dtype):
     import json
     import subprocess
     import sys
 
-    folder = tmp_path / "ckpt"
-    subprocess.run(
-        [sys.executable, "-c", PROBE, str(folder), "float32", "save"], check=True, timeout=300
-    )
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(folder), dtype, str(tmp_path / "off")],
+        [sys.executable, "-c", PROBE, str(big_checkpoint), dtype, str(tmp_path / "off")],
         check=True,
         capture_output=True,
         text=True,
