@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from bigmodel.checkpoint.open import open_checkpoint
-from bigmodel.checkpoint.sharding import plan_shards
-from bigmodel.execution.writing import WriteOptions, write_planned
+from bigmodel.execution.writing import WriteOptions, plan_files, write_planned
 from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.errors import CheckpointNotFoundError, UnsafeCheckpointError
 from bigmodel.foundations.log import logger
@@ -131,9 +130,9 @@ def dcp_to_hf(
             f"{folder}: tensor {unsupported[0]!r} has a dtype safetensors cannot store "
             f"({selected[unsupported[0]].dtype}). Fix: select other entries with prefix=."
         )
-    plan = plan_shards(
-        {n: _size(e, dtype) for n, e in selected.items()}, parse_size(max_shard_size)
-    )
+    opts = WriteOptions(durable=durable, digest="xxh3_128", dtype=dtype, progress=progress)
+    specs = {n: (e.dtype, e.shape) for n, e in selected.items()}
+    plan = plan_files(specs, parse_size(max_shard_size), opts)
 
     def fetch(keys: list[str]) -> dict[str, torch.Tensor]:
         return _read_dcp(folder, {k: selected[k] for k in keys}, prefix)
@@ -142,14 +141,8 @@ def dcp_to_hf(
         Path(dst),
         plan,
         fetch,
-        WriteOptions(durable=durable, digest="xxh3_128", dtype=dtype, progress=progress),
+        opts,
     )
-
-
-def _size(entry: DcpEntry, cast: torch.dtype | None) -> int:
-    if cast is not None and entry.dtype.is_floating_point:
-        return entry.nbytes // entry.dtype.itemsize * cast.itemsize
-    return entry.nbytes
 
 
 @contextlib.contextmanager

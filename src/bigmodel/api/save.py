@@ -14,17 +14,16 @@ from torch import nn
 from bigmodel.checkpoint.index import RESERVED_METADATA
 from bigmodel.checkpoint.sharding import (
     find_aliases,
-    plan_shards,
 )
 from bigmodel.execution.distributed import resolve_group
-from bigmodel.execution.writing import WriteOptions, write_planned
+from bigmodel.execution.writing import WriteOptions, plan_files, write_planned
 from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.errors import UnsupportedTensorError
 from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.storage.digest import DEFAULT_ALGORITHM, new_hasher
-from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
+from bigmodel.storage.dtypes import stored_dtype
 from bigmodel.storage.safetensors import NAME_FROM_DTYPE, tensor_name_problem
 
 __all__ = ["save_checkpoint"]
@@ -167,12 +166,14 @@ def save_checkpoint(
         return save_distributed(state, Path(save_directory), opts, group=group, limit=limit)
     aliases = find_aliases(state) if safe else {}
     stored = {k: v for k, v in state.items() if k not in aliases}
-    plan = plan_shards({k: stored_nbytes(v, dtype) for k, v in stored.items()}, limit)
+    opts = dataclasses.replace(opts, aliases=aliases)
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in stored.items()}
+    plan = plan_files(specs, limit, opts)
     return write_planned(
         Path(save_directory),
         plan,
         lambda keys: {k: stored[k] for k in keys},
-        dataclasses.replace(opts, aliases=aliases),
+        opts,
         workers=_save_workers(workers),
     )
 

@@ -17,13 +17,14 @@ from typing import Any, Literal
 
 from bigmodel.checkpoint.sharding import ShardPlan
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.errors import InvalidCheckpointError, Problem
+from bigmodel.foundations.errors import InvalidCheckpointError, Problem, UnsupportedTensorError
 from bigmodel.foundations.log import logger
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
 from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.torch_bin import BinFile
 
 __all__ = [
+    "check_index_fits",
     "file_format",
     "open_shards",
     "open_weight_file",
@@ -256,6 +257,23 @@ def index_bytes(
     weight_map = {k: name for name, keys in zip(names, plan.shards, strict=True) for k in keys}
     index = {"metadata": index_meta, "weight_map": weight_map}
     return json.dumps(index, indent=2).encode("utf-8") + b"\n"
+
+
+def check_index_fits(
+    names: list[str], plan: ShardPlan, user_meta: Mapping[str, str], *, aliases: Mapping[str, str]
+) -> None:
+    """Refuse, before anything is written, a save whose index the reader would refuse
+    (above :data:`MAX_INDEX_SIZE`). Measured on the real encoding, with the longest digests."""
+    if len(names) < 2:
+        return
+    digests = dict.fromkeys(names, "sha256:" + "0" * 64)
+    size = len(index_bytes(names, plan, user_meta, aliases=aliases, digests=digests))
+    if size > MAX_INDEX_SIZE:
+        raise UnsupportedTensorError(
+            f"The index of this checkpoint would take {size} bytes, above the {MAX_INDEX_SIZE} bytes "
+            "a reader accepts (tensor names and metadata are too long, or there are too many "
+            "tensors). Fix: shorten the tensor names or the metadata."
+        )
 
 
 def file_metadata(

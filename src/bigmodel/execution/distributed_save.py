@@ -34,7 +34,7 @@ import torch
 from bigmodel.checkpoint.naming import (
     HF_LAYOUT,
 )
-from bigmodel.checkpoint.sharding import find_aliases, plan_shards
+from bigmodel.checkpoint.sharding import find_aliases
 from bigmodel.execution.distributed import (
     Group,
     assign_owners,
@@ -44,13 +44,12 @@ from bigmodel.execution.distributed import (
     run_step,
     world_of,
 )
-from bigmodel.execution.writing import ShardStager, WriteOptions, prepare_directory
+from bigmodel.execution.writing import ShardStager, WriteOptions, plan_files, prepare_directory
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import ProgressBar, progress_bar
 from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
 from bigmodel.storage.commit import Commit
-from bigmodel.storage.dtypes import stored_nbytes
 
 __all__ = ["save_distributed"]
 
@@ -221,8 +220,8 @@ class _DistributedSave:
         mine = find_aliases({k: _local(v) for k, v in state.items()}) if opts.safe else {}
         self.opts = dataclasses.replace(opts, aliases=broadcast_object(group, mine))
         self.stored = {k: v for k, v in state.items() if k not in self.opts.aliases}
-        sizes = {k: stored_nbytes(v, opts.dtype) for k, v in self.stored.items()}
-        self.plan = plan_shards(sizes, limit)
+        specs = {k: (v.dtype, tuple(v.shape)) for k, v in self.stored.items()}
+        self.plan = plan_files(specs, limit, self.opts)
         self.names, self.index_name = self.opts.file_names(self.plan)
         self.owners = assign_owners(self.plan.sizes, self.world)
         self.mine = [i for i, owner in enumerate(self.owners) if owner == self.rank]

@@ -21,9 +21,15 @@ from typing import Any, BinaryIO
 
 import torch
 
-from bigmodel.checkpoint.index import file_metadata, index_bytes
+from bigmodel.checkpoint.index import check_index_fits, file_metadata, index_bytes
 from bigmodel.checkpoint.naming import HF_LAYOUT, index_file_name, shard_name
-from bigmodel.checkpoint.sharding import ShardPlan
+from bigmodel.checkpoint.sharding import (
+    ShardPlan,
+    TensorSpec,
+    plan_safetensors,
+    plan_shards,
+    stored_sizes,
+)
 from bigmodel.foundations.errors import CheckpointWriteError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import progress_bar
@@ -32,7 +38,14 @@ from bigmodel.storage.commit import Commit
 from bigmodel.storage.safetensors import write_safetensors
 from bigmodel.storage.torch_bin import write_bin
 
-__all__ = ["ShardStager", "WriteOptions", "prepare_directory", "write_error", "write_planned"]
+__all__ = [
+    "ShardStager",
+    "WriteOptions",
+    "plan_files",
+    "prepare_directory",
+    "write_error",
+    "write_planned",
+]
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,22 @@ class WriteOptions:
             total_size=plan.total_size,
             aliases=dict(self.aliases),
         )
+
+
+def plan_files(
+    tensors: Mapping[str, TensorSpec], max_shard_size: int, opts: WriteOptions
+) -> ShardPlan:
+    """The shards of a save of ``tensors`` ((dtype, shape) of each stored name): safetensors
+    files stay inside the reader's limits (entries, header bytes with this save's metadata)."""
+    if opts.safe:
+        # The largest metadata a file of this save carries: a single file also lists the aliases.
+        metadata = file_metadata(opts.user_meta, index_name=None, aliases=opts.aliases, safe=True)
+        plan = plan_safetensors(tensors, max_shard_size, cast=opts.dtype, metadata=metadata)
+    else:
+        plan = plan_shards(stored_sizes(tensors, opts.dtype), max_shard_size)
+    names, _ = opts.file_names(plan)
+    check_index_fits(names, plan, opts.user_meta, aliases=opts.aliases)
+    return plan
 
 
 def _write_shard(

@@ -19,7 +19,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,6 +33,8 @@ from bigmodel.storage.digest import DIGEST_KEY, new_hasher, placeholder
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
 
 __all__ = [
+    "header_entry_bound",
+    "metadata_bound",
     "RESERVED_NAMES",
     "tensor_name_problem",
     "DTYPE_FROM_NAME",
@@ -72,6 +74,26 @@ _DTYPE_NAMES: dict[str, str] = {
     "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
+#: Bytes of one header entry besides its name and shape: the field names, the longest dtype name
+#: and two 20-digit offsets, with room to spare.
+_ENTRY_OVERHEAD = 100
+#: Room for what the writer adds to ``__metadata__`` itself (the embedded digest).
+_METADATA_OVERHEAD = 256
+
+
+def header_entry_bound(name: str, shape: Sequence[int]) -> int:
+    """An upper bound on the bytes one tensor's entry adds to a header."""
+    encoded = json.dumps(name, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return len(encoded) + len(json.dumps(list(shape))) + _ENTRY_OVERHEAD
+
+
+def metadata_bound(metadata: Mapping[str, str]) -> int:
+    """An upper bound on the header bytes that ``metadata`` (and the writer's own additions,
+    the length prefix and padding) take in a file."""
+    encoded = json.dumps({"__metadata__": dict(metadata)}, ensure_ascii=False)
+    return len(encoded.encode("utf-8", "surrogatepass")) + _METADATA_OVERHEAD
+
+
 #: Header keys that are not tensors; no tensor may be named so.
 RESERVED_NAMES = frozenset({"__metadata__"})
 
