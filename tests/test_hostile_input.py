@@ -434,11 +434,12 @@ def test_a_shard_missing_from_the_folder_is_reported_with_its_name(tmp_path):
     assert SHARDS[1] in str(err)
 
 
-def test_a_shard_that_is_a_directory_counts_as_missing(tmp_path):
+def test_a_shard_that_is_a_directory_is_named_as_not_a_regular_file(tmp_path):
     directory = sharded(tmp_path)
     (directory / SHARDS[1]).unlink()
     (directory / SHARDS[1]).mkdir()
-    expect_invalid(directory, "missing-shard", file=SAFE_INDEX, key="b")
+    err = expect_invalid(directory, "not-a-regular-file", file=SAFE_INDEX, key="b")
+    assert "a directory" in str(err)
 
 
 def test_a_key_stored_in_two_shards_is_a_duplicate_key(tmp_path):

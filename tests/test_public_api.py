@@ -7,6 +7,7 @@ EXPECTED = [
     "Checkpoint",
     "CheckpointConflictError",
     "CheckpointNotFoundError",
+    "CheckpointPermissionError",
     "CheckpointWriteError",
     "DistributedError",
     "DistributedOptions",

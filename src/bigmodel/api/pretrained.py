@@ -14,11 +14,13 @@ from torch import nn
 from bigmodel.api.load import load_checkpoint
 from bigmodel.api.save import save_checkpoint
 from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.checkpoint.index import MAX_INDEX_SIZE
 from bigmodel.checkpoint.naming import HF_LAYOUT
 from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError
 from bigmodel.foundations.types import SaveResult
 from bigmodel.placement.empty import init_empty_weights
 from bigmodel.storage.commit import Commit
+from bigmodel.storage.files import read_bounded
 
 __all__ = ["CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
 
@@ -120,9 +122,16 @@ class PretrainedMixin:
         """Rebuild the config from ``config.json``, build on ``meta``, load the weights."""
         folder = Path(directory)
         config_path = folder / CONFIG_NAME
-        if config_path.is_file():
+        if os.path.lexists(config_path):  # a config.json of any kind is read (or refused)
+            data = read_bounded(
+                config_path,
+                MAX_INDEX_SIZE,
+                code="config-too-large",
+                what="config.json",
+                hint="re-save the model with save_pretrained.",
+            )
             try:
-                raw = json.loads(config_path.read_text(encoding="utf-8"))
+                raw = json.loads(data.decode("utf-8"))
             except ValueError as exc:
                 raise InvalidCheckpointError.one(
                     str(config_path),

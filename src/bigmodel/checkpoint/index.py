@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import InvalidCheckpointError, Problem, UnsupportedTensorError
 from bigmodel.foundations.log import logger
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
+from bigmodel.storage.files import file_kind, read_bounded
 from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.torch_bin import BinFile
 
@@ -131,16 +133,11 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Proble
 def _load_index(index: Path) -> dict[str, Any]:
     """The parsed index, refused if too large, not JSON, or without a ``weight_map`` object."""
     file = str(index)
-    size = index.stat().st_size
-    if size > MAX_INDEX_SIZE:
-        raise InvalidCheckpointError.one(
-            file,
-            "index-too-large",
-            f"the index is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
-            hint=INDEX_FIX,
-        )
+    raw = read_bounded(
+        index, MAX_INDEX_SIZE, code="index-too-large", what="the index", hint=INDEX_FIX
+    )
     try:
-        obj = strict_json.loads(index.read_bytes().decode("utf-8"))
+        obj = strict_json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidCheckpointError.one(
             file, "index-not-json", f"the index is not valid UTF-8 JSON ({exc}).", hint=INDEX_FIX
@@ -313,13 +310,23 @@ def _shard_problem(file: str, shard: str, key: str, fmt: str, directory: Path) -
         return Problem(
             file, "unsafe-shard-name", f"shard name {shard!r} {reason}.", key=key, hint=INDEX_FIX
         )
-    if not (directory / shard).is_file():
+    try:
+        mode = (directory / shard).stat().st_mode
+    except FileNotFoundError:
         return Problem(
             file,
             "missing-shard",
             f"the index names shard {shard!r}, which is not in {directory}.",
             key=key,
             hint="copy the missing shard into the folder or re-save the checkpoint.",
+        )
+    if not stat.S_ISREG(mode):
+        return Problem(
+            file,
+            "not-a-regular-file",
+            f"the index names shard {shard!r}, which is {file_kind(mode)}, not a regular file.",
+            key=key,
+            hint="replace it with the real shard file, or re-save the checkpoint.",
         )
     return None
 

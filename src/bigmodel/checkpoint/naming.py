@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from bigmodel.checkpoint.index import MAX_INDEX_SIZE
 from bigmodel.storage.commit import Layout
 
 __all__ = [
@@ -75,5 +76,7 @@ def index_file_name(count: int, *, safe: bool) -> str | None:
 
 #: The names the commit protocol protects and replaces (see :mod:`bigmodel.storage.commit`).
 HF_LAYOUT = Layout(
-    index_names=(SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME), is_artifact=is_weights_artifact
+    index_names=(SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME),
+    is_artifact=is_weights_artifact,
+    max_index_bytes=MAX_INDEX_SIZE,
 )

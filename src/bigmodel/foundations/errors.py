@@ -6,6 +6,7 @@ without knowing bigmodel (``ValueError``, ``FileNotFoundError``, ``OSError``...)
     ├── InvalidCheckpointError (ValueError)      a file or index breaks a rule; .problems
     │   └── UnsafeCheckpointError                a pickle that weights-only loading refuses
     ├── CheckpointNotFoundError (FileNotFoundError)
+    ├── CheckpointPermissionError (PermissionError)
     ├── KeyMismatchError (ValueError)            strict load: missing/unexpected/mis-shaped keys
     ├── KeyMappingError (ValueError)             two checkpoint keys renamed to one module key
     ├── MetaTensorError (ValueError)             a load would leave a tensor on meta
@@ -29,6 +30,7 @@ __all__ = [
     "BigModelError",
     "CheckpointConflictError",
     "CheckpointNotFoundError",
+    "CheckpointPermissionError",
     "CheckpointWriteError",
     "DistributedError",
     "InvalidCheckpointError",
@@ -141,6 +143,12 @@ class KeyMismatchError(BigModelError, ValueError):
             fix += ", or pass ignore_mismatched_sizes=True to initialise the mis-shaped weights instead"
         parts.append(fix + ".")
         super().__init__("\n".join(parts))
+
+
+class CheckpointPermissionError(BigModelError, PermissionError):
+    """A checkpoint file or folder cannot be read or written by this user."""
+
+    code = "permission-denied"
 
 
 class CheckpointConflictError(BigModelError):

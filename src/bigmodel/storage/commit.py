@@ -46,6 +46,7 @@ from bigmodel.storage.atomic import (
     temp_name,
     write_all,
 )
+from bigmodel.storage.files import read_bounded
 
 __all__ = ["Commit", "Layout", "is_ours"]
 
@@ -64,6 +65,8 @@ class Layout:
     #: True for a file that belongs to a checkpoint of this layout: a save that replaces the
     #: checkpoint removes every such file it did not write.
     is_artifact: Callable[[str], bool]
+    #: The largest index worth reading (a larger one is not a live index of this layout).
+    max_index_bytes: int
 
 
 def is_ours(name: str) -> bool:
@@ -73,10 +76,13 @@ def is_ours(name: str) -> bool:
     )
 
 
-def _index_refs(path: Path) -> tuple[dict[str, Any], set[str]] | None:
-    """The parsed index and the plain file names it refers to; None if it is unreadable."""
+def _index_refs(path: Path, limit: int) -> tuple[dict[str, Any], set[str]] | None:
+    """The parsed index and the plain file names it refers to; None if it is absent or
+    unreadable (too large, not a regular file, not JSON)."""
     try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(
+            read_bounded(path, limit, code="index-too-large", what="the index", hint="")
+        )
     except (OSError, ValueError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
@@ -139,7 +145,7 @@ class Commit:
     def _live_refs(self) -> set[str]:
         refs: set[str] = set()
         for name in self.layout.index_names:
-            parsed = _index_refs(self.directory / name)
+            parsed = _index_refs(self.directory / name, self.layout.max_index_bytes)
             if parsed is not None:
                 refs |= parsed[1]
         return refs
@@ -213,7 +219,7 @@ class Commit:
     def _protect_old_checkpoint(self, incoming: set[str]) -> None:
         for index_name in self.layout.index_names:
             index_path = self.directory / index_name
-            parsed = _index_refs(index_path)
+            parsed = _index_refs(index_path, self.layout.max_index_bytes)
             if parsed is None:
                 continue
             obj, refs = parsed

@@ -23,6 +23,7 @@ from typing import BinaryIO, Protocol
 import xxhash
 
 from bigmodel.storage.atomic import file_identity
+from bigmodel.storage.files import open_regular
 
 __all__ = [
     "ALGORITHMS",
@@ -145,7 +146,7 @@ def path_digest(
     With ``identity`` (see ``file_identity``), raise ``FileExistsError`` if ``path`` is no
     longer the file that was opened.
     """
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         st = os.fstat(fh.fileno())
         if identity is not None and file_identity(st) != identity:
             raise FileExistsError(f"{path} was replaced after it was opened")

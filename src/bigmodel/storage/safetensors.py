@@ -31,6 +31,7 @@ from bigmodel.foundations.errors import InvalidCheckpointError, Problem, Unsuppo
 from bigmodel.storage.atomic import file_identity, write_all
 from bigmodel.storage.digest import DIGEST_KEY, new_hasher, placeholder
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
+from bigmodel.storage.files import open_regular
 
 __all__ = [
     "header_entry_bound",
@@ -157,37 +158,35 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
     is reported here instead of faulting a later read.
     """
     file = str(path)
-    own = fh is None
-    handle = open(path, "rb") if fh is None else fh  # noqa: SIM115 - closed below when owned
-    try:
-        file_size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise InvalidCheckpointError.one(
-                file,
-                "header-too-short",
-                f"the file is {file_size} bytes; a safetensors file starts with an 8-byte header length.",
-                hint=_FIX_REWRITE,
-            )
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_SIZE:
-            raise InvalidCheckpointError.one(
-                file,
-                "header-too-large",
-                f"the header claims {header_len} bytes, above the {MAX_HEADER_SIZE}-byte limit.",
-                hint=_FIX_REWRITE,
-            )
-        if 8 + header_len > file_size:
-            raise InvalidCheckpointError.one(
-                file,
-                "header-past-eof",
-                f"the header claims {header_len} bytes but the file has only {file_size - 8} after the length prefix (truncated file?).",
-                hint="re-download or re-save the file.",
-            )
-        raw = handle.read(header_len)
-    finally:
-        if own:
-            handle.close()
+    if fh is None:
+        with open_regular(path) as own:
+            return read_header(path, own)
+    handle = fh
+    file_size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise InvalidCheckpointError.one(
+            file,
+            "header-too-short",
+            f"the file is {file_size} bytes; a safetensors file starts with an 8-byte header length.",
+            hint=_FIX_REWRITE,
+        )
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_SIZE:
+        raise InvalidCheckpointError.one(
+            file,
+            "header-too-large",
+            f"the header claims {header_len} bytes, above the {MAX_HEADER_SIZE}-byte limit.",
+            hint=_FIX_REWRITE,
+        )
+    if 8 + header_len > file_size:
+        raise InvalidCheckpointError.one(
+            file,
+            "header-past-eof",
+            f"the header claims {header_len} bytes but the file has only {file_size - 8} after the length prefix (truncated file?).",
+            hint="re-download or re-save the file.",
+        )
+    raw = handle.read(header_len)
     return _parse_header(file, raw, file_size)
 
 
@@ -458,7 +457,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             header = read_header(path, fh)
             self.identity = file_identity(os.fstat(fh.fileno()))
             self._map: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -470,7 +469,7 @@ class SafetensorsFile:
     def mapping(self) -> mmap.mmap:
         """The private mapping of the file; reopened (and checked unchanged) after :meth:`close`."""
         if self._map is None:
-            with open(self.path, "rb") as fh:
+            with open_regular(self.path) as fh:
                 identity = file_identity(os.fstat(fh.fileno()))
                 if identity != self.identity:
                     raise InvalidCheckpointError.one(

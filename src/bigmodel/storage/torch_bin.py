@@ -20,6 +20,7 @@ from bigmodel.foundations.errors import InvalidCheckpointError, UnsafeCheckpoint
 from bigmodel.storage.atomic import file_identity
 from bigmodel.storage.digest import HashingWriter, new_hasher
 from bigmodel.storage.dtypes import stored_dtype
+from bigmodel.storage.files import open_regular
 
 __all__ = ["BinFile", "load_bin", "write_bin"]
 
@@ -27,7 +28,7 @@ __all__ = ["BinFile", "load_bin", "write_bin"]
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Read a ``.bin`` state dict lazily and safely; raise a typed error naming the file otherwise."""
     file = str(path)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         magic = fh.read(4)
     if magic != b"PK\x03\x04":
         if magic[:1] == b"\x80":  # a pickle protocol marker: pre-1.6 torch.save or a bare pickle

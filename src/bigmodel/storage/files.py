@@ -1,0 +1,100 @@
+"""Opening the files bigmodel reads: regular files only, never blocking, read within a bound.
+
+Every path bigmodel reads may come from an untrusted folder or index. A FIFO would block
+``open()`` forever, a character device (``/dev/zero``) would be read forever, and a directory
+or socket is never a checkpoint, so the kind of file is checked on the open descriptor (no
+window between a check and the open), which is opened without blocking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from bigmodel.foundations.errors import (
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    InvalidCheckpointError,
+)
+
+__all__ = ["file_kind", "open_regular", "read_bounded"]
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this ``st_mode`` is, in words."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _open_fd(path: Path) -> int:
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{path}: no such file [{CheckpointNotFoundError.code}]. Fix: check the path; if a "
+            "save into this folder is running, open the checkpoint again when it finishes."
+        ) from None
+    except PermissionError:
+        raise CheckpointPermissionError(
+            f"{path}: permission denied [{CheckpointPermissionError.code}]. Fix: make the file "
+            "readable by this user (chmod/chown), or copy the checkpoint somewhere readable."
+        ) from None
+    except IsADirectoryError:
+        raise _not_regular(path, "a directory") from None
+
+
+def _not_regular(path: Path, kind: str) -> InvalidCheckpointError:
+    return InvalidCheckpointError.one(
+        str(path),
+        "not-a-regular-file",
+        f"it is {kind}, not a regular file; bigmodel reads checkpoint files only.",
+        hint="point to the checkpoint's folder or to its real files (not a pipe, device or folder).",
+    )
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading (buffered) if it is a regular file; otherwise raise a typed
+    error naming what it is. Missing and unreadable files raise
+    :class:`~bigmodel.CheckpointNotFoundError` and :class:`~bigmodel.CheckpointPermissionError`."""
+    fd = _open_fd(path)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, file_kind(mode))
+        os.set_blocking(fd, True)
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
+
+
+def read_bounded(path: Path, limit: int, *, code: str, what: str, hint: str) -> bytes:
+    """All of a regular file of at most ``limit`` bytes. A larger file raises
+    :class:`~bigmodel.InvalidCheckpointError` with ``code``; at most ``limit + 1`` bytes are
+    ever read, whatever size the file claims."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read(limit + 1) or b"" if size <= limit else b""
+    if size <= limit and len(data) <= limit:
+        return data
+    told = f"{size} bytes" if size > limit else f"larger than {limit} bytes"
+    raise InvalidCheckpointError.one(
+        str(path), code, f"{what} is {told}, above the {limit}-byte limit.", hint=hint
+    )
