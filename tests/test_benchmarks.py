@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.bench
+# Each benchmark subprocess has its own 600 s limit; the suite-wide 300 s would cut it short.
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
