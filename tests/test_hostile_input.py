@@ -913,3 +913,114 @@ def test_arbitrary_index_files_never_escape_as_another_exception(
         json.dumps({**extra, "metadata": metadata, "weight_map": weight_map})
     )
     _open_or_refuse(folder / SAFE_INDEX)
+
+
+# -- bounded validation --------------------------------------------------------------------
+def _bad_entries(count: int, name_bytes: int = 8) -> bytes:
+    """A header of ``count`` entries, each breaking a rule (a string where offsets belong)."""
+    entry = '"{}":{{"dtype":"F32","shape":[1],"data_offsets":[0,"x"]}}'
+    width = max(name_bytes, len(str(count)))
+    return ("{" + ",".join(entry.format(str(i).zfill(width)) for i in range(count)) + "}").encode()
+
+
+def test_a_header_breaking_a_rule_in_every_entry_keeps_a_bounded_list_of_problems(tmp_path):
+    from bigmodel.foundations.errors import MAX_LISTED, MAX_PROBLEMS
+    from bigmodel.storage.safetensors import MAX_TENSORS
+
+    path = tmp_path / SAFE_NAME
+    path.write_bytes(header_bytes(_bad_entries(MAX_TENSORS)))
+    with pytest.raises(InvalidCheckpointError) as info:
+        bigmodel.open_checkpoint(path)
+    err = info.value
+    assert err.total == MAX_TENSORS
+    assert len(err.problems) == MAX_PROBLEMS
+    assert f"... and {MAX_TENSORS - MAX_LISTED} more" in str(err)
+    assert len(str(err)) < 20_000
+    assert str(err).startswith(f"{MAX_TENSORS} problems found in the checkpoint")
+
+
+def test_a_header_with_more_entries_than_the_limit_is_refused_by_their_exact_count(tmp_path):
+    from bigmodel.storage.safetensors import MAX_TENSORS
+
+    # No entry names data_offsets, so the cheap pre-count sees none; the real count does.
+    header = "{" + ",".join(f'"{i}":0' for i in range(MAX_TENSORS + 1)) + "}"
+    path = tmp_path / SAFE_NAME
+    path.write_bytes(header_bytes(header))
+    err = expect_invalid(path, "too-many-tensors", file=SAFE_NAME)
+    assert f"describes more than {MAX_TENSORS} tensors" in str(err)
+
+
+def test_an_index_with_a_bad_value_under_every_key_keeps_a_bounded_list_of_problems(tmp_path):
+    from bigmodel.foundations.errors import MAX_PROBLEMS
+
+    directory = sharded(tmp_path)
+    index = read_index(directory)
+    index["weight_map"].update({f"extra.{i}": i for i in range(50_000)})
+    write_index(directory, index)
+    with pytest.raises(InvalidCheckpointError) as info:
+        bigmodel.open_checkpoint(directory)
+    assert len(info.value.problems) == MAX_PROBLEMS
+    assert info.value.total >= 50_000
+    assert len(str(info.value)) < 20_000
+
+
+HEADER_MEMORY_PROBE = """
+import sys
+import bigmodel
+from bigmodel.foundations.memory import MemorySampler
+with MemorySampler(interval=0.001) as mem:
+    try:
+        bigmodel.open_checkpoint(sys.argv[1])
+    except bigmodel.InvalidCheckpointError as exc:
+        print(exc.total, end=" ")
+print(mem.increase("anon"))
+"""
+
+
+def _header_memory(path: Path) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", HEADER_MEMORY_PROBE, str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+#: The documented bound (docs/guarantees.md): about eleven times the header, plus a fixed cost.
+def _bound(header: int) -> float:
+    return 12 * header + 16e6
+
+
+def test_validating_a_header_with_the_most_entries_stays_within_the_documented_bound(tmp_path):
+    from bigmodel.storage.safetensors import MAX_TENSORS
+
+    raw = _bad_entries(MAX_TENSORS)  # the entry limit, each entry as small as it can be
+    path = tmp_path / SAFE_NAME
+    path.write_bytes(header_bytes(raw))
+    problems, anon = _header_memory(path)
+    assert problems == MAX_TENSORS
+    assert anon < _bound(len(raw)), (anon, len(raw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["longest names", "tiny entries past the count"])
+def test_validating_a_hostile_header_at_the_size_limit_stays_within_the_documented_bound(
+    tmp_path, kind
+):
+    from bigmodel.storage.safetensors import MAX_HEADER_SIZE, MAX_TENSORS
+
+    if kind == "longest names":
+        raw = _bad_entries(MAX_TENSORS, MAX_HEADER_SIZE // MAX_TENSORS - 64)
+    else:  # millions of entries: refused by their count, once parsed
+        raw = ("{" + ",".join(f'"{i}":0' for i in range(MAX_HEADER_SIZE // 12)) + "}").encode()
+    assert len(raw) <= MAX_HEADER_SIZE
+    path = tmp_path / SAFE_NAME
+    path.write_bytes(header_bytes(raw))
+    _, anon = _header_memory(path)
+    print(f"{kind}: header {len(raw) / 1e6:.1f} MB, peak anon +{anon / 1e6:.1f} MB")
+    assert anon < _bound(len(raw)), (anon, len(raw))

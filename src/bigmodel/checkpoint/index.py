@@ -18,7 +18,12 @@ from typing import Any, Literal
 
 from bigmodel.checkpoint.sharding import ShardPlan
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.errors import InvalidCheckpointError, Problem, UnsupportedTensorError
+from bigmodel.foundations.errors import (
+    InvalidCheckpointError,
+    Problem,
+    ProblemList,
+    UnsupportedTensorError,
+)
 from bigmodel.foundations.log import logger
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
 from bigmodel.storage.files import file_kind, read_bounded
@@ -156,7 +161,7 @@ def _repeated_key_problems(
     file: str, obj: dict[str, Any], metadata: dict[str, Any]
 ) -> list[Problem]:
     """Keys the weight map lists twice, then fields the index or its metadata repeat."""
-    problems = [
+    problems = ProblemList(
         Problem(
             file,
             "duplicate-key",
@@ -165,7 +170,7 @@ def _repeated_key_problems(
             hint=INDEX_FIX,
         )
         for k in strict_json.duplicates(obj["weight_map"])
-    ]
+    )
     for field_name, value in (("the index", obj), ('"metadata"', metadata)):
         if strict_json.duplicates(value):
             problems.append(
@@ -418,5 +423,7 @@ def open_shards(
             readers[shard] = open_weight_file(index.parent / shard, fmt)
         except InvalidCheckpointError as exc:
             problems.extend(exc.problems)
+            if isinstance(problems, ProblemList):
+                problems.dropped += exc.total - len(exc.problems)
     _cross_check(index, weight_map, readers, problems)
     return readers

@@ -29,6 +29,7 @@ from bigmodel.foundations.errors import (
     CheckpointNotFoundError,
     InvalidCheckpointError,
     Problem,
+    ProblemList,
     UnsafeCheckpointError,
 )
 from bigmodel.foundations.log import logger
@@ -142,7 +143,7 @@ def _open_target(target: Path) -> Checkpoint:
 
 
 def _open_single(target: Path, fmt: Format) -> Checkpoint:
-    problems: list[Problem] = []
+    problems = ProblemList()
     reader = open_weight_file(target, fmt)
     metadata: dict[str, Any] = dict(reader.metadata)
     weight_map = dict.fromkeys(reader.names(), target.name)

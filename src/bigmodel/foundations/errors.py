@@ -36,10 +36,13 @@ __all__ = [
     "InvalidCheckpointError",
     "KeyMappingError",
     "KeyMismatchError",
+    "MAX_LISTED",
+    "MAX_PROBLEMS",
     "MetaTensorError",
     "MissingInitializerError",
     "PlanError",
     "Problem",
+    "ProblemList",
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
 ]
@@ -69,20 +72,55 @@ class Problem:
         return text
 
 
+#: Problems kept per validation; beyond it they are only counted (a hostile file can break a
+#: rule a million times, and a million problems would cost a gigabyte).
+MAX_PROBLEMS = 100
+#: Problems spelled out in an error message; the rest are summarised as "... and N more".
+MAX_LISTED = 20
+
+
+class ProblemList(list[Problem]):
+    """The problems of one validation: the first :data:`MAX_PROBLEMS` are kept, the rest only
+    counted in :attr:`dropped`."""
+
+    def __init__(self, problems: Iterable[Problem] = ()) -> None:
+        super().__init__()
+        self.dropped = 0
+        self.extend(problems)
+
+    def append(self, problem: Problem) -> None:
+        if len(self) < MAX_PROBLEMS:
+            super().append(problem)
+        else:
+            self.dropped += 1
+
+    def extend(self, problems: Iterable[Problem]) -> None:
+        for problem in problems:
+            self.append(problem)
+        self.dropped += getattr(problems, "dropped", 0)
+
+    @property
+    def total(self) -> int:
+        return len(self) + self.dropped
+
+
 class InvalidCheckpointError(BigModelError, ValueError):
-    """A checkpoint breaks a rule of the format; ``.problems`` lists every problem found."""
+    """A checkpoint breaks a rule of the format. ``.problems`` holds the problems found (at
+    most :data:`MAX_PROBLEMS`); ``.total`` counts them all."""
 
     def __init__(self, problems: Sequence[Problem] | Problem) -> None:
-        self.problems: tuple[Problem, ...] = (
-            (problems,) if isinstance(problems, Problem) else tuple(problems)
-        )
+        kept = ProblemList([problems] if isinstance(problems, Problem) else problems)
+        self.problems: tuple[Problem, ...] = tuple(kept)
         assert self.problems, "InvalidCheckpointError needs at least one problem"
+        self.total = kept.total
         self.code = self.problems[0].code
-        if len(self.problems) == 1:
+        if self.total == 1:
             message = str(self.problems[0])
         else:
-            lines = "\n".join(f"  - {p}" for p in self.problems)
-            message = f"{len(self.problems)} problems found in the checkpoint:\n{lines}"
+            lines = "\n".join(f"  - {p}" for p in self.problems[:MAX_LISTED])
+            more = self.total - min(len(self.problems), MAX_LISTED)
+            tail = f"\n  ... and {more} more" if more else ""
+            message = f"{self.total} problems found in the checkpoint:\n{lines}{tail}"
         super().__init__(message)
 
     @classmethod

@@ -22,12 +22,17 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import torch
 
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.errors import InvalidCheckpointError, Problem, UnsupportedTensorError
+from bigmodel.foundations.errors import (
+    InvalidCheckpointError,
+    Problem,
+    ProblemList,
+    UnsupportedTensorError,
+)
 from bigmodel.storage.atomic import file_identity, write_all
 from bigmodel.storage.digest import DIGEST_KEY, new_hasher, placeholder
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
@@ -94,6 +99,9 @@ def metadata_bound(metadata: Mapping[str, str]) -> int:
     encoded = json.dumps({"__metadata__": dict(metadata)}, ensure_ascii=False)
     return len(encoded.encode("utf-8", "surrogatepass")) + _METADATA_OVERHEAD
 
+
+#: A header that is not a JSON object is parsed (to say what it is) only up to this size.
+_SMALL_HEADER = 1 << 20
 
 #: Header keys that are not tensors; no tensor may be named so.
 RESERVED_NAMES = frozenset({"__metadata__"})
@@ -196,7 +204,9 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
     _check_tensor_count(file, raw)
     obj = _decode_header(file, raw)
     data_start = 8 + len(raw)
-    problems: list[Problem] = [
+    if len(obj) - ("__metadata__" in obj) > MAX_TENSORS:  # one entry past: the metadata's place
+        _too_many_tensors(file, MAX_TENSORS, more=True)
+    problems = ProblemList(
         Problem(
             file,
             "duplicate-tensor",
@@ -205,7 +215,7 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
             hint=_FIX_REWRITE,
         )
         for name in strict_json.duplicates(obj)
-    ]
+    )
     metadata = _parse_metadata(file, obj.pop("__metadata__", None), problems)
 
     entries: dict[str, TensorEntry] = {}
@@ -228,12 +238,19 @@ def _check_tensor_count(file: str, raw: bytes) -> None:
     # Every entry names "data_offsets" once: an upper bound on the entry count, without parsing.
     approx_count = raw.count(b'"data_offsets"')
     if approx_count > MAX_TENSORS:
-        raise InvalidCheckpointError.one(
-            file,
-            "too-many-tensors",
-            f"the header describes about {approx_count} tensors, above the limit of {MAX_TENSORS} per file.",
-            hint="split the checkpoint into more shards (bigmodel.save_checkpoint with a smaller max_shard_size).",
-        )
+        _too_many_tensors(file, approx_count, about=True)
+
+
+def _too_many_tensors(
+    file: str, count: int, *, about: bool = False, more: bool = False
+) -> NoReturn:
+    told = f"about {count}" if about else f"more than {count}" if more else str(count)
+    raise InvalidCheckpointError.one(
+        file,
+        "too-many-tensors",
+        f"the header describes {told} tensors, above the limit of {MAX_TENSORS} per file.",
+        hint="split the checkpoint into more shards (bigmodel.save_checkpoint with a smaller max_shard_size).",
+    )
 
 
 def _decode_header(file: str, raw: bytes) -> dict[str, Any]:
@@ -248,7 +265,16 @@ def _decode_header(file: str, raw: bytes) -> dict[str, Any]:
             hint=_FIX_REWRITE,
         ) from None
     try:
-        obj = strict_json.loads(text)
+        if text.lstrip(" \t\n\r").startswith("{"):
+            # Entry by entry: parsing stops past the entry limit, so a hostile header costs
+            # memory for at most MAX_TENSORS entries, however many it holds.
+            obj = strict_json.loads_object(text, MAX_TENSORS + 1)
+        elif len(text) <= _SMALL_HEADER:  # say what else it is (it is refused either way)
+            obj = strict_json.loads(text)
+        else:
+            obj = None
+    except strict_json.TooManyEntriesError:
+        _too_many_tensors(file, MAX_TENSORS, more=True)
     except (ValueError, RecursionError) as exc:
         raise InvalidCheckpointError.one(
             file, "header-not-json", f"the header is not valid JSON ({exc}).", hint=_FIX_REWRITE
