@@ -147,6 +147,8 @@ class IOOptions:
       asked to read the planned tensors ahead); ``"pread"`` reads with parallel ``preadv``
       calls (for network and FUSE filesystems, where page faults are slow); ``"auto"`` picks
       pread on such filesystems and mmap elsewhere. ``.bin`` files are always mapped by torch.
+      A pread load owns its memory: the files may change afterwards without affecting the
+      model, where a mapped (zero-copy) model must never see its files modified in place.
     * ``inflight_bytes`` (pread only): how far reads may run ahead of the tensor being placed.
     """
 

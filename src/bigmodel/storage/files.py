@@ -9,9 +9,10 @@ window between a check and the open), which is opened without blocking.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,7 +22,7 @@ from bigmodel.foundations.errors import (
     InvalidCheckpointError,
 )
 
-__all__ = ["file_kind", "open_regular", "read_bounded"]
+__all__ = ["FileWatch", "file_kind", "open_regular", "read_bounded", "watch_mapping", "watch_open"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -98,3 +99,67 @@ def read_bounded(path: Path, limit: int, *, code: str, what: str, hint: str) -> 
     raise InvalidCheckpointError.one(
         str(path), code, f"{what} is {told}, above the {limit}-byte limit.", hint=hint
     )
+
+
+class FileWatch:
+    """Notices when a file that bigmodel has mapped is modified in place or truncated.
+
+    Touching a mapped page past a file's new end kills the process with ``SIGBUS``, and a file
+    rewritten in place silently changes what its mapping reads. bigmodel only ever replaces
+    files by rename (the old inode stays whole while mapped); other tools (``cp``, ``truncate``,
+    an editor) may not. :meth:`check` runs before each of bigmodel's own reads of the mapping
+    and turns a change into a typed error instead of a signal or wrong weights.
+
+    ``probe()`` returns the file's current ``(size, modification time or None)`` from an open
+    descriptor (a mapping's own: :func:`watch_mapping`; or a dedicated one: :func:`watch_open`),
+    never from the path, which a save may legitimately rename over.
+    """
+
+    def __init__(self, path: Path, probe: Callable[[], tuple[int, int | None]]) -> None:
+        self.path = path
+        self._probe: Callable[[], tuple[int, int | None]] | None = probe
+        self.opened = probe()
+
+    def check(self) -> None:
+        """Raise :class:`~bigmodel.InvalidCheckpointError` (``file-changed``) if the file's size
+        (or modification time, where watched) differ from when it was opened."""
+        if self._probe is None:
+            return
+        now = self._probe()
+        if now != self.opened:
+            raise InvalidCheckpointError.one(
+                str(self.path),
+                "file-changed",
+                f"the file was modified in place while bigmodel had it mapped (size {self.opened[0]} "
+                f"bytes when opened, {now[0]} now); reading it could crash the process (SIGBUS) or "
+                "return other weights.",
+                hint="replace checkpoint files by writing a new file and renaming it (bigmodel's saves "
+                "do), never in place; reopen the checkpoint to read the new version; a long-running "
+                "process can load with io='pread' to own its weights.",
+            )
+
+    def close(self) -> None:
+        self._probe = None
+
+
+def watch_mapping(path: Path, mapping: mmap.mmap) -> FileWatch:
+    """Watch the size of a mapped file through the mapping's own descriptor (no extra one)."""
+    return FileWatch(path, lambda: (mapping.size(), None))
+
+
+class _Descriptor:
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fd = os.dup(fh.fileno())
+
+    def probe(self) -> tuple[int, int | None]:
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_mtime_ns
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+def watch_open(path: Path, fh: BinaryIO) -> FileWatch:
+    """Watch size and modification time through a duplicate of ``fh``'s descriptor (for files
+    mapped by someone else, such as torch's ``.bin`` loader); closed with the watch."""
+    return FileWatch(path, _Descriptor(fh).probe)

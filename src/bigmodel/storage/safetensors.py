@@ -36,7 +36,7 @@ from bigmodel.foundations.errors import (
 from bigmodel.storage.atomic import file_identity, write_all
 from bigmodel.storage.digest import DIGEST_KEY, new_hasher, placeholder
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
-from bigmodel.storage.files import open_regular
+from bigmodel.storage.files import open_regular, watch_mapping
 
 __all__ = [
     "header_entry_bound",
@@ -487,6 +487,7 @@ class SafetensorsFile:
             header = read_header(path, fh)
             self.identity = file_identity(os.fstat(fh.fileno()))
             self._map: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._watch = watch_mapping(path, self._map)
         self.entries = header.entries
         self.metadata = header.metadata
         self.data_start = header.data_start
@@ -505,6 +506,9 @@ class SafetensorsFile:
                         hint="reopen the checkpoint to read the new version.",
                     )
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._watch = watch_mapping(self.path, self._map)
+        else:
+            self._watch.check()
         return self._map
 
     def names(self) -> list[str]:
@@ -519,7 +523,7 @@ class SafetensorsFile:
         entry = self.entries[name]
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        raw = torch.frombuffer(
+        raw = torch.frombuffer(  # mapping() first checks that the file did not change
             self.mapping(), dtype=torch.uint8, count=entry.nbytes, offset=entry.begin
         )
         if entry.begin % entry.dtype.itemsize:
@@ -529,6 +533,7 @@ class SafetensorsFile:
     def close(self) -> None:
         """Drop this reader's reference to the mapping; tensors already returned stay valid."""
         self._map = None
+        self._watch.close()
 
 
 def _as_bytes(tensor: torch.Tensor, cast: torch.dtype | None = None) -> memoryview:

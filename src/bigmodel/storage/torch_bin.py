@@ -20,7 +20,7 @@ from bigmodel.foundations.errors import InvalidCheckpointError, UnsafeCheckpoint
 from bigmodel.storage.atomic import file_identity
 from bigmodel.storage.digest import HashingWriter, new_hasher
 from bigmodel.storage.dtypes import stored_dtype
-from bigmodel.storage.files import open_regular
+from bigmodel.storage.files import open_regular, watch_open
 
 __all__ = ["BinFile", "load_bin", "write_bin"]
 
@@ -86,8 +86,10 @@ class BinFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.metadata: dict[str, str] = {}
-        self.tensors = load_bin(path)
-        self.identity = file_identity(os.stat(path))
+        with open_regular(path) as fh:
+            self._watch = watch_open(path, fh)
+            self.identity = file_identity(os.fstat(fh.fileno()))
+            self.tensors = load_bin(path)
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -97,10 +99,13 @@ class BinFile:
         return tensor.dtype, tuple(tensor.shape)
 
     def get_tensor(self, name: str) -> torch.Tensor:
+        """The tensor (a view of torch's mapping), once the file is checked unchanged."""
+        self._watch.check()
         return self.tensors[name]
 
     def close(self) -> None:
-        """Nothing to release: torch's mapping lives as long as the tensors."""
+        """Stop watching the file; torch's mapping lives as long as the tensors."""
+        self._watch.close()
 
 
 def write_bin(
