@@ -298,3 +298,54 @@ def test_the_installed_entry_point_and_python_dash_m_both_work(tmp_path):
         timeout=120,
     )
     assert out.returncode == 0 and "intact" in out.stdout
+
+
+# -- output other programs and terminals read ------------------------------------------------
+@pytest.mark.parametrize("command", ["inspect", "verify", "estimate"])
+def test_every_json_run_prints_exactly_one_json_document_even_when_it_fails(
+    capsys, tmp_path, command
+):
+    code, out, err = run(capsys, command, tmp_path / "missing", "--json")
+    assert code == 1
+    document = json.loads(out)  # exactly one document: trailing text would not parse
+    assert document["ok"] is False
+    assert document["error"]["type"] == "CheckpointNotFoundError"
+    assert "missing" in document["error"]["message"]
+    assert "missing" in err
+
+
+def test_a_non_finite_number_in_an_index_is_a_file_problem_and_never_reaches_json_output(
+    capsys, tmp_path
+):
+    bigmodel.save_checkpoint(
+        {"a": torch.ones(64), "b": torch.ones(64)}, tmp_path, max_shard_size="300B"
+    )
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace('"total_size": 512', '"total_size": NaN'))
+    code, out, _ = run(capsys, "inspect", tmp_path, "--json")
+    assert code == 1
+    document = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the output"))
+    assert document["error"]["code"] == "index-not-json"
+
+
+def test_inspect_escapes_control_characters_from_names_and_metadata(capsys, tmp_path):
+    name = "evil\x1b]0;owned\x07.weight"
+    bigmodel.save_checkpoint({name: torch.ones(2)}, tmp_path, metadata={"note": "\x1b[2J clear"})
+    code, out, _ = run(capsys, "inspect", tmp_path, "--tensors")
+    assert code == 0
+    assert "\x1b" not in out and "\x07" not in out
+    assert "evil\\x1b]0;owned\\x07.weight" in out
+    assert "\\x1b[2J clear" in out
+
+
+def test_a_tensor_name_that_is_not_valid_utf8_is_a_file_problem_not_a_usage_error(capsys, tmp_path):
+    header = b'{"w\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\0" * 4
+    )
+    for command in ("inspect", "verify"):
+        code, _, err = run(capsys, command, tmp_path)
+        assert code == 1, err
+        assert "bad-name" in err
+        assert "\\ud800" in err

@@ -78,3 +78,26 @@ def test_a_model_loaded_with_pread_owns_its_weights_and_outlives_its_file(tmp_pa
     done = _run(POSIX_READ, str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) == pytest.approx(float(weight.sum()), rel=1e-5)
+
+
+def test_verifying_an_open_bin_checkpoint_whose_shard_was_removed_reports_it(tmp_path):
+    bigmodel.save_checkpoint(
+        {"a": torch.ones(64), "b": torch.zeros(64)},
+        tmp_path,
+        max_shard_size="300B",
+        safe_serialization=False,
+    )
+    with bigmodel.open_checkpoint(tmp_path) as ckpt:
+        (tmp_path / ckpt.files[0]).unlink()
+        result = ckpt.verify()
+    assert [p.code for p in result.problems] == ["file-changed"]
+    assert ckpt.files[0] in result.problems[0].file
+
+
+def test_reading_a_closed_checkpoint_whose_file_was_removed_is_a_typed_error(tmp_path):
+    bigmodel.save_checkpoint({"w": torch.ones(4)}, tmp_path)
+    ckpt = bigmodel.open_checkpoint(tmp_path)
+    ckpt.close()
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(bigmodel.CheckpointNotFoundError, match=r"model\.safetensors"):
+        ckpt.get_tensor("w")

@@ -375,3 +375,52 @@ def test_a_save_whose_index_the_reader_would_refuse_is_refused_before_anything_i
     with pytest.raises(bigmodel.UnsupportedTensorError, match="index of this checkpoint"):
         bigmodel.save_checkpoint(state, tmp_path, max_shard_size="10GB")
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def _nested():
+    return torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize(
+    ("make", "rule", "safe"),
+    [
+        (_nested, "nested tensor", True),
+        (_nested, "nested tensor", False),
+        (lambda: torch.zeros(4, dtype=torch.uint8).view(torch.uint4), "below a byte", True),
+        (lambda: torch.zeros(4, dtype=torch.uint8).view(torch.uint4), "below a byte", False),
+        (lambda: torch.empty(2**62, 2, 0), "below 2\\*\\*63", True),  # .bin stores any torch shape
+    ],
+)
+def test_a_tensor_the_format_cannot_store_is_refused_by_name_with_the_rule(
+    tmp_path, make, rule, safe
+):
+    with pytest.raises(bigmodel.UnsupportedTensorError, match=rule) as info:
+        bigmodel.save_checkpoint({"bad.one": make()}, tmp_path, safe_serialization=safe)
+    assert "'bad.one'" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_view_of_a_tensor_as_another_dtype_is_saved_as_its_own_values_in_a_bin(tmp_path):
+    x = torch.randn(4)
+    state = {"a": x, "b": x.view(torch.int32)}
+    bigmodel.save_checkpoint(state, tmp_path, safe_serialization=False)
+    assert_same_state(_state(bigmodel.open_checkpoint(tmp_path)), state)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (PermissionError(13, "Permission denied"), bigmodel.CheckpointPermissionError),
+        (OSError(30, "Read-only file system"), bigmodel.CheckpointWriteError),
+    ],
+)
+def test_a_folder_that_cannot_be_created_is_a_typed_error(tmp_path, monkeypatch, error, expected):
+    # Tests run as root, which may write anywhere: fail the mkdir as a user's would.
+    def refuse(path, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("os.mkdir", refuse)
+    with pytest.raises(expected, match="Cannot create the folder") as info:
+        bigmodel.save_checkpoint({"w": torch.ones(2)}, tmp_path / "sub" / "dir")
+    assert "sub/dir" in str(info.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,50 +25,58 @@ from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.storage.digest import DEFAULT_ALGORITHM, new_hasher
 from bigmodel.storage.dtypes import stored_dtype
-from bigmodel.storage.safetensors import NAME_FROM_DTYPE, tensor_name_problem
+from bigmodel.storage.safetensors import NAME_FROM_DTYPE, shape_problem, tensor_name_problem
 
 __all__ = ["save_checkpoint"]
+
+
+#: Sub-byte integer dtypes: neither format has a way to store them (torch.save refuses them).
+_SUB_BYTE = re.compile(r"^u?int[1-7]$")
+
+
+def _entry_problem(
+    name: object, tensor: object, *, safe: bool, cast: torch.dtype | None
+) -> str | None:
+    """Why the state-dict entry cannot be written, with the fix; None if it can."""
+    if not isinstance(name, str):
+        return (
+            f"key {name!r} is a {type(name).__name__}; keys must be strings. Fix: rename the entry."
+        )
+    if safe and (problem := tensor_name_problem(name)) is not None:
+        return f"key {name!r} {problem}, so safetensors cannot store it. Fix: rename the entry, or pass safe_serialization=False."
+    if not isinstance(tensor, torch.Tensor):
+        return f"entry {name!r} is a {type(tensor).__name__}, not a tensor. Fix: save only tensors; keep other state in a separate file."
+    if tensor.device.type == "meta":
+        return f"tensor {name!r} is on the meta device and has no data to save. Fix: load or initialise the weights (e.g. bigmodel.load_checkpoint) before saving."
+    if tensor.is_nested:
+        return f"tensor {name!r} is a nested tensor; only dense tensors can be saved. Fix: save its components (tensor.unbind()) under their own names."
+    if tensor.layout != torch.strided:
+        return f"tensor {name!r} has layout {tensor.layout}; only dense tensors can be saved. Fix: save tensor.to_dense()."
+    dtype = stored_dtype(tensor, cast)
+    if _SUB_BYTE.match(str(dtype).removeprefix("torch.")):
+        return f"tensor {name!r} has dtype {dtype}, which packs elements below a byte; no checkpoint format stores it. Fix: pack it into uint8 yourself, or cast it."
+    if safe and dtype not in NAME_FROM_DTYPE:
+        supported = ", ".join(str(d) for d in NAME_FROM_DTYPE)
+        return f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store. Fix: cast it to a supported dtype ({supported}) or pass safe_serialization=False."
+    if safe and (problem := shape_problem(tensor.shape)) is not None:
+        return f"tensor {name!r} has shape {list(tensor.shape)}, which {problem}. Fix: reshape it."
+    return None
 
 
 def _state_dict(
     obj: nn.Module | Mapping[str, torch.Tensor], *, safe: bool, cast: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
+    """The state to save, each entry checked before anything is written."""
     state = obj.state_dict() if isinstance(obj, nn.Module) else obj
     if not isinstance(state, Mapping):
         raise TypeError(
             f"save_checkpoint expects an nn.Module or a state dict (str -> Tensor), got {type(obj).__name__}."
         )
-    out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if not isinstance(name, str):
-            raise UnsupportedTensorError(
-                f"State dict key {name!r} is a {type(name).__name__}; keys must be strings. Fix: rename the entry."
-            )
-        problem = tensor_name_problem(name) if safe else None
+        problem = _entry_problem(name, tensor, safe=safe, cast=cast)
         if problem is not None:
-            raise UnsupportedTensorError(
-                f"State dict key {name!r} {problem}, so safetensors cannot store it. "
-                "Fix: rename the entry, or pass safe_serialization=False."
-            )
-        if not isinstance(tensor, torch.Tensor):
-            raise UnsupportedTensorError(
-                f"State dict entry {name!r} is a {type(tensor).__name__}, not a tensor. Fix: save only tensors; keep other state in a separate file."
-            )
-        if tensor.device.type == "meta":
-            raise UnsupportedTensorError(
-                f"Tensor {name!r} is on the meta device and has no data to save. Fix: load or initialise the weights (e.g. bigmodel.load_checkpoint) before saving."
-            )
-        if tensor.layout != torch.strided:
-            raise UnsupportedTensorError(
-                f"Tensor {name!r} has layout {tensor.layout}; only dense tensors can be saved. Fix: save tensor.to_dense()."
-            )
-        if safe and stored_dtype(tensor, cast) not in NAME_FROM_DTYPE:
-            raise UnsupportedTensorError(
-                f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store. "
-                f"Fix: cast it to a supported dtype ({', '.join(str(d) for d in NAME_FROM_DTYPE)}) or pass safe_serialization=False."
-            )
-        out[name] = tensor.detach()
-    return out
+            raise UnsupportedTensorError(f"State dict {problem}")
+    return {name: tensor.detach() for name, tensor in state.items()}
 
 
 def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:

@@ -107,6 +107,10 @@ class Checkpoint:
         """Weight file names, relative to :attr:`directory`, in shard order."""
         return list(self._readers)
 
+    def file_sizes(self) -> dict[str, int]:
+        """Bytes of each weight file, as it was when opened (the path may have changed since)."""
+        return {file: reader.identity[2] for file, reader in self._readers.items()}
+
     def keys(self) -> list[str]:
         """Every tensor name: stored tensors in file order, then aliases of tied tensors."""
         return [*self._weight_map, *self.aliases]

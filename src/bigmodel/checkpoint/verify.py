@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bigmodel.checkpoint.index import Reader
-from bigmodel.foundations.errors import Problem
+from bigmodel.foundations.errors import CheckpointNotFoundError, Problem
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.digest import DIGEST_KEY, buffer_digest, path_digest
@@ -31,11 +31,11 @@ def check_file(directory: Path, file: str, reader: Reader, expected: str) -> Pro
             actual = buffer_digest(reader.mapping(), expected, embedded=embedded)
         else:
             actual = path_digest(directory / file, expected, reader.identity)
-    except FileExistsError:
+    except (FileExistsError, CheckpointNotFoundError):
         return Problem(
             path,
             "file-changed",
-            "the file was replaced after the checkpoint was opened.",
+            "the file was replaced or removed after the checkpoint was opened.",
             hint="reopen the checkpoint and verify again.",
         )
     if actual is None:
@@ -68,7 +68,7 @@ def verify_files(
     verified: list[str] = []
     files = [f for f in readers if f in expected]
     workers = max_workers or min(4, os.cpu_count() or 1)
-    sizes = {f: (directory / f).stat().st_size for f in files}
+    sizes = {f: readers[f].identity[2] for f in files}  # as opened: the path may have changed
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
         progress_bar(

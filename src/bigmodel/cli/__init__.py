@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from bigmodel.cli import convert, demo, estimate, inspect, reshard, verify
-from bigmodel.cli._common import EXIT_PROBLEM, EXIT_USAGE
+from bigmodel.cli._common import EXIT_PROBLEM, EXIT_USAGE, TerminalSafe, emit_json, error_document
 from bigmodel.foundations.errors import BigModelError
 
 __all__ = ["main"]
@@ -46,14 +46,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         logging.getLogger("bigmodel").addHandler(handler)
         logging.getLogger("bigmodel").setLevel(logging.INFO)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = TerminalSafe(stdout), TerminalSafe(stderr)
+    try:
+        return _run(args)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the subcommand: 1 for a problem with a file or a model, 2 for a usage error; with
+    ``--json``, a failure prints one JSON document too."""
     try:
         return int(args.run(args))
     except BigModelError as exc:
-        print(f"bigmodel {args.command}: {exc}", file=sys.stderr)
-        return EXIT_PROBLEM
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        print(f"bigmodel {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, exc, EXIT_PROBLEM)
+    except (FileNotFoundError, NotADirectoryError) as exc:  # a path that is not a checkpoint
+        return _fail(args, exc, EXIT_PROBLEM)
+    except ValueError as exc:  # an option the command cannot use
+        return _fail(args, exc, EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"bigmodel {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
+    if getattr(args, "json", False):
+        emit_json(error_document(exc))
+    print(f"bigmodel {args.command}: {exc}", file=sys.stderr)
+    return code

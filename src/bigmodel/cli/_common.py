@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Sequence
@@ -20,9 +21,12 @@ __all__ = [
     "EXIT_PROBLEM",
     "EXIT_USAGE",
     "emit_json",
+    "error_document",
+    "printable",
     "print_table",
     "progress_flag",
     "size_arg",
+    "TerminalSafe",
 ]
 
 EXIT_OK = 0
@@ -92,6 +96,60 @@ def dtype_arg(text: str) -> torch.dtype:
         return parse_dtype(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: Control characters a terminal needs to lay out text; every other one is shown escaped.
+_LAYOUT = frozenset("\n\r\t")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences), lone surrogates and other
+    unprintable characters shown as Python escapes (``\\x1b``, ``\\ud800``); layout characters
+    (newline, carriage return, tab) are kept."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() or ch in _LAYOUT else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+class TerminalSafe(io.TextIOBase):
+    """A text stream that writes :func:`printable` text to ``stream``: names and metadata come
+    from untrusted files, and must not retitle, clear or otherwise drive the terminal."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(printable(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+
+def error_document(exc: BaseException) -> dict[str, Any]:
+    """What ``--json`` prints when a command fails: one JSON document, like every other run."""
+    problems = [
+        {"file": p.file, "code": p.code, "key": p.key, "message": p.message, "hint": p.hint}
+        for p in getattr(exc, "problems", ())
+    ]
+    return {
+        "ok": False,
+        "error": {
+            "type": type(exc).__name__,
+            "code": getattr(exc, "code", None),
+            "message": str(exc),
+            "problems": problems,
+        },
+    }
 
 
 def emit_json(data: Any) -> None:

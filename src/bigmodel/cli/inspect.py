@@ -56,7 +56,7 @@ def describe(ckpt: Checkpoint, *, tensors: bool) -> dict[str, Any]:
         "files": [
             {
                 "name": f,
-                "bytes": (ckpt.directory / f).stat().st_size,
+                "bytes": ckpt.file_sizes()[f],
                 "tensors": n,
                 "tensor_bytes": b,
             }

@@ -30,7 +30,7 @@ from bigmodel.checkpoint.sharding import (
     plan_shards,
     stored_sizes,
 )
-from bigmodel.foundations.errors import CheckpointWriteError
+from bigmodel.foundations.errors import CheckpointPermissionError, CheckpointWriteError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.types import SaveResult
@@ -169,8 +169,22 @@ def prepare_directory(directory: Path, *, create: bool = True) -> None:
         raise NotADirectoryError(
             f"save_directory {directory} is a file; pass a folder (it is created if missing)."
         )
-    if create:
+    if not create:
+        return
+    try:
         directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise CheckpointPermissionError(
+            f"Cannot create the folder {directory}: {exc.strerror or exc} "
+            f"[{CheckpointPermissionError.code}]. Fix: save into a folder this user may write, "
+            "or fix the parent folder's permissions."
+        ) from exc
+    except OSError as exc:
+        raise CheckpointWriteError(
+            exc.errno,
+            f"Cannot create the folder {directory}: {exc.strerror or exc}. Nothing was written. "
+            "Fix: save into a writable folder (a read-only filesystem cannot hold a checkpoint).",
+        ) from exc
 
 
 def write_error(

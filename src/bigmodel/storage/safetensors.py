@@ -39,6 +39,7 @@ from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
 from bigmodel.storage.files import open_regular, watch_mapping
 
 __all__ = [
+    "shape_problem",
     "header_entry_bound",
     "metadata_bound",
     "RESERVED_NAMES",
@@ -335,12 +336,14 @@ def _parse_entry(
     Each rule relies on the ones before it, so checking stops at the first broken one.
     """
     try:
+        _name_rule(name)
         fields = _entry_object(info)
         dtype_name = _dtype_name_field(fields)
         shape = _shape_field(fields)
         offsets = _data_offsets_field(fields)
         dtype = _known_dtype(dtype_name)
         _check_span(dtype_name, dtype, shape, offsets)
+        _torch_shape(shape)
     except _EntryRuleError as broken:
         problems.append(Problem(file, broken.code, broken.message, key=name, hint=broken.hint))
         return None
@@ -348,6 +351,13 @@ def _parse_entry(
     return TensorEntry(
         name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end
     )
+
+
+def _name_rule(name: str) -> None:
+    """The name is one a tensor can have (the writer refuses the same names)."""
+    problem = tensor_name_problem(name)
+    if problem is not None:
+        raise _EntryRuleError("bad-name", f"the tensor name {problem}.")
 
 
 def _entry_object(info: object) -> dict[str, Any]:
@@ -372,14 +382,42 @@ def _dtype_name_field(fields: dict[str, Any]) -> str:
     return dtype_name
 
 
+#: torch sizes (and the products of them it computes) are signed 64-bit integers.
+_MAX_DIM = 2**63 - 1
+
+
 def _shape_field(fields: dict[str, Any]) -> list[int]:
-    """``shape`` is a list of non-negative integers."""
+    """``shape`` is a list of non-negative integers that torch can hold (below 2**63, even in a
+    tensor with no elements)."""
     shape = fields.get("shape")
     if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
         raise _EntryRuleError(
-            "bad-entry", f"'shape' must be a list of non-negative integers, got {shape!r}."
+            "bad-entry", f"'shape' must be a list of non-negative integers, got {_shown(shape)}."
         )
     return shape
+
+
+def _torch_shape(shape: list[int]) -> None:
+    """torch can make a tensor of this shape (only in question when it has no elements: any
+    other shape's bytes were checked against the file)."""
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise _EntryRuleError("bad-entry", f"'shape' {_shown(shape)} {problem}.")
+
+
+def shape_problem(shape: Sequence[int]) -> str | None:
+    """Why a file may not hold a tensor of this shape (None if it may): torch computes sizes in
+    64-bit integers, so the product of the non-zero dimensions stays below 2**63, even for a
+    tensor with no elements. The reader and the writer apply the same rule."""
+    if math.prod(d for d in shape if d) > _MAX_DIM:
+        return "is too large: the product of its non-zero dimensions must be below 2**63"
+    return None
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hostile value can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _data_offsets_field(fields: dict[str, Any]) -> list[int]:

@@ -121,13 +121,17 @@ def write_bin(
     writes whole storages: without it, a small view would drag its base tensor into the file.
     """
     out: dict[str, torch.Tensor] = {}
+    dtype_of_storage: dict[int, torch.dtype] = {}
     for name, tensor in tensors.items():
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
         # Lazy conjugate/negative bits change the values, not the bytes: resolve them first.
         t = t.resolve_conj().resolve_neg().to(stored_dtype(t, cast))
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        storage = t.untyped_storage()
+        seen = dtype_of_storage.setdefault(storage.data_ptr(), t.dtype) if t.numel() else t.dtype
+        # torch.save refuses two dtypes over one storage: a view as another dtype is cloned.
+        if storage.nbytes() != t.numel() * t.element_size() or seen != t.dtype:
             t = t.clone()
         out[name] = t
     nbytes = sum(t.numel() * t.element_size() for t in out.values())
