@@ -827,7 +827,9 @@ ENTRIES = st.one_of(
 
 @FUZZ_SETTINGS
 @given(
-    header=st.dictionaries(st.sampled_from(["w", "b", "__metadata__", "x.y"]), ENTRIES),
+    header=st.dictionaries(
+        st.sampled_from(["w", "b", "__metadata__", "x.y", "lone\ud800", "esc\x1b[2J"]), ENTRIES
+    ),
     data=st.binary(max_size=64),
 )
 def test_arbitrary_json_headers_never_escape_as_another_exception(header, data):
@@ -1028,3 +1030,71 @@ def test_validating_a_hostile_header_at_the_size_limit_stays_within_the_document
     _, anon = _header_memory(path)
     print(f"{kind}: header {len(raw) / 1e6:.1f} MB, peak anon +{anon / 1e6:.1f} MB")
     assert anon < _bound(len(raw)), (anon, len(raw))
+
+
+@FUZZ_SETTINGS
+@given(count=st.integers(1, 400), extra=st.integers(0, 3))
+def test_any_number_of_broken_entries_keeps_at_most_the_bounded_list_of_problems(count, extra):
+    from bigmodel.foundations.errors import MAX_LISTED, MAX_PROBLEMS
+
+    good = {f"ok{i}": f32([1], 4 * i) for i in range(extra)}
+    raw = _bad_entries(count)[:-1] + ("," + json.dumps(good)[1:] if good else "}").encode()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / SAFE_NAME
+        path.write_bytes(header_bytes(raw, b"\0" * 4 * extra))
+        with pytest.raises(InvalidCheckpointError) as info:
+            bigmodel.open_checkpoint(path)
+    err = info.value
+    assert err.total == count
+    assert len(err.problems) == min(count, MAX_PROBLEMS)
+    if count > 1:  # one problem is the whole message; several are listed, at most MAX_LISTED
+        assert str(err).count("\n  - ") == min(count, MAX_LISTED)
+
+
+SPECIAL_KINDS = ["fifo", "dev-zero", "directory", "dangling-link", "regular"]
+
+
+def _make_special(path: Path, kind: str) -> None:
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "dangling-link":
+        path.symlink_to(path.parent / "nowhere")
+
+
+@settings(FUZZ_SETTINGS, max_examples=25)  # a broken folder is retried for a save in flight
+@given(kinds=st.lists(st.sampled_from(SPECIAL_KINDS), min_size=4, max_size=4))
+def test_special_files_anywhere_in_a_checkpoint_never_hang_and_raise_typed_errors(kinds):
+    import threading
+
+    with tempfile.TemporaryDirectory() as folder:
+        directory = Path(folder)
+        bigmodel.save_checkpoint(valid_state(), directory, max_shard_size="100B")
+        targets = [directory / SAFE_INDEX, *(directory / s for s in SHARDS)]
+        for target, kind in zip(targets, kinds, strict=True):
+            if kind != "regular":
+                _make_special(target, kind)
+        outcome: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                with bigmodel.open_checkpoint(directory) as ckpt:
+                    for name in ckpt.keys():
+                        ckpt.get_tensor(name)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), f"open_checkpoint blocked with {kinds}"
+    if all(kind == "regular" for kind in kinds):
+        assert outcome == [None]
+    else:
+        assert isinstance(outcome[0], BigModelError), repr(outcome[0])

@@ -424,3 +424,51 @@ def test_a_folder_that_cannot_be_created_is_a_typed_error(tmp_path, monkeypatch,
     with pytest.raises(expected, match="Cannot create the folder") as info:
         bigmodel.save_checkpoint({"w": torch.ones(2)}, tmp_path / "sub" / "dir")
     assert "sub/dir" in str(info.value)
+
+
+_NAMES = ["w", "__metadata__", "lone\ud800", "esc\x1b[2J", "a.b", ""]
+
+
+@st.composite
+def hostile_entries(draw):
+    base = torch.randn(4, 3, dtype=draw(st.sampled_from([torch.float32, torch.complex64])))
+    make = draw(
+        st.sampled_from(
+            [
+                lambda: base,
+                lambda: base.conj(),
+                lambda: base.t(),
+                lambda: base[1:3],
+                lambda: base.real if base.is_complex() else -base,
+                lambda: base.conj().imag if base.is_complex() else base,
+                lambda: base.view(torch.int32) if not base.is_complex() else base,
+                lambda: torch.empty(2, device="meta"),
+                lambda: torch.eye(2).to_sparse(),
+            ]
+        )
+    )
+    names = draw(st.lists(st.sampled_from(_NAMES), min_size=1, max_size=3, unique=True))
+    return {name: make() if i == 0 else base for i, name in enumerate(names)}
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(state=hostile_entries(), safe=st.booleans())
+def test_any_state_dict_round_trips_exactly_or_is_refused_before_anything_is_written(
+    tmp_path_factory, state, safe
+):
+    folder = tmp_path_factory.mktemp("hostile")
+    previous = {"old": torch.arange(3.0)}
+    bigmodel.save_checkpoint(previous, folder)
+    refused = ""
+    try:
+        bigmodel.save_checkpoint(state, folder, safe_serialization=safe)
+    except bigmodel.UnsupportedTensorError as exc:
+        refused = str(exc)
+    if refused:
+        assert any(repr(name) in refused for name in state), refused
+        assert_same_state(_state(bigmodel.open_checkpoint(folder)), previous)
+        return
+    expected = {k: v.resolve_conj().resolve_neg().contiguous() for k, v in state.items()}
+    assert_same_state(_state(bigmodel.open_checkpoint(folder)), expected)
