@@ -65,9 +65,7 @@ def parse_aliases(
             raw = json.loads(raw)
         except ValueError:
             raw = None
-    if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
-    ):
+    if not strict_json.is_str_map(raw):
         problems.append(
             Problem(
                 file,
@@ -211,9 +209,7 @@ def check_recorded_digests(
     copied in from another checkpoint). No data is hashed here."""
     if recorded is None:
         return []
-    if not isinstance(recorded, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
-    ):
+    if not strict_json.is_str_map(recorded):
         return [
             Problem(
                 file,

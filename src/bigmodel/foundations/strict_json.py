@@ -7,9 +7,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeGuard
 
-__all__ = ["JsonObject", "TooManyEntriesError", "duplicates", "loads", "loads_object"]
+__all__ = [
+    "JsonObject",
+    "TooManyEntriesError",
+    "duplicates",
+    "is_str_map",
+    "loads",
+    "loads_object",
+]
 
 
 class JsonObject(dict[str, Any]):
@@ -43,6 +50,13 @@ def loads(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_hook, parse_constant=_refuse_constant)
 
 
+def is_str_map(value: object) -> TypeGuard[dict[str, str]]:
+    """A JSON object whose values are all strings (metadata, aliases, digests)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
 def duplicates(value: object) -> list[str]:
     """Repeated keys of ``value`` if it is a parsed JSON object, else nothing."""
     return list(value.duplicates) if isinstance(value, JsonObject) else []
@@ -73,7 +87,14 @@ def loads_object(text: str, max_entries: int) -> dict[str, Any]:
     """Parse a JSON object entry by entry, as :func:`loads` would, and stop with
     :class:`TooManyEntriesError` as soon as it has more than ``max_entries`` entries, so the memory
     spent on a hostile text is bounded by the entries allowed, not by the text's length."""
-    decoder = json.JSONDecoder(object_pairs_hook=_hook, parse_constant=_refuse_constant)
+    # One decoder call per entry: the standard scanner's key memo lasts one call, so keys
+    # repeated in every entry ("dtype", "shape"...) are shared here instead.
+    memo: dict[str, str] = {}
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        return _hook([(memo.setdefault(key, key), value) for key, value in pairs])
+
+    decoder = json.JSONDecoder(object_pairs_hook=hook, parse_constant=_refuse_constant)
     pairs: list[tuple[str, Any]] = []
     idx = _expect(text, 0, "{")
     idx = _SPACE.match(text, idx).end()  # type: ignore[union-attr]

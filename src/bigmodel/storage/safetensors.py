@@ -303,9 +303,7 @@ def _parse_metadata(file: str, raw_meta: object, problems: list[Problem]) -> dic
         )
     if raw_meta is None:
         return {}
-    if not isinstance(raw_meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
-    ):
+    if not strict_json.is_str_map(raw_meta):
         problems.append(
             Problem(
                 file,
