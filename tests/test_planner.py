@@ -194,7 +194,19 @@ def test_parse_dtype_accepts_the_usual_names_and_passes_dtypes_through(name, dty
     assert parse_dtype(name) is dtype
 
 
-@pytest.mark.parametrize("value", ["int8", "bf", "torch.", "", "float8", 16, None])
+@pytest.mark.parametrize("value", ["int8", "bf", "torch.", "", "float8", 16])
 def test_parse_dtype_refuses_anything_else_and_lists_the_accepted_names(value):
     with pytest.raises(ValueError, match=r"Unknown dtype .*bf16, bfloat16, fp16.*half.*double"):
         parse_dtype(value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.uint8])
+def test_parse_dtype_refuses_a_target_dtype_that_is_not_floating_point(dtype):
+    with pytest.raises(ValueError, match="not a floating-point dtype"):
+        parse_dtype(dtype)
+
+
+def test_parse_dtype_keeps_none_and_gives_auto_what_the_caller_resolved():
+    assert parse_dtype(None) is None
+    assert parse_dtype("auto") is None
+    assert parse_dtype(" Auto ", auto=torch.bfloat16) is torch.bfloat16

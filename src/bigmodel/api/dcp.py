@@ -108,7 +108,7 @@ def dcp_to_hf(
     One output shard is read at a time, so memory is bounded by ``max_shard_size``. ``dtype``
     casts floating-point tensors as they are written. Non-tensor entries are skipped (logged).
     """
-    dtype = None if dtype is None else parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     folder = Path(src)
     entries, others = read_dcp_metadata(folder, trusted=trusted)
     if others:

@@ -120,7 +120,7 @@ def estimate_memory(
     ``disk`` may be unlimited) and defaults to free memory minus a reserve, then disk.
     :attr:`DevicePlan.blocks` are the units never split (see :class:`Block`) on each device.
     """
-    dtype = None if dtype is None else parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     budgets = default_max_memory() if max_memory is None else parse_max_memory(max_memory)
     if isinstance(model_or_checkpoint, nn.Module):
         tree = tree_from_module(

@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.checkpoint.handle import Checkpoint, config_dtype, first_floating_dtype
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.execution.distributed import Group, resolve_group, run_step
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_sources
 from bigmodel.execution.reading import PlanReader
 from bigmodel.foundations.devices import normalize_device
-from bigmodel.foundations.dtypes import parse_dtype
+from bigmodel.foundations.dtypes import is_auto, parse_dtype
 from bigmodel.foundations.errors import (
     InvalidCheckpointError,
 )
@@ -48,8 +48,8 @@ from bigmodel.foundations.types import (
 )
 from bigmodel.placement.device_map import execution_device, infer_device_map
 from bigmodel.placement.initialize import InitFn, check_nothing_on_meta, materialize_missing
-from bigmodel.placement.load_plan import LoadPlan, MatchRules, plan_load
-from bigmodel.placement.policy import DtypeOverrides, Placement
+from bigmodel.placement.load_plan import LoadPlan, MatchRules, ignore_rules, plan_load
+from bigmodel.placement.policy import DtypeOverrides, Placement, keep_in_fp32
 
 __all__ = ["DtypeOverrides", "load_checkpoint", "load_sharded_checkpoint"]
 
@@ -179,6 +179,17 @@ def _load(
     return report
 
 
+def _auto_dtype(checkpoint: str | os.PathLike[str] | Checkpoint) -> torch.dtype | None:
+    """``dtype="auto"``, as transformers resolves it: the dtype the checkpoint folder's
+    config.json records (``dtype``, or the older ``torch_dtype``), else the dtype of the
+    checkpoint's first floating-point tensor (None, keep every dtype, when it has none).
+    A model built from a config no longer says which dtype it was saved in."""
+    if isinstance(checkpoint, Checkpoint):
+        return config_dtype(checkpoint.directory) or first_floating_dtype(checkpoint)
+    with open_checkpoint(checkpoint) as ckpt:
+        return config_dtype(ckpt.directory) or first_floating_dtype(ckpt)
+
+
 def _resolve_device_map(
     model: nn.Module,
     device_map: str | Mapping[str, str | int] | None,
@@ -262,7 +273,7 @@ def load_checkpoint(
       (:class:`~bigmodel.DistributedOptions`) chooses the group and how replicated tensors
       are shared.
     """
-    dtype = None if dtype is None else parse_dtype(dtype)
+    dtype = parse_dtype(dtype, auto=_auto_dtype(checkpoint) if is_auto(dtype) else None)
     resolved = _resolve_device_map(
         model,
         device_map,
@@ -278,12 +289,14 @@ def load_checkpoint(
         device=None if device is None else torch.device(device),
         model=model,
         device_map=resolved,
+        keep_fp32=keep_in_fp32(model, dtype),
     )
     opts = _Options(
         rules=MatchRules(
             strict=strict,
             key_mapping=key_mapping,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            ignore=ignore_rules(model),
         ),
         assign=True,
         prefer_safe=prefer_safe,

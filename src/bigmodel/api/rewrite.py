@@ -37,7 +37,7 @@ def rewrite_checkpoint(
     kept. With ``copy_extras``, other files of the source folder (config, tokenizer) are copied
     when ``dst`` is another folder. ``dst`` may be ``src`` itself: the save is atomic.
     """
-    dtype = None if dtype is None else parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     with open_checkpoint(src) as ckpt:
         safe = ckpt.format == "safetensors" if safe_serialization is None else safe_serialization
         state = {name: ckpt.get_tensor(name) for name in ckpt.keys()}

@@ -146,16 +146,12 @@ def save_checkpoint(
     :class:`~bigmodel.DistributedError` on every rank and leaves the previous checkpoint.
     Without either, the save is this process's alone (the usual ``if rank == 0: save``).
     """
-    dtype = None if dtype is None else parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     safe = bool(safe_serialization)
     limit = parse_size(max_shard_size)
     if digest is not None:
         new_hasher(digest)  # an unknown algorithm fails before anything is written
     user_meta = _user_metadata(metadata)
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(
-            f"dtype={dtype} is not a floating-point dtype; only floating-point tensors are cast."
-        )
     state = _state_dict(obj, safe=safe, cast=dtype)
     opts = WriteOptions(
         safe=safe,

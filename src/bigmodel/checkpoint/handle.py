@@ -17,8 +17,11 @@ import torch
 
 from bigmodel.checkpoint.index import Reader
 from bigmodel.checkpoint.verify import verify_files
+from bigmodel.foundations import strict_json
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
+from bigmodel.storage.files import read_bounded
 from bigmodel.storage.pread import ByteRange
 from bigmodel.storage.readahead import readahead
 from bigmodel.storage.safetensors import SafetensorsFile
@@ -237,3 +240,37 @@ class Checkpoint:
     def __repr__(self) -> str:
         layout = f"sharded, {len(self._readers)} files" if self.is_sharded else "single file"
         return f"Checkpoint({str(self.path)!r}, {self.format}, {layout}, {len(self)} tensors)"
+
+
+def first_floating_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor stored (in file order), as transformers'
+    ``dtype="auto"`` reads a checkpoint; None when no tensor is floating-point."""
+    for name in ckpt.stored_keys():
+        dtype = ckpt.tensor_info(name).dtype
+        if dtype.is_floating_point:
+            return dtype
+    return None
+
+
+def config_dtype(directory: Path) -> torch.dtype | None:
+    """The floating-point dtype a Hugging Face ``config.json`` beside the weights records
+    (``dtype``, or the older ``torch_dtype``); None when there is no such file or field. The
+    file is untrusted: read bounded, and anything unreadable counts as no record."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = read_bounded(path, 16 * 2**20, code="config-too-large", what="config.json", hint="")
+        config = strict_json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError, OSError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for field in ("dtype", "torch_dtype"):
+        value = config.get(field)
+        if isinstance(value, str):
+            try:
+                return parse_dtype(value)
+            except ValueError:
+                return None
+    return None

@@ -90,8 +90,9 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def dtype_arg(text: str) -> torch.dtype:
-    """argparse type for dtypes (bf16, fp16, fp32, ...), with parse_dtype's list on error."""
+def dtype_arg(text: str) -> torch.dtype | None:
+    """argparse type for dtypes (bf16, fp16, fp32, ...; auto: as stored), with parse_dtype's
+    list on error."""
     try:
         return parse_dtype(text)
     except ValueError as exc:

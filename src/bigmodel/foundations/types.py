@@ -38,6 +38,10 @@ class LoadReport:
     renamed_keys: dict[str, str] = field(default_factory=dict)
     #: ``"removed 'model.'"`` or ``"added 'model.'"`` if a whole-model prefix was detected.
     prefix: str | None = None
+    #: Keys neither loaded nor counted as missing/unexpected because the model says they may be
+    #: (a legacy key naming a non-persistent buffer, or one the model's
+    #: ``_keys_to_ignore_on_load_unexpected``/``_missing`` patterns match) -> why.
+    ignored_keys: dict[str, str] = field(default_factory=dict)
     bytes_read: int = 0
     seconds: float = 0.0
 

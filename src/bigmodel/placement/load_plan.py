@@ -10,10 +10,12 @@ weight is touched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.foundations.errors import KeyMismatchError
@@ -21,9 +23,66 @@ from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import LoadReport, MismatchedKey
 from bigmodel.placement.keys import match_keys
 
-__all__ = ["LoadPlan", "MatchRules", "Plan", "plan_load", "tie_groups"]
+__all__ = [
+    "IgnoreRules",
+    "LoadPlan",
+    "MatchRules",
+    "Plan",
+    "ignore_rules",
+    "plan_load",
+    "tie_groups",
+]
 
 Plan = list[tuple[str, list[str]]]  # (checkpoint key, module names sharing one tensor)
+
+
+@dataclass(frozen=True)
+class IgnoreRules:
+    """Keys a model says a checkpoint may have or lack: legacy buffers, declared patterns."""
+
+    #: Non-persistent buffers of the model: a checkpoint key naming one is a legacy key (the
+    #: buffer used to be saved; the model now computes it).
+    buffers: frozenset[str] = frozenset()
+    unexpected: re.Pattern[str] | None = None
+    missing: re.Pattern[str] | None = None
+
+    def unexpected_reason(self, checkpoint_key: str, module_key: str) -> str | None:
+        if module_key in self.buffers:
+            return "names a non-persistent buffer of the model (the model computes it)"
+        if self.unexpected is not None and self.unexpected.search(checkpoint_key):
+            return "matches the model's _keys_to_ignore_on_load_unexpected"
+        return None
+
+    def missing_reason(self, module_key: str) -> str | None:
+        if self.missing is not None and self.missing.search(module_key):
+            return "matches the model's _keys_to_ignore_on_load_missing (initialised)"
+        return None
+
+
+def _alternation(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    patterns = sorted(set(patterns))
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+def ignore_rules(model: nn.Module) -> IgnoreRules:
+    """What ``model`` declares ignorable, read from the instance (no import of transformers):
+    its non-persistent buffers, and the ``_keys_to_ignore_on_load_unexpected`` /
+    ``_keys_to_ignore_on_load_missing`` regex patterns transformers models carry. Like
+    transformers, a model with a ``position_ids`` or ``rotary_emb.inv_freq`` buffer also
+    ignores those keys where older checkpoints kept them."""
+    buffers = frozenset(
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name in module._non_persistent_buffers_set
+    )
+    unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    names = [name for name, _ in model.named_buffers()]
+    if any(name.endswith("rotary_emb.inv_freq") for name in names):
+        unexpected.add(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name in names):
+        unexpected.add(r"(^|\.)position_ids$")
+    missing = getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+    return IgnoreRules(buffers, _alternation(unexpected), _alternation(missing))
 
 
 @dataclass(frozen=True)
@@ -36,6 +95,7 @@ class MatchRules:
     ignore_mismatched_sizes: bool = False
     #: Only loads that replace tensors can re-initialise a mis-shaped one (for the error's hint).
     can_ignore_mismatched: bool = True
+    ignore: IgnoreRules = IgnoreRules()
 
 
 @dataclass
@@ -86,6 +146,34 @@ def _pair(
     return items, to_init
 
 
+def _set_aside_ignored(
+    report: LoadReport, to_model: Mapping[str, str], ignore: IgnoreRules
+) -> None:
+    """Move the keys the model says may be missing or unexpected into ``ignored_keys``."""
+    unexpected = []
+    for key in report.unexpected_keys:
+        reason = ignore.unexpected_reason(key, to_model[key])
+        if reason is None:
+            unexpected.append(key)
+        else:
+            report.ignored_keys[key] = reason
+    missing = []
+    for key in report.missing_keys:
+        reason = ignore.missing_reason(key)
+        if reason is None:
+            missing.append(key)
+        else:
+            report.ignored_keys[key] = reason
+    report.unexpected_keys, report.missing_keys = unexpected, missing
+    if report.ignored_keys:
+        logger.info(
+            "%s: %d key(s) ignored as the model allows: %s",
+            report.checkpoint,
+            len(report.ignored_keys),
+            ", ".join(f"{k} ({why})" for k, why in list(report.ignored_keys.items())[:10]),
+        )
+
+
 def _enforce(ckpt: Checkpoint, report: LoadReport, rules: MatchRules) -> None:
     # Like torch's load_state_dict, a shape mismatch is an error even when strict=False.
     bad_shapes = bool(report.mismatched_keys) and not rules.ignore_mismatched_sizes
@@ -110,6 +198,7 @@ def plan_load(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor], rules: Matc
         logger.info("checkpoint %s: %s to match the model's key names", ckpt.path, keys.prefix)
     items, to_init = _pair(ckpt, targets, from_model, report)
     report.unexpected_keys = [c for c, m in keys.to_model.items() if m not in targets]
+    _set_aside_ignored(report, keys.to_model, rules.ignore)
     _enforce(ckpt, report, rules)
     order = {file: i for i, file in enumerate(ckpt.files)}
     items.sort(key=lambda item: order[ckpt.tensor_info(item[0]).file])

@@ -8,6 +8,7 @@ under every name that shares it (tied weights stay one ``Parameter``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from bigmodel.placement.device_map import device_for
 
-__all__ = ["DtypeOverrides", "Placement", "like", "place", "set_tensor"]
+__all__ = ["DtypeOverrides", "Placement", "keep_in_fp32", "like", "place", "set_tensor"]
 
 #: Per-module dtype overrides: a module class, or a dotted module name (matched on dot boundaries).
 DtypeOverrides = Mapping[str | type[nn.Module], torch.dtype]
@@ -31,9 +32,12 @@ class Placement:
     device: torch.device | None
     model: nn.Module
     device_map: Mapping[str, str] | None = None
+    #: Tensors whose name this matches stay float32 (see :func:`keep_in_fp32`).
+    keep_fp32: re.Pattern[str] | None = None
 
     def dtype_for(self, name: str, current: torch.Tensor) -> torch.dtype:
-        """Floating-point tensors take ``dtype`` (or a per-module override); others keep the module's."""
+        """Floating-point tensors take ``dtype`` (or a per-module override, or float32 where the
+        model keeps them so); others keep the module's."""
         if not current.dtype.is_floating_point or (self.dtype is None and not self.overrides):
             return current.dtype
         owner = name.rpartition(".")[0]
@@ -44,6 +48,8 @@ class Placement:
                     return dtype
             elif isinstance(module, selector):
                 return dtype
+        if self.keep_fp32 is not None and self.keep_fp32.search(name):
+            return torch.float32
         return self.dtype if self.dtype is not None else current.dtype
 
     def device_for(self, name: str, current: torch.Tensor) -> torch.device:
@@ -60,6 +66,21 @@ class Placement:
 
     def offloaded(self, name: str) -> bool:
         return self.device_map is not None and device_for(name, self.device_map) == "disk"
+
+
+def keep_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> re.Pattern[str] | None:
+    """The tensors ``model`` keeps in float32 when loaded as ``dtype``, as transformers models
+    declare them (read from the instance: no import of transformers): ``_keep_in_fp32_modules``
+    when loading as float16, ``_keep_in_fp32_modules_strict`` as float16 or bfloat16. The
+    entries are patterns searched in tensor names (``*`` is any text), as transformers does."""
+    patterns: set[str] = set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in sorted(patterns)))
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
