@@ -23,6 +23,7 @@ from bigmodel.foundations.errors import (
     InvalidCheckpointError,
     KeyMappingError,
     KeyMismatchError,
+    LoadStateDictError,
     MetaTensorError,
     MissingInitializerError,
     PlanError,
@@ -37,6 +38,7 @@ from bigmodel.foundations.types import (
     MismatchedKey,
     OffloadOptions,
     SaveResult,
+    ShardedLoadReport,
     VerifyResult,
 )
 from bigmodel.foundations.units import parse_size
@@ -60,6 +62,7 @@ __all__ = [
     "KeyMappingError",
     "KeyMismatchError",
     "LoadReport",
+    "LoadStateDictError",
     "MetaTensorError",
     "MismatchedKey",
     "MissingInitializerError",
@@ -68,6 +71,7 @@ __all__ = [
     "PretrainedMixin",
     "Problem",
     "SaveResult",
+    "ShardedLoadReport",
     "TensorInfo",
     "TensorSlice",
     "UnsafeCheckpointError",

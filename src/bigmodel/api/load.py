@@ -23,12 +23,14 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint, config_dtype, first_floating_dtype
+from bigmodel.checkpoint.naming import SAFE_INDEX_NAME, WEIGHTS_INDEX_NAME
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.execution.distributed import Group, resolve_group, run_step
 from bigmodel.execution.offload import attach_offload_hooks
@@ -38,6 +40,8 @@ from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.dtypes import is_auto, parse_dtype
 from bigmodel.foundations.errors import (
     InvalidCheckpointError,
+    KeyMismatchError,
+    LoadStateDictError,
 )
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import (
@@ -45,6 +49,7 @@ from bigmodel.foundations.types import (
     IOOptions,
     LoadReport,
     OffloadOptions,
+    ShardedLoadReport,
 )
 from bigmodel.placement.device_map import execution_device, infer_device_map
 from bigmodel.placement.initialize import InitFn, check_nothing_on_meta, materialize_missing
@@ -312,6 +317,18 @@ def load_checkpoint(
     return _load(model, checkpoint, placement, opts)
 
 
+def _sharded_entry(folder: str | os.PathLike[str], prefer_safe: bool) -> str | os.PathLike[str]:
+    """The index transformers' ``load_sharded_checkpoint`` reads in ``folder``: the safetensors
+    index if present and (``prefer_safe`` or there is no ``.bin`` index), else the ``.bin``
+    index. With neither (transformers raises ``ValueError``), ``folder`` itself, which
+    :func:`~bigmodel.open_checkpoint` resolves to the single weights file."""
+    safe, legacy = Path(folder, SAFE_INDEX_NAME), Path(folder, WEIGHTS_INDEX_NAME)
+    safe_present, legacy_present = safe.is_file(), legacy.is_file()
+    if safe_present and (prefer_safe or not legacy_present):
+        return safe
+    return legacy if legacy_present else folder
+
+
 def load_sharded_checkpoint(
     model: nn.Module,
     folder: str | os.PathLike[str],
@@ -319,14 +336,25 @@ def load_sharded_checkpoint(
     prefer_safe: bool = True,
     *,
     progress: bool | None = None,
-) -> LoadReport:
-    """Load the checkpoint in ``folder`` into ``model``: the drop-in for transformers' function.
+) -> ShardedLoadReport:
+    """Load the checkpoint in ``folder`` into ``model``: the drop-in for transformers' function
+    (``transformers.trainer_utils.load_sharded_checkpoint``), with the same parameters.
+
+    The file read is the one transformers picks: ``model.safetensors.index.json`` unless
+    ``prefer_safe=False`` and ``pytorch_model.bin.index.json`` is present (or only that
+    index is present). A folder with no index, which transformers refuses, loads its single
+    ``model.safetensors`` or ``pytorch_model.bin``.
 
     Keys are matched exactly (no prefix detection). Materialised tensors are filled in place
     with ``copy_`` (converted to their dtype; existing ``Parameter`` objects and optimizer
     references survive); tensors on ``meta`` are replaced by the file-backed tensors. With
-    ``strict=True`` any missing, unexpected or mis-shaped key raises one
-    :class:`~bigmodel.KeyMismatchError` listing them all, before anything is loaded. Extra
+    ``strict=True`` any missing or unexpected key, and with any ``strict`` a mis-shaped key,
+    raises one :class:`~bigmodel.LoadStateDictError` listing them all before anything is
+    loaded: a :class:`~bigmodel.KeyMismatchError` that is also the ``RuntimeError``
+    transformers raises. The result is a :class:`~bigmodel.ShardedLoadReport`: the full
+    report, which also unpacks as ``missing_keys, unexpected_keys = ...`` like the
+    ``_IncompatibleKeys`` transformers returns (missing keys in the model's
+    ``state_dict()`` order; a tied name filled through its partner is not missing). Extra
     memory is at most one tensor, none when dtypes match.
     """
     placement = Placement(dtype=None, overrides={}, device=None, model=model)
@@ -336,4 +364,10 @@ def load_sharded_checkpoint(
         prefer_safe=prefer_safe,
         progress=progress,
     )
-    return _load(model, folder, placement, opts)
+    order = {name: i for i, name in enumerate(model.state_dict(keep_vars=True))}
+    try:
+        report = _load(model, _sharded_entry(folder, prefer_safe), placement, opts)
+    except KeyMismatchError as exc:
+        raise LoadStateDictError.of(exc).with_traceback(exc.__traceback__) from None
+    report.missing_keys.sort(key=lambda name: order.get(name, len(order)))
+    return ShardedLoadReport.of(report)

@@ -8,6 +8,7 @@ without knowing bigmodel (``ValueError``, ``FileNotFoundError``, ``OSError``...)
     ├── CheckpointNotFoundError (FileNotFoundError)
     ├── CheckpointPermissionError (PermissionError)
     ├── KeyMismatchError (ValueError)            strict load: missing/unexpected/mis-shaped keys
+    │   └── LoadStateDictError (RuntimeError)    the same, from load_sharded_checkpoint (torch's type)
     ├── KeyMappingError (ValueError)             two checkpoint keys renamed to one module key
     ├── MetaTensorError (ValueError)             a load would leave a tensor on meta
     ├── MissingInitializerError (ValueError)     a missing tensor nobody can initialise
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidCheckpointError",
     "KeyMappingError",
     "KeyMismatchError",
+    "LoadStateDictError",
     "MAX_LISTED",
     "MAX_PROBLEMS",
     "MetaTensorError",
@@ -181,6 +183,20 @@ class KeyMismatchError(BigModelError, ValueError):
             fix += ", or pass ignore_mismatched_sizes=True to initialise the mis-shaped weights instead"
         parts.append(fix + ".")
         super().__init__("\n".join(parts))
+
+
+class LoadStateDictError(KeyMismatchError, RuntimeError):
+    """The :class:`KeyMismatchError` of :func:`bigmodel.load_sharded_checkpoint`: also a
+    ``RuntimeError``, the type torch's ``load_state_dict`` and transformers'
+    ``load_sharded_checkpoint`` raise, so code written for them catches it."""
+
+    @classmethod
+    def of(cls, error: KeyMismatchError) -> LoadStateDictError:
+        """``error`` as this type: the same message and key lists."""
+        converted = cls.__new__(cls)
+        converted.args = error.args
+        converted.__dict__.update(vars(error))
+        return converted
 
 
 class CheckpointPermissionError(BigModelError, PermissionError):

@@ -1,16 +1,19 @@
 """Result and option types of the public verbs: plain data, no behaviour beyond properties.
 
 Results say what a call did (:class:`LoadReport`, :class:`SaveResult`, :class:`VerifyResult`,
-:class:`RewriteResult`); options group the settings of one advanced concern of a load
-(:class:`OffloadOptions`, :class:`DistributedOptions`, :class:`IOOptions`), so that the common
-call stays short and each concern is documented in one place.
+:class:`RewriteResult`; :class:`ShardedLoadReport` also unpacks as the ``(missing_keys,
+unexpected_keys)`` pair of the torch/transformers functions it replaces); options group the
+settings of one advanced concern of a load (:class:`OffloadOptions`,
+:class:`DistributedOptions`, :class:`IOOptions`), so that the common call stays short and each
+concern is documented in one place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, SupportsIndex, overload
 
 from bigmodel.foundations.errors import Problem
 from bigmodel.foundations.units import parse_size
@@ -44,6 +47,46 @@ class LoadReport:
     ignored_keys: dict[str, str] = field(default_factory=dict)
     bytes_read: int = 0
     seconds: float = 0.0
+
+
+class ShardedLoadReport(LoadReport):
+    """The :class:`LoadReport` of :func:`bigmodel.load_sharded_checkpoint`, which is also the
+    ``(missing_keys, unexpected_keys)`` pair that torch's ``load_state_dict`` and transformers'
+    ``load_sharded_checkpoint`` return (their ``_IncompatibleKeys`` named tuple):
+    ``missing, unexpected = report``, ``report[0]``, ``len(report) == 2``,
+    ``report == (missing, unexpected)``, ``report._asdict()``. Every LoadReport field stays."""
+
+    _fields = ("missing_keys", "unexpected_keys")
+
+    @classmethod
+    def of(cls, report: LoadReport) -> ShardedLoadReport:
+        return cls(**{f.name: getattr(report, f.name) for f in fields(report)})
+
+    def _pair(self) -> tuple[list[str], list[str]]:
+        return (self.missing_keys, self.unexpected_keys)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return iter(self._pair())
+
+    def __len__(self) -> int:
+        return 2
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> list[str]: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[list[str], ...]: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> list[str] | tuple[list[str], ...]:
+        return self._pair()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, tuple):
+            return self._pair() == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _asdict(self) -> dict[str, list[str]]:
+        return dict(zip(self._fields, self._pair(), strict=True))
 
 
 @dataclass(frozen=True)
