@@ -1,10 +1,11 @@
 """What an index file is, and the rules it must follow: it is untrusted input.
 
 An index (``model.safetensors.index.json``) is ``{"metadata": {...}, "weight_map": {tensor:
-shard file}}``. Shard names must be plain file names inside the checkpoint folder; keys must
-appear once; ``metadata`` may carry bigmodel's aliases of tied tensors and shard digests. Every
-function here returns or collects :class:`~bigmodel.Problem` records so that a checkpoint's
-problems are reported together.
+shard file}}``, or the flat ``{tensor: shard file}`` that accelerate's
+``load_checkpoint_in_model`` also reads (no metadata). Shard names must be plain file names
+inside the checkpoint folder; keys must appear once; ``metadata`` may carry bigmodel's aliases
+of tied tensors and shard digests. Every function here returns or collects
+:class:`~bigmodel.Problem` records so that a checkpoint's problems are reported together.
 """
 
 from __future__ import annotations
@@ -119,22 +120,31 @@ def unsafe_shard_name(name: str) -> str | None:
 def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Problem]]:
     """The weight map, the metadata and the problems of the index file ``index``.
 
-    A file that is not an index at all raises; problems in its entries are collected.
+    A file that is not an index at all raises; problems in its entries are collected. A flat
+    index has no metadata (``{}`` is returned).
     """
     file = str(index)
-    obj = _load_index(index)
-    metadata = obj.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise InvalidCheckpointError.one(
-            file, "index-bad-metadata", '"metadata" must be a JSON object.', hint=INDEX_FIX
-        )
-    problems = _repeated_key_problems(file, obj, metadata)
-    weight_map = _shard_names(file, obj["weight_map"], problems)
+    raw_map, metadata, fields = _layout(file, _load_index(index))
+    problems = _repeated_key_problems(file, raw_map, fields)
+    weight_map = _shard_names(file, raw_map, problems)
     return weight_map, metadata, problems
 
 
+def _is_flat_index(obj: object) -> bool:
+    """A flat index, as accelerate's ``load_checkpoint_in_model`` reads one: a non-empty JSON
+    object of ``{tensor name: shard file}`` strings, with neither ``weight_map`` nor
+    ``metadata``. (accelerate takes any object without ``weight_map`` as flat; an object that
+    is not all strings, or an empty one, is refused here rather than loading nothing.)"""
+    return (
+        strict_json.is_str_map(obj)
+        and bool(obj)
+        and "weight_map" not in obj
+        and "metadata" not in obj
+    )
+
+
 def _load_index(index: Path) -> dict[str, Any]:
-    """The parsed index, refused if too large, not JSON, or without a ``weight_map`` object."""
+    """The parsed index, refused if too large, not JSON, or neither layout of an index."""
     file = str(index)
     raw = read_bounded(
         index, MAX_INDEX_SIZE, code="index-too-large", what="the index", hint=INDEX_FIX
@@ -145,18 +155,36 @@ def _load_index(index: Path) -> dict[str, Any]:
         raise InvalidCheckpointError.one(
             file, "index-not-json", f"the index is not valid UTF-8 JSON ({exc}).", hint=INDEX_FIX
         ) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+    if not isinstance(obj, dict) or not (
+        isinstance(obj.get("weight_map"), dict) or _is_flat_index(obj)
+    ):
         raise InvalidCheckpointError.one(
             file,
             "index-no-weight-map",
-            'the index must be a JSON object with a "weight_map" object.',
+            'the index must be a JSON object with a "weight_map" object, or a flat JSON object '
+            "mapping each tensor name to its shard file.",
             hint=INDEX_FIX,
         )
     return obj
 
 
+def _layout(
+    file: str, obj: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], list[tuple[str, object]]]:
+    """The raw weight map, the metadata, and the wrapping objects whose repeated fields are
+    problems (none for a flat index: its repeated fields are repeated keys)."""
+    if _is_flat_index(obj):
+        return obj, {}, []
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise InvalidCheckpointError.one(
+            file, "index-bad-metadata", '"metadata" must be a JSON object.', hint=INDEX_FIX
+        )
+    return obj["weight_map"], metadata, [("the index", obj), ('"metadata"', metadata)]
+
+
 def _repeated_key_problems(
-    file: str, obj: dict[str, Any], metadata: dict[str, Any]
+    file: str, raw_map: dict[str, Any], fields: list[tuple[str, object]]
 ) -> list[Problem]:
     """Keys the weight map lists twice, then fields the index or its metadata repeat."""
     problems = ProblemList(
@@ -167,9 +195,9 @@ def _repeated_key_problems(
             key=k,
             hint=INDEX_FIX,
         )
-        for k in strict_json.duplicates(obj["weight_map"])
+        for k in strict_json.duplicates(raw_map)
     )
-    for field_name, value in (("the index", obj), ('"metadata"', metadata)):
+    for field_name, value in fields:
         if strict_json.duplicates(value):
             problems.append(
                 Problem(
