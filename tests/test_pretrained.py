@@ -100,7 +100,11 @@ def test_the_mixin_round_trips_a_custom_model_with_a_dataclass_config(tmp_path):
     net = ConfiguredNet(NetConfig(vocab=40, hidden=12))
     result = net.save_pretrained(tmp_path, max_shard_size=1000)
     assert len(result.files) > 1
-    assert json.loads((tmp_path / "config.json").read_text()) == {"vocab": 40, "hidden": 12}
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "vocab": 40,
+        "hidden": 12,
+        "_bigmodel_config_class": f"{__name__}:NetConfig",
+    }
     loaded = ConfiguredNet.from_pretrained(tmp_path, dtype=torch.float64)
     assert loaded.config == NetConfig(vocab=40, hidden=12)
     assert loaded.embed.weight.dtype == torch.float64

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
+import sys
+import types
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,14 +21,18 @@ from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.checkpoint.index import MAX_INDEX_SIZE
 from bigmodel.checkpoint.naming import HF_LAYOUT
 from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError
+from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import SaveResult
 from bigmodel.placement.empty import init_empty_weights
 from bigmodel.storage.commit import Commit
 from bigmodel.storage.files import read_bounded
 
-__all__ = ["CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
+__all__ = ["CONFIG_CLASS_KEY", "CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
 
 CONFIG_NAME = "config.json"
+#: Key of config.json recording the config's class as ``"module:QualName"`` (a hint only: see
+#: :func:`_recorded_class`; it never makes bigmodel import anything).
+CONFIG_CLASS_KEY = "_bigmodel_config_class"
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -63,17 +71,125 @@ def _config_to_dict(config: Any) -> dict[str, Any]:
     )
 
 
+def _config_json(config: Any) -> bytes:
+    """config.json: the config's fields, and its class unless it is a dict (or a local class)."""
+    data = _config_to_dict(config)
+    kind = type(config)
+    if not isinstance(config, Mapping) and "<locals>" not in kind.__qualname__:
+        data[CONFIG_CLASS_KEY] = f"{kind.__module__}:{kind.__qualname__}"
+    return json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _is_config_class(obj: object) -> bool:
+    """A class that can be rebuilt from config.json: a dataclass, or one with ``from_dict``."""
+    return isinstance(obj, type) and (
+        dataclasses.is_dataclass(obj) or callable(getattr(obj, "from_dict", None))
+    )
+
+
+def _annotated_class(model_class: type) -> type | None:
+    """The config class the model's ``__init__`` annotates its ``config`` parameter with (or
+    its first parameter's, without one named ``config``); ``X | None`` counts as ``X``. None
+    when there is no annotation, it cannot be resolved, or it is not a config class (a dict)."""
+    init = model_class.__init__  # type: ignore[misc]
+    try:
+        params = list(inspect.signature(init).parameters)[1:]
+        hints = typing.get_type_hints(init)
+    except (AttributeError, NameError, SyntaxError, TypeError, ValueError):  # unresolvable
+        return None
+    name = "config" if "config" in params else (params[0] if params else None)
+    hint = hints.get(name) if name else None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = options[0] if len(options) == 1 else None
+    return hint if _is_config_class(hint) else None
+
+
+def _recorded_class(model_class: type, recorded: object, path: Path) -> type | None:
+    """The class config.json records, only if the model's own (already imported) module
+    defines it and it is a config class. Nothing is imported: a file naming any other class
+    (say ``os:system``, or a module with side effects) is ignored with a warning."""
+    if recorded is None:
+        return None
+    module_name, _, qualname = str(recorded).partition(":")
+    found: object = None
+    module = sys.modules.get(model_class.__module__)
+    if module_name == model_class.__module__ and module is not None and qualname:
+        found = module
+        for part in qualname.split("."):  # plain __dict__ lookups: no __getattr__ hooks run
+            found = vars(found).get(part) if isinstance(found, type | types.ModuleType) else None
+    if _is_config_class(found) and getattr(found, "__qualname__", None) == qualname:
+        return typing.cast(type, found)
+    logger.warning(
+        "%s: ignoring %s=%r: only a dataclass (or a class with from_dict) defined in the "
+        "model's module %s is used; set %s.config_class to choose the config class",
+        path,
+        CONFIG_CLASS_KEY,
+        recorded,
+        model_class.__module__,
+        model_class.__name__,
+    )
+    return None
+
+
+def _build_config(config_class: Any, raw: dict[str, Any], path: Path) -> Any:
+    """``config_class.from_dict(raw)`` if it has one, else ``config_class(**raw)``."""
+    if callable(getattr(config_class, "from_dict", None)):
+        return config_class.from_dict(raw)
+    try:
+        return config_class(**raw)
+    except TypeError as exc:
+        raise BigModelError(
+            f"{path} does not fit {config_class.__name__}: {exc}. Fix: save and load with the same config class."
+        ) from None
+
+
+def _read_config_json(path: Path) -> Any:
+    """The parsed config.json (bounded read; invalid JSON is an InvalidCheckpointError)."""
+    data = read_bounded(
+        path,
+        MAX_INDEX_SIZE,
+        code="config-too-large",
+        what="config.json",
+        hint="re-save the model with save_pretrained.",
+    )
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise InvalidCheckpointError.one(
+            str(path),
+            "config-not-json",
+            f"config.json is not valid JSON ({exc}).",
+            hint="re-save the model with save_pretrained.",
+        ) from None
+
+
+def _load_config(model_class: type, path: Path) -> Any:
+    """The model's config from config.json, typed by the first of: ``config_class``, the
+    ``__init__`` annotation, the class config.json records (see :func:`_recorded_class`);
+    with none of them, the dict itself."""
+    raw = _read_config_json(path)
+    recorded = raw.pop(CONFIG_CLASS_KEY, None) if isinstance(raw, dict) else None
+    config_class = getattr(model_class, "config_class", None) or _annotated_class(model_class)
+    if config_class is None:
+        config_class = _recorded_class(model_class, recorded, path)
+    return raw if config_class is None else _build_config(config_class, raw, path)
+
+
 class PretrainedMixin:
     """Give an ``nn.Module`` subclass ``save_pretrained`` and ``from_pretrained``.
 
     The model keeps its configuration in ``self.config`` (a dataclass, a dict, or an object with
-    ``to_dict()``) and takes it as the only argument of its constructor. Set ``config_class``
-    to rebuild a typed config from ``config.json`` (called with the saved keys as keyword
-    arguments, or through its ``from_dict`` if it has one); without it the dict is passed.
+    ``to_dict()``) and takes it as the only argument of its constructor. ``save_pretrained``
+    writes its fields to ``config.json``, with its class as ``"_bigmodel_config_class":
+    "module:QualName"`` (not for a dict). ``from_pretrained`` rebuilds it (``from_dict(raw)``
+    if the class has one, else ``Class(**raw)``) with the first class found: ``config_class``
+    if set; the annotation of ``__init__``'s ``config`` parameter; the recorded class, only if
+    it is a dataclass (or has ``from_dict``) defined in the model's own module (nothing is
+    ever imported because config.json names it). With none, the dict is passed.
 
     >>> class Net(PretrainedMixin, nn.Module):
-    ...     config_class = NetConfig
-    ...     def __init__(self, config): ...
+    ...     def __init__(self, config: NetConfig): ...
     >>> net.save_pretrained("out/", max_shard_size="2GB")
     >>> Net.from_pretrained("out/", dtype=torch.bfloat16)
     """
@@ -100,10 +216,7 @@ class PretrainedMixin:
             **save_options,
         )
         if config is not None:
-            data = (
-                json.dumps(_config_to_dict(config), indent=2, sort_keys=True).encode("utf-8")
-                + b"\n"
-            )
+            data = _config_json(config)
             commit = Commit(
                 Path(save_directory),
                 layout=HF_LAYOUT,
@@ -123,33 +236,6 @@ class PretrainedMixin:
         folder = Path(directory)
         config_path = folder / CONFIG_NAME
         if os.path.lexists(config_path):  # a config.json of any kind is read (or refused)
-            data = read_bounded(
-                config_path,
-                MAX_INDEX_SIZE,
-                code="config-too-large",
-                what="config.json",
-                hint="re-save the model with save_pretrained.",
-            )
-            try:
-                raw = json.loads(data.decode("utf-8"))
-            except ValueError as exc:
-                raise InvalidCheckpointError.one(
-                    str(config_path),
-                    "config-not-json",
-                    f"config.json is not valid JSON ({exc}).",
-                    hint="re-save the model with save_pretrained.",
-                ) from None
-            config_class = getattr(cls, "config_class", None)
-            if config_class is None:
-                config: Any = raw
-            elif callable(getattr(config_class, "from_dict", None)):
-                config = config_class.from_dict(raw)
-            else:
-                try:
-                    config = config_class(**raw)
-                except TypeError as exc:
-                    raise BigModelError(
-                        f"{config_path} does not fit {config_class.__name__}: {exc}. Fix: save and load with the same config class."
-                    ) from None
+            config = _load_config(cls, config_path)
             return from_pretrained(lambda: cls(config), folder, **load_options)
         return from_pretrained(cls, folder, **load_options)
