@@ -4,7 +4,7 @@ A tensor that keeps its stored dtype is read straight from the checkpoint's own 
 each time it is needed: nothing is rewritten. A tensor that needs a conversion is converted
 once, streamed into a safetensors file in ``offload_folder`` (one file per target dtype,
 named by bigmodel — tensor names only ever appear inside the file's header, so a hostile
-name can never reach the filesystem), and read from there.
+name can never reach the filesystem; see :mod:`bigmodel.storage.scratch`), and read from there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How bytes reach the disk: temporary names, full writes, fsync of files and directories.
 
 Nothing above the storage layer opens a file for writing; the save orchestration composes
-these primitives into its commit protocol (see ``save.py``).
+these primitives into its commit protocol (see :mod:`bigmodel.storage.commit`).
 """
 
 from __future__ import annotations

@@ -630,7 +630,7 @@ def write_safetensors(
     """Stream ``tensors`` into ``fh`` in safetensors format.
 
     Returns the bytes of tensor data and, if ``digest`` names an algorithm, the file's digest,
-    computed while writing and embedded in its header (see ``bigmodel._digest``); ``fh`` must
+    computed while writing and embedded in its header (see :mod:`bigmodel.storage.digest`); ``fh`` must
     then be seekable. Each tensor is written straight from its own memory: contiguous CPU
     tensors are never copied, and any other tensor is copied one at a time, so extra memory
     is at most one tensor. ``cast`` converts floating-point tensors as they are written (one
