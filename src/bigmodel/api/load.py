@@ -19,6 +19,7 @@ the bytes are read (mmap, pread, DTensor slices, process groups) is
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -35,7 +36,7 @@ from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.execution.distributed import Group, resolve_group, run_step
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_sources
-from bigmodel.execution.reading import PlanReader
+from bigmodel.execution.reading import PlanReader, read_derived
 from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.dtypes import is_auto, parse_dtype
 from bigmodel.foundations.errors import (
@@ -51,6 +52,7 @@ from bigmodel.foundations.types import (
     OffloadOptions,
     ShardedLoadReport,
 )
+from bigmodel.placement.conversions import model_conversions
 from bigmodel.placement.device_map import execution_device, infer_device_map
 from bigmodel.placement.initialize import InitFn, check_nothing_on_meta, materialize_missing
 from bigmodel.placement.load_plan import LoadPlan, MatchRules, ignore_rules, plan_load
@@ -99,8 +101,12 @@ def _read(
     group: Group | None,
 ) -> tuple[LoadPlan, dict[str, OffloadedTensor]]:
     """Plan from the headers, read what is resident, describe what is offloaded."""
+    rules = opts.rules
+    if opts.assign:  # the model's own layout conversions (a transformers model)
+        conversions = model_conversions(model, ckpt.keys(), rules.key_mapping)
+        rules = dataclasses.replace(rules, conversions=conversions)
     plan = run_step(
-        group, f"matching {ckpt.path} to the model", lambda: plan_load(ckpt, targets, opts.rules)
+        group, f"matching {ckpt.path} to the model", lambda: plan_load(ckpt, targets, rules)
     )
     reader = PlanReader(
         model,
@@ -114,6 +120,8 @@ def _read(
         progress=opts.progress,
     )
     reader.read(plan.items, group)
+    if plan.derived:
+        run_step(group, f"converting {ckpt.path}", lambda: read_derived(reader, plan.derived))
     offloaded: dict[str, OffloadedTensor] = {}
     if placement.device_map is not None:
         offloaded = offload_sources(

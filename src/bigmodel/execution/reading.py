@@ -31,10 +31,12 @@ from bigmodel.execution.distributed import (
     run_step,
 )
 from bigmodel.execution.distributed_reading import read_replicated, read_sharded
+from bigmodel.foundations.errors import UnsupportedTensorError
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import IOOptions, LoadReport
-from bigmodel.placement.load_plan import Plan
+from bigmodel.placement.conversions import DerivedGroup
+from bigmodel.placement.load_plan import Plan, tie_groups
 from bigmodel.placement.policy import Placement, place
 from bigmodel.storage.pread import pick_io, pread_tensors
 
@@ -134,3 +136,40 @@ class PlanReader:
                 self.report.bytes_read += nbytes
             self.report.loaded_keys.append(key)
             self.bar.update(nbytes)
+
+
+def read_derived(reader: PlanReader, groups: list[DerivedGroup]) -> None:
+    """Build the tensors the model's conversions derive from several checkpoint tensors, one
+    group at a time, straight into place: each source is read (a view of the file), cast to
+    its target's dtype as transformers casts it, the converter's operations run, and each
+    result goes to its final device. At most one group's tensors are in flight."""
+    ties = {name: names for names in tie_groups(reader.targets) for name in names}
+    placement, targets = reader.placement, reader.targets
+    for group in groups:
+        first = next(name for name in group.targets() if name in targets)
+        _refuse_unsupported(reader, group, first)
+        dtype = placement.dtype_for(first, targets[first])
+        sources: dict[str, list[torch.Tensor]] = {}
+        for pattern, key in group.sources:
+            sources.setdefault(pattern, []).append(reader.ckpt.get_tensor(key).to(dtype=dtype))
+            reader.report.bytes_read += reader.ckpt.tensor_info(key).nbytes
+            reader.report.loaded_keys.append(key)
+        built = group.build(sources, reader.model)
+        del sources
+        for name, value in built.items():
+            if name not in targets:
+                continue
+            old = targets[name]
+            device = placement.device_for(name, old)
+            place(reader.model, ties[name], old, value.to(device=device, dtype=dtype))
+        del built
+
+
+def _refuse_unsupported(reader: PlanReader, group: DerivedGroup, name: str) -> None:
+    if reader.placement.offloaded(name) or is_dtensor(reader.targets[name]):
+        raise UnsupportedTensorError(
+            f"Tensor {name!r} is built from several checkpoint tensors (the model's layout "
+            "conversion), and building converted tensors for disk offload or as DTensor slices "
+            "is not supported yet. Fix: load the model once without offload and save it with "
+            "bigmodel.save_checkpoint, whose checkpoint needs no conversion."
+        )

@@ -45,6 +45,9 @@ class LoadReport:
     #: (a legacy key naming a non-persistent buffer, or one the model's
     #: ``_keys_to_ignore_on_load_unexpected``/``_missing`` patterns match) -> why.
     ignored_keys: dict[str, str] = field(default_factory=dict)
+    #: Module key -> the checkpoint keys it was built from, for tensors the model's conversions
+    #: (transformers' fused MoE experts, split projections...) build from several.
+    converted_keys: dict[str, list[str]] = field(default_factory=dict)
     bytes_read: int = 0
     seconds: float = 0.0
 

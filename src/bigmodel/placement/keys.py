@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from bigmodel.foundations.errors import KeyMappingError
 
-__all__ = ["KeyPlan", "match_keys"]
+__all__ = ["KeyPlan", "key_plan", "match_keys"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,12 @@ def match_keys(
                     mapped[key] = dotted + new
             prefix_note = f"{'removed' if action == 'remove' else 'added'} {dotted!r}"
 
+    return key_plan(mapped, prefix_note)
+
+
+def key_plan(mapped: dict[str, str], prefix: str | None = None) -> KeyPlan:
+    """The plan of ``mapped`` (checkpoint key -> module key); two keys sent to one module key
+    raise :class:`~bigmodel.KeyMappingError`."""
     seen: dict[str, str] = {}
     for key, new in mapped.items():
         if new in seen:
@@ -104,4 +110,4 @@ def match_keys(
             )
         seen[new] = key
     renamed = {k: v for k, v in mapped.items() if k != v}
-    return KeyPlan(to_model=mapped, renamed=renamed, prefix=prefix_note)
+    return KeyPlan(to_model=mapped, renamed=renamed, prefix=prefix)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.foundations.errors import KeyMismatchError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import LoadReport, MismatchedKey
-from bigmodel.placement.keys import match_keys
+from bigmodel.placement.conversions import Conversions, DerivedGroup
+from bigmodel.placement.keys import KeyPlan, key_plan, match_keys
 
 __all__ = [
     "IgnoreRules",
@@ -96,6 +97,9 @@ class MatchRules:
     #: Only loads that replace tensors can re-initialise a mis-shaped one (for the error's hint).
     can_ignore_mismatched: bool = True
     ignore: IgnoreRules = IgnoreRules()
+    #: The model's own layout conversions (a transformers model), applied instead of
+    #: ``key_mapping`` and prefix detection; see :mod:`bigmodel.placement.conversions`.
+    conversions: Conversions | None = None
 
 
 @dataclass
@@ -105,6 +109,8 @@ class LoadPlan:
     items: Plan
     to_init: list[list[str]]
     report: LoadReport
+    #: Module tensors built from several checkpoint tensors by the model's conversions.
+    derived: list[DerivedGroup] = field(default_factory=list)
 
 
 def tie_groups(targets: Mapping[str, torch.Tensor]) -> list[list[str]]:
@@ -120,11 +126,15 @@ def _pair(
     targets: Mapping[str, torch.Tensor],
     from_model: Mapping[str, str],
     report: LoadReport,
+    built: frozenset[str] = frozenset(),
 ) -> tuple[Plan, list[list[str]]]:
-    """For each tie group, the checkpoint key that fills it, or the group to initialise."""
+    """For each tie group, the checkpoint key that fills it, or the group to initialise
+    (groups that conversions build, ``built``, are neither)."""
     items: Plan = []
     to_init: list[list[str]] = []
     for group in tie_groups(targets):
+        if any(name in built for name in group):
+            continue
         tensor = targets[group[0]]
         source = None
         mismatched = False
@@ -152,7 +162,7 @@ def _set_aside_ignored(
     """Move the keys the model says may be missing or unexpected into ``ignored_keys``."""
     unexpected = []
     for key in report.unexpected_keys:
-        reason = ignore.unexpected_reason(key, to_model[key])
+        reason = ignore.unexpected_reason(key, to_model.get(key, key))
         if reason is None:
             unexpected.append(key)
         else:
@@ -187,19 +197,60 @@ def _enforce(ckpt: Checkpoint, report: LoadReport, rules: MatchRules) -> None:
         )
 
 
-def plan_load(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor], rules: MatchRules) -> LoadPlan:
-    """Match keys and shapes from the headers alone; raise before anything is loaded."""
+def _match(
+    ckpt: Checkpoint, targets: Mapping[str, torch.Tensor], rules: MatchRules
+) -> tuple[KeyPlan, list[DerivedGroup]]:
+    if rules.conversions is not None:
+        to_model, groups = rules.conversions.apply(ckpt.keys(), targets)
+        return key_plan(to_model), groups
     keys = match_keys(
         ckpt.keys(), targets, key_mapping=rules.key_mapping, detect_prefix=rules.detect_prefix
     )
+    return keys, []
+
+
+def _check_derived(
+    ckpt: Checkpoint,
+    targets: Mapping[str, torch.Tensor],
+    groups: list[DerivedGroup],
+    report: LoadReport,
+) -> None:
+    """The shapes conversions will build (run on ``meta`` tensors: no data is read), against
+    the model's; a group building no tensor of the model is unexpected."""
+    for group in groups:
+        sources = [key for _, key in group.sources]
+        meta: dict[str, list[torch.Tensor]] = {}
+        for pattern, key in group.sources:
+            info = ckpt.tensor_info(key)
+            meta.setdefault(pattern, []).append(
+                torch.empty(info.shape, dtype=info.dtype, device="meta")
+            )
+        shapes = {name: tuple(t.shape) for name, t in group.build(meta, None).items()}
+        if not any(name in targets for name in shapes):
+            report.unexpected_keys.extend(sources)
+            continue
+        for name, shape in shapes.items():
+            if name in targets and shape != tuple(targets[name].shape):
+                report.mismatched_keys.append(
+                    MismatchedKey(name, shape, tuple(targets[name].shape))
+                )
+            elif name in targets:
+                report.converted_keys[name] = sources
+
+
+def plan_load(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor], rules: MatchRules) -> LoadPlan:
+    """Match keys and shapes from the headers alone; raise before anything is loaded."""
+    keys, groups = _match(ckpt, targets, rules)
     from_model = {m: c for c, m in keys.to_model.items()}
     report = LoadReport(checkpoint=str(ckpt.path), renamed_keys=keys.renamed, prefix=keys.prefix)
     if keys.prefix:
         logger.info("checkpoint %s: %s to match the model's key names", ckpt.path, keys.prefix)
-    items, to_init = _pair(ckpt, targets, from_model, report)
-    report.unexpected_keys = [c for c, m in keys.to_model.items() if m not in targets]
+    built = frozenset(name for group in groups for name in group.targets())
+    items, to_init = _pair(ckpt, targets, from_model, report, built)
+    _check_derived(ckpt, targets, groups, report)
+    report.unexpected_keys += [c for c, m in keys.to_model.items() if m not in targets]
     _set_aside_ignored(report, keys.to_model, rules.ignore)
     _enforce(ckpt, report, rules)
     order = {file: i for i, file in enumerate(ckpt.files)}
     items.sort(key=lambda item: order[ckpt.tensor_info(item[0]).file])
-    return LoadPlan(items=items, to_init=to_init, report=report)
+    return LoadPlan(items=items, to_init=to_init, report=report, derived=groups)
