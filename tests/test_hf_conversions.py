@@ -132,3 +132,23 @@ def test_a_checkpoint_already_in_the_converted_layout_loads_without_conversions(
     assert report.converted_keys == {} and report.renamed_keys == {}
     for name, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_a_model_saved_in_the_original_layout_is_read_back_by_transformers_bit_exactly(
+    original_layout, tmp_path, safe
+):
+    model_cls, folder = original_layout
+    with bigmodel.init_empty_weights():
+        model = model_cls(model_cls.config_class.from_pretrained(folder))
+    bigmodel.load_checkpoint(model, folder)
+    out = tmp_path / "resaved"
+    bigmodel.save_checkpoint(model, out, original_layout=True, safe_serialization=safe)
+    model.config.save_pretrained(out)
+    with bigmodel.open_checkpoint(out) as ckpt, bigmodel.open_checkpoint(folder) as source:
+        assert sorted(ckpt.keys()) == sorted(source.keys())  # the names transformers wrote
+    reloaded, info = model_cls.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    theirs = reloaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name

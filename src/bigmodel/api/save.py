@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,25 @@ def _state_dict(
     return {name: tensor.detach() for name, tensor in state.items()}
 
 
+def original_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The state dict of a transformers model in the layout its checkpoints are published in
+    (what ``save_pretrained`` writes by default), through the reverse of the conversions
+    the model applies when it loads (see :mod:`bigmodel.placement.conversions`): fused
+    experts are split back into one tensor per expert, renamed keys get their old names. The
+    reverse operations give views where they can (splits, chunks): no second copy."""
+    if not isinstance(obj, nn.Module):
+        raise TypeError("original_layout=True needs the model itself, not a state dict.")
+    if "transformers" not in sys.modules:
+        return obj.state_dict()  # not a transformers model: its layout is the only one
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import revert_weight_conversion
+
+    if not isinstance(obj, PreTrainedModel):
+        return obj.state_dict()
+    reverted: Mapping[str, torch.Tensor] = revert_weight_conversion(obj, obj.state_dict())
+    return reverted
+
+
 def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     if metadata is None:
         return {}
@@ -108,6 +128,7 @@ def save_checkpoint(
     process_group: Any = None,
     workers: int | None = None,
     progress: bool | None = None,
+    original_layout: bool = False,
 ) -> SaveResult:
     """Save ``obj`` (a module or state dict) into ``save_directory`` in the Hugging Face layout.
 
@@ -139,6 +160,12 @@ def save_checkpoint(
     ``workers`` shards are written in parallel (default: up to 4, at most the CPU count); with
     ``dtype`` each worker holds one converted tensor.
 
+    ``original_layout=True`` saves a transformers model in the layout its checkpoints are
+    published in (what ``save_pretrained`` writes by default, and what older transformers
+    versions and other tools read): the model's load-time conversions are reversed (fused
+    experts split per expert, renamed keys back to their old names). Loading such a
+    checkpoint converts it again (:func:`bigmodel.load_checkpoint`).
+
     A model with DTensor parameters (``fully_shard`` / ``parallelize_module``), or an explicit
     ``process_group``, makes the save collective: every rank calls this, shards are assigned
     to ranks, each rank gathers and writes its own, and rank 0 publishes the index once all
@@ -152,7 +179,7 @@ def save_checkpoint(
     if digest is not None:
         new_hasher(digest)  # an unknown algorithm fails before anything is written
     user_meta = _user_metadata(metadata)
-    state = _state_dict(obj, safe=safe, cast=dtype)
+    state = _state_dict(original_state(obj) if original_layout else obj, safe=safe, cast=dtype)
     opts = WriteOptions(
         safe=safe,
         user_meta=user_meta,
