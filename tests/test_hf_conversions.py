@@ -251,13 +251,29 @@ def test_fused_experts_are_built_from_every_expert_and_reported(tmp_path):
     assert model.model.layers[1].mlp.experts.gate_up_proj.shape == (3, 64, 16)
 
 
-def test_a_converted_tensor_to_be_offloaded_to_disk_is_refused_with_the_way_out(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_converted_tensors_of_disk_offloaded_modules_are_written_once_and_run_exactly(
+    tmp_path, dtype
+):
     model_cls, config = ZOO["mixtral"]
-    model_cls(config()).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model_cls(config()).save_pretrained(tmp_path / "ckpt")
+    reference = model_cls.from_pretrained(tmp_path / "ckpt", dtype=dtype).eval()
     with bigmodel.init_empty_weights():
         model = model_cls(config())
-    with pytest.raises(bigmodel.UnsupportedTensorError, match="save_checkpoint"):
-        bigmodel.load_checkpoint(model, tmp_path, device_map={"": "disk"})
+    offload = tmp_path / "offload"
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu"}
+    device_map |= {"model.rotary_emb": "cpu", "lm_head": "cpu"}
+    report = bigmodel.load_checkpoint(
+        model, tmp_path / "ckpt", dtype=dtype, device_map=device_map, offload_folder=offload
+    )
+    assert len(report.converted_keys) == 4
+    assert model.model.layers[0].mlp.experts.gate_up_proj.is_meta  # offloaded, not resident
+    written = sorted(p.name for p in offload.glob("offload-converted-*.safetensors"))
+    assert len(written) == len(report.converted_keys)  # each built once, a file per group
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, reference(ids).logits)
 
 
 def test_a_checkpoint_already_in_the_converted_layout_loads_without_conversions(tmp_path):

@@ -120,11 +120,15 @@ def _read(
         progress=opts.progress,
     )
     reader.read(plan.items, group)
-    if plan.derived:
-        run_step(group, f"converting {ckpt.path}", lambda: read_derived(reader, plan.derived))
     offloaded: dict[str, OffloadedTensor] = {}
+    if plan.derived:
+        offloaded = run_step(
+            group,
+            f"converting {ckpt.path}",
+            lambda: read_derived(reader, plan.derived, opts.offload_folder),
+        )
     if placement.device_map is not None:
-        offloaded = offload_sources(
+        offloaded |= offload_sources(
             ckpt,
             targets,
             [(k, g) for k, g in plan.items if placement.offloaded(g[0])],

@@ -14,7 +14,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from bigmodel.storage.scratch import write_converted
 
 __all__ = [
     "OffloadedTensor",
+    "offload_built",
+    "offload_folder_path",
     "offload_sources",
     "offload_state",
     "resident_sources",
@@ -48,7 +50,8 @@ class OffloadedTensor:
     nbytes: int = 0
 
 
-def _folder(offload_folder: str | os.PathLike[str] | None) -> Path:
+def offload_folder_path(offload_folder: str | os.PathLike[str] | None) -> Path:
+    """``offload_folder``, created if missing, or a temporary folder removed at exit."""
     if offload_folder is not None:
         path = Path(offload_folder)
         path.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def offload_sources(
             to_convert.append((key, group, dtype))
     if to_convert:
         readers = write_converted(
-            _folder(offload_folder),
+            offload_folder_path(offload_folder),
             [(key, ckpt.get_tensor(key), dtype) for key, _, dtype in to_convert],
         )
         for key, group, dtype in to_convert:
@@ -95,6 +98,24 @@ def offload_sources(
                 dtype,
                 source=key,
             )
+    return specs
+
+
+def offload_built(
+    built: Mapping[str, torch.Tensor],
+    names: Mapping[str, list[str]],
+    targets: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    folder: Path,
+) -> dict[str, OffloadedTensor]:
+    """Write tensors that conversions built (one group) once into ``folder``, at ``dtype``,
+    and describe them under every name in ``names[name]``: their hooks read them from there."""
+    items = [(name, value, dtype) for name, value in built.items()]
+    readers = write_converted(folder, items, label="offload-converted")
+    specs: dict[str, OffloadedTensor] = {}
+    for name in built:
+        load = functools.partial(readers[name].get_tensor, name)
+        _describe(specs, names[name], targets[name], load, dtype, source=name)
     return specs
 
 
@@ -125,7 +146,7 @@ def offload_state(
     unique: dict[int, str] = {}
     for name, tensor in state.items():
         unique.setdefault(id(tensor), name)
-    folder = _folder(offload_folder)
+    folder = offload_folder_path(offload_folder)
     readers = write_converted(
         folder, [(n, state[n], state[n].dtype) for n in unique.values()], label="offload-state"
     )

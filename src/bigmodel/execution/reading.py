@@ -18,6 +18,7 @@ tensor is in flight beyond the final model (``io="pread"``: the in-flight bound)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from bigmodel.execution.distributed import (
     run_step,
 )
 from bigmodel.execution.distributed_reading import read_replicated, read_sharded
+from bigmodel.execution.offload_sources import OffloadedTensor, offload_built, offload_folder_path
 from bigmodel.foundations.errors import UnsupportedTensorError
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.tensors import is_dtensor
@@ -138,38 +140,52 @@ class PlanReader:
             self.bar.update(nbytes)
 
 
-def read_derived(reader: PlanReader, groups: list[DerivedGroup]) -> None:
+def read_derived(
+    reader: PlanReader,
+    groups: list[DerivedGroup],
+    offload_folder: str | os.PathLike[str] | None = None,
+) -> dict[str, OffloadedTensor]:
     """Build the tensors the model's conversions derive from several checkpoint tensors, one
     group at a time, straight into place: each source is read (a view of the file), cast to
     its target's dtype as transformers casts it, the converter's operations run, and each
-    result goes to its final device. At most one group's tensors are in flight."""
+    result goes to its final device, or, for a disk-offloaded module, is written once into
+    the offload folder (returned: what its hooks will read). At most one group's tensors are
+    in flight."""
     ties = {name: names for names in tie_groups(reader.targets) for name in names}
     placement, targets = reader.placement, reader.targets
+    offloaded: dict[str, OffloadedTensor] = {}
+    folder = None
     for group in groups:
         first = next(name for name in group.targets() if name in targets)
-        _refuse_unsupported(reader, group, first)
+        _refuse_unsupported(reader, first)
         dtype = placement.dtype_for(first, targets[first])
-        sources: dict[str, list[torch.Tensor]] = {}
-        for pattern, key in group.sources:
-            sources.setdefault(pattern, []).append(reader.ckpt.get_tensor(key).to(dtype=dtype))
-            reader.report.bytes_read += reader.ckpt.tensor_info(key).nbytes
-            reader.report.loaded_keys.append(key)
-        built = group.build(sources, reader.model)
-        del sources
+        built = {k: v for k, v in _build(reader, group, dtype).items() if k in targets}
+        to_disk = {k: v for k, v in built.items() if placement.offloaded(k)}
+        if to_disk:
+            folder = folder or offload_folder_path(offload_folder)
+            offloaded |= offload_built(to_disk, ties, targets, dtype, folder)
         for name, value in built.items():
-            if name not in targets:
-                continue
-            old = targets[name]
-            device = placement.device_for(name, old)
-            place(reader.model, ties[name], old, value.to(device=device, dtype=dtype))
-        del built
+            if name not in to_disk:
+                device = placement.device_for(name, targets[name])
+                place(reader.model, ties[name], targets[name], value.to(device=device, dtype=dtype))
+        del built, to_disk
+    return offloaded
 
 
-def _refuse_unsupported(reader: PlanReader, group: DerivedGroup, name: str) -> None:
-    if reader.placement.offloaded(name) or is_dtensor(reader.targets[name]):
+def _build(reader: PlanReader, group: DerivedGroup, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    sources: dict[str, list[torch.Tensor]] = {}
+    for pattern, key in group.sources:
+        sources.setdefault(pattern, []).append(reader.ckpt.get_tensor(key).to(dtype=dtype))
+        reader.report.bytes_read += reader.ckpt.tensor_info(key).nbytes
+        reader.report.loaded_keys.append(key)
+    return group.build(sources, reader.model)
+
+
+def _refuse_unsupported(reader: PlanReader, name: str) -> None:
+    if is_dtensor(reader.targets[name]):
         raise UnsupportedTensorError(
             f"Tensor {name!r} is built from several checkpoint tensors (the model's layout "
-            "conversion), and building converted tensors for disk offload or as DTensor slices "
-            "is not supported yet. Fix: load the model once without offload and save it with "
+            "conversion), and building converted tensors as DTensor slices is not supported "
+            "yet. Fix: load the model once in one process and save it with "
             "bigmodel.save_checkpoint, whose checkpoint needs no conversion."
         )
