@@ -343,3 +343,104 @@ def test_inputs_and_outputs_keep_their_container_types_when_moved():
     Pair = namedtuple("Pair", "x y")
     moved = move_to({"p": Pair(torch.ones(1), [torch.zeros(1)])}, torch.device("cpu"))
     assert isinstance(moved["p"], Pair) and isinstance(moved["p"].y, list)
+
+
+# -- plans from the planner, with tied weights, run as the in-memory model does ------------------
+class TiedThrough(nn.Module):
+    """An embedding tied into the first Linear of a Sequential, small modules between big ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(64, 32)  # 8192 B
+        self.enc = nn.Sequential(
+            nn.Linear(32, 64),  # weight tied to shared: its bias, 256 B
+            nn.LayerNorm(64),  # 512 B
+            nn.Linear(64, 64),  # 16640 B
+            nn.Linear(64, 64),
+        )
+        self.enc[0].weight = self.shared.weight
+        self.out = nn.Linear(64, 8)  # 2080 B
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.enc(self.shared(ids)))
+
+
+@pytest.mark.parametrize(
+    ("build", "cpu", "expected"),
+    [
+        # the tie group (embedding and enc.0) fits on the cpu, the big Linears do not
+        (
+            TiedThrough,
+            20000,
+            {
+                "shared": "cpu",
+                "enc.0": "cpu",
+                "enc.1": "cpu",
+                "enc.2": "disk",
+                "enc.3": "disk",
+                "out": "cpu",
+            },
+        ),
+        # the tie group goes to disk together; the small modules between still fill the cpu
+        (
+            TiedThrough,
+            5000,
+            {
+                "shared": "disk",
+                "enc.0": "disk",
+                "enc.1": "cpu",
+                "enc.2": "disk",
+                "enc.3": "disk",
+                "out": "cpu",
+            },
+        ),
+        # a head tied to an embedding on disk goes to disk with it; the norm fills the cpu
+        (Model, 2000, {"embed": "disk", "layers": "disk", "norm": "cpu", "head": "disk"}),
+    ],
+    ids=["tie-on-cpu", "tie-on-disk", "head-on-disk"],
+)
+def test_a_planned_map_with_tied_weights_gives_the_outputs_of_the_in_memory_model(
+    tmp_path, build, cpu, expected
+):
+    torch.manual_seed(0)
+    reference = build().eval()
+    bigmodel.save_checkpoint(reference, tmp_path / "ckpt", max_shard_size=5000)
+    with bigmodel.init_empty_weights():
+        model = build().eval()
+    budgets = {"cpu": cpu, "disk": None}
+    plan = bigmodel.infer_device_map(model, max_memory=budgets)
+    assert plan == expected
+    bigmodel.load_checkpoint(model, tmp_path / "ckpt", device_map=plan)
+    ids = torch.tensor([[1, 5, 7, 2, 39]])
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids), reference(ids))
+    resident = {id(t): t for t in model.state_dict(keep_vars=True).values() if not t.is_meta}
+    assert sum(t.numel() * t.element_size() for t in resident.values()) <= cpu
+
+
+def test_a_planned_map_of_a_tied_transformers_model_gives_its_logits(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=2048,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    reference = GPT2LMHeadModel(config).eval()
+    reference.save_pretrained(tmp_path)
+    with bigmodel.init_empty_weights():
+        model = GPT2LMHeadModel(config).eval()
+    budgets = {"cpu": 300_000, "disk": None}  # less than the tied embedding (512 KiB)
+    plan = bigmodel.infer_device_map(model, max_memory=budgets)
+    assert plan["transformer.wte"] == plan["lm_head"] == "disk"
+    assert plan["transformer.h.0"] == "cpu"
+    bigmodel.load_checkpoint(model, tmp_path, device_map=plan)
+    ids = torch.tensor([[1, 5, 7, 2, 39]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)

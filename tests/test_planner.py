@@ -79,8 +79,9 @@ def test_a_tied_head_follows_its_embedding_and_costs_nothing_in_a_checkpoint_too
     _, single, _ = net_and_checkpoints
     estimate = bigmodel.estimate_memory(single, max_memory={"cpu": 900, "disk": None})
     cpu, disk = estimate.devices
-    assert cpu.blocks == ["embed", "head"] and cpu.used == 800
-    assert "layers.0" in disk.blocks and disk.used == 12 * 800 + 80
+    # no layer fits beside the embedding, but the norm (80 B) still does: the budget is filled
+    assert cpu.blocks == ["embed", "norm", "head"] and cpu.used == 800 + 80
+    assert "layers.0" in disk.blocks and disk.used == 12 * 800
     assert estimate.total == 800 + 12 * 800 + 80
 
 
@@ -113,6 +114,23 @@ def test_numbered_children_of_a_checkpoint_prefix_are_blocks_that_are_never_spli
     placed = plan(tree, {"cpu": 250, "disk": None})
     assert placed.device_map == {"embed": "cpu", "layers": "disk"}
     assert placed.used == {"cpu": 100, "disk": 400}
+
+
+def test_blocks_that_share_a_weight_are_placed_together_where_all_of_them_fit():
+    sizes = [("embed.w", 100), ("layers.0.a", 50), ("layers.0.b", 100)]
+    sizes += [("layers.1.a", 50), ("layers.1.b", 100), ("norm.w", 10)]
+    shared = {"layers.0.a", "layers.1.a"}  # one tensor under two names: an ALBERT-like tie
+    tree = tree_from_names(PlanTensor(n, "S" if n in shared else n, s) for n, s in sizes)
+    # the two blocks need 250 bytes together: not beside the embedding on 300 bytes of cpu,
+    # so both go to disk, and the norm after them still fills the cpu
+    placed = plan(tree, {"cpu": 300, "disk": None})
+    assert placed.device_map == {"embed": "cpu", "layers": "disk", "norm": "cpu"}
+    assert placed.used == {"cpu": 110, "disk": 250} and placed.fits
+    # no device holds the group: its first block is unplaced with the group's bytes, the
+    # second goes with it at no further cost
+    lost = plan(tree, {"cpu": 200})
+    assert [(u.name, u.nbytes) for u in lost.unplaced] == [("layers.0", 250), ("layers.1", 0)]
+    assert lost.device_map == {"embed": "cpu", "norm": "cpu"} and not lost.fits
 
 
 def test_a_unit_that_fits_nowhere_is_listed_and_the_rest_is_still_placed():

@@ -63,7 +63,8 @@ class DevicePlan:
 @dataclass
 class Estimate:
     """Per-device plan, the units that fit nowhere, the largest unit that cannot be split
-    (the least one device must hold) and the total bytes (tied tensors once)."""
+    (the least one device must hold) and the total bytes (tied tensors once). It fits when
+    nothing is unplaced and no device uses more than its budget."""
 
     devices: list[DevicePlan]
     unplaced: list[Block]
@@ -72,7 +73,9 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return not self.unplaced
+        return not self.unplaced and all(
+            d.budget is None or d.used <= d.budget for d in self.devices
+        )
 
 
 def _estimate(tree: PlanNode, budgets: dict[str, int | None]) -> Estimate:

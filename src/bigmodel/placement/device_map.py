@@ -113,16 +113,19 @@ def infer_device_map(
     """Plan ``{module name: device}`` so that every device stays within its budget.
 
     Runs the one planner (:mod:`bigmodel.placement.planner`, the same that plans a checkpoint
-    for :func:`bigmodel.estimate_memory`) on the model's module tree: devices are filled in
-    order (accelerators, ``cpu``, ``disk``) with whole modules, in registration order; a module
-    that does not fit where the plan stands is split into its children unless its class is in
+    for :func:`bigmodel.estimate_memory`) on the model's module tree, in registration order:
+    devices are tried in order (accelerators, ``cpu``, ``disk``) and each is filled — a module
+    that does not fit on a device is split into its children, unless its class is in
     ``no_split_module_classes`` (default: the classes of repeated blocks, see
-    :func:`repeated_block_classes`), in which case it moves to the next device.
-    ``strategy="balanced"`` spreads the model evenly over the accelerators instead of filling
-    the first. Tensors tied across modules are charged once and their modules kept on one
-    device. ``max_memory`` is read by :func:`~bigmodel.foundations.devices.parse_max_memory`
-    (only ``disk`` may be unlimited) and defaults to free memory minus ``reserve`` (see
-    :func:`default_max_memory`); raise :class:`PlanError` when a block fits nowhere.
+    :func:`repeated_block_classes`), in which case it goes to the next device with room; the
+    device it did not fit on stays open to later modules that fit. ``strategy="balanced"``
+    spreads the model evenly over the accelerators instead of filling the first. A tensor tied
+    across modules lives on one device, charged once: every module using it is placed there
+    (all of them must fit there together, else they go to the next device together).
+    ``max_memory`` is read by :func:`~bigmodel.foundations.devices.parse_max_memory` (only
+    ``disk`` may be unlimited) and defaults to free memory minus ``reserve`` (see
+    :func:`default_max_memory`). Every plan returned keeps every budget; raise
+    :class:`PlanError` when a block (with the modules tied to it) fits nowhere.
     """
     budgets = (
         default_max_memory(reserve=reserve) if max_memory is None else parse_max_memory(max_memory)
@@ -132,6 +135,13 @@ def infer_device_map(
     if placement.unplaced:
         first = placement.unplaced[0]
         raise PlanError(_impossible(first.name, first.nbytes, placement.budgets))
+    over = placement.over_budget()
+    if over:  # the planner keeps every budget: this is a bug, never a plan to return
+        listed = ", ".join(
+            f"{d} uses {format_size(used)} of {format_size(placement.budgets[d] or 0)}"
+            for d, used in over.items()
+        )
+        raise PlanError(f"The plan exceeds a budget ({listed}) [{PlanError.code}].")
     return placement.device_map
 
 
@@ -140,7 +150,7 @@ def _impossible(name: str, need: int, budgets: Mapping[Device, int | None]) -> s
         f"{d}={'unlimited' if b is None else format_size(b)}" for d, b in budgets.items()
     )
     return (
-        f"Module {name!r} needs {format_size(need)} and cannot be split, but no remaining device has that much "
+        f"Module {name!r} needs {format_size(need)} (with the modules tied to it) and cannot be split, but no device has that much "
         f"room (budgets: {listed}) [{PlanError.code}]. Fix: raise max_memory, add 'disk' to offload the rest, "
         "load in a smaller dtype, or allow splitting this module (remove its class from no_split_module_classes)."
     )

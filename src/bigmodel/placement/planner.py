@@ -6,16 +6,23 @@ an identity, so they are charged once — its children in order, and whether it 
 The tree is built from an ``nn.Module`` (:func:`tree_from_module`) or from a checkpoint's
 tensor names alone (:func:`tree_from_checkpoint`), then :func:`plan` places it:
 
-* devices are filled in order (accelerators, ``cpu``, ``disk``; see
-  :mod:`bigmodel.foundations.devices`) with whole units in tree order, starting with the
-  children of the root;
-* a unit that does not fit where the plan stands is split into its children and its direct
-  tensors if it may be split, else it moves to the next device; a unit that no remaining
-  device could hold is recorded as unplaced, and the plan goes on with the next unit;
-* a unit holding a tensor already placed (a tied weight) goes where that tensor went and pays
-  only for its other tensors;
+* units are placed in tree order (registration order for a module), starting with the
+  children of the root; devices are tried in order (accelerators, ``cpu``, ``disk``; see
+  :mod:`bigmodel.foundations.devices`) and each budget is filled: a unit that does not fit
+  where earlier units went does not close that device, later units that fit still go there;
+* a unit goes whole to the first device if it fits there, else it is split into its children
+  and its direct tensors if it may be split; a unit that may not be split (an *atom*: a
+  repeated block, a leaf module, a bare tensor) goes to the first device with room for it; an
+  atom that fits on no device is recorded as unplaced, and the plan goes on with the next unit;
+* ties: atoms that share a tensor (directly or through other atoms) form one tie group, and a
+  group lives on one device: the group's every tensor is charged there, once, when its first
+  atom is placed, and its other atoms follow to that device at no further cost. A tied tensor
+  is therefore never on one device while a module using it is on another (loading and the
+  offload hooks would then put it where neither the plan nor the module expects it);
+* a device never holds more than its budget: ``Placement.used[d] <= budgets[d]``;
 * children that all landed on one device are merged back into their parent's entry (``""``
-  when the whole tree is on one device).
+  when the whole tree is on one device); a unit holding no bytes goes where the unit before
+  it went, so that it does not split its parent's entry for nothing.
 """
 
 from __future__ import annotations
@@ -100,7 +107,8 @@ class PlanNode:
 
 @dataclass(frozen=True)
 class Unit:
-    """A placement unit: its name, its bytes (not yet charged elsewhere) and tensor count."""
+    """A placement unit: its name, its bytes (not yet charged elsewhere: for the first atom of a
+    tie group, the whole group's) and tensor count."""
 
     name: str
     nbytes: int
@@ -112,7 +120,8 @@ class Placement:
     """What :func:`plan` decided. ``device_map`` is ``{name: device}`` with children merged
     back into their parents; ``used`` the bytes charged to each device; ``budgets`` the
     budgets planned against (after ``balanced`` shares); ``unplaced`` the units that fit on
-    no device, in order."""
+    no device, in order. The plan fits when nothing is unplaced and no device holds more
+    than its budget."""
 
     device_map: dict[str, Device]
     used: dict[Device, int]
@@ -121,7 +130,15 @@ class Placement:
 
     @property
     def fits(self) -> bool:
-        return not self.unplaced
+        return not self.unplaced and not self.over_budget()
+
+    def over_budget(self) -> dict[Device, int]:
+        """``{device: bytes used}`` for every device holding more than its budget."""
+        return {
+            d: used
+            for d, used in self.used.items()
+            if (limit := self.budgets.get(d)) is not None and used > limit
+        }
 
 
 # -- building trees ------------------------------------------------------------------------
@@ -280,7 +297,7 @@ def plan(
     as :func:`bigmodel.foundations.devices.parse_max_memory` returns) — see the module
     docstring for the rules. Never raises for lack of room: see :attr:`Placement.unplaced`."""
     planned = _strategy_budgets(tree, budgets, strategy)
-    state = _State(planned)
+    state = _State(planned, _TieGroups(tree))
     queue = deque(tree.members())
     while queue:
         queue.extendleft(reversed(state.place(queue.popleft())))
@@ -304,56 +321,105 @@ def _strategy_budgets(
     return out
 
 
-class _State:
-    """The plan so far: where units went, bytes charged, where each tensor identity lives
-    (``None``: its first unit fit nowhere), and the device being filled."""
+class _TieGroups:
+    """The atoms of a tree grouped by the tensors they share, directly or through other atoms
+    (an embedding, the head tied to it, a block reusing its weight): one group, one device.
+    ``group[name]`` is the group of the tensor called ``name``; ``tensors[group]`` every tensor
+    of the group's atoms, in order."""
 
-    def __init__(self, budgets: dict[Device, int | None]) -> None:
+    def __init__(self, tree: PlanNode) -> None:
+        parent: list[int] = []
+        first: dict[Hashable, int] = {}
+        held: list[list[PlanTensor]] = []
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for index, atom in enumerate(atoms(tree)):
+            parent.append(index)
+            held.append(list(atom.all_tensors()))
+            for tensor in held[index]:
+                a, b = root(index), root(first.setdefault(tensor.identity, index))
+                parent[max(a, b)] = min(a, b)
+        self.group: dict[str, int] = {}
+        self.tensors: dict[int, list[PlanTensor]] = {}
+        for index, tensors in enumerate(held):
+            group = root(index)
+            self.tensors.setdefault(group, []).extend(tensors)
+            self.group.update((tensor.name, group) for tensor in tensors)
+
+
+class _State:
+    """The plan so far: where units went, bytes charged, the device of each tie group
+    (``None``: its first atom fit nowhere), where each tensor identity lives, and the device
+    of the last unit placed (where a unit holding no bytes goes)."""
+
+    def __init__(self, budgets: dict[Device, int | None], ties: _TieGroups) -> None:
         self.budgets = budgets
         self.devices = list(budgets)
+        self.ties = ties
         self.used = dict.fromkeys(self.devices, 0)
         self.placed: dict[str, Device] = {}
+        self.pinned: dict[int, Device | None] = {}
         self.home: dict[Hashable, Device | None] = {}
         self.unplaced: list[Unit] = []
-        self.current = 0
+        self.last = self.devices[0] if self.devices else None
 
     def place(self, unit: PlanNode) -> list[PlanNode]:
-        """Place ``unit`` (or record it as unplaced); return its members if it must be split."""
+        """Place ``unit`` (or record it as unplaced); return its members if it must be split.
+
+        A unit goes whole only where each of its atoms would go on its own: on the first
+        device, if it fits there with the rest of its tie groups; otherwise it is split, and
+        an atom goes to the first device with room for its tie group, or to its group's device
+        once the group is placed."""
         tensors = list(unit.all_tensors())
-        tied = [t.identity for t in tensors if t.identity in self.home]
-        if tied:
-            home = self.home[tied[0]]
-            if home is None:
-                self._lose(unit, tensors)
-            else:
-                self._assign(unit, tensors, home)
-            return []
-        need = _unique_bytes(tensors, self.home)
-        for index in range(self.current, len(self.devices)):
-            device = self.devices[index]
-            limit = self.budgets[device]
-            if limit is None or self.used[device] + need <= limit:
-                self.current = index
-                self._assign(unit, tensors, device)
-                return []
-            if unit.splittable:
-                return unit.members()
-            later = list(self.budgets.values())[index:]
-            if not any(b is None or b >= need for b in later):
-                break
-        self._lose(unit, tensors)
+        groups = list(dict.fromkeys(self.ties.group[t.name] for t in tensors))
+        pins = {self.pinned[g] for g in groups if g in self.pinned}
+        if pins and not unit.splittable:  # an atom whose group is placed, or fit nowhere
+            return self._settle(unit, tensors, groups, pins.pop())
+        fresh = [t for g in groups if g not in self.pinned for t in self.ties.tensors[g]]
+        need = _unique_bytes(fresh, self.home)
+        if need == 0 and not pins:
+            return self._settle(unit, tensors, groups, self.last)
+        if unit.splittable:
+            first = self.devices[0] if self.devices else None
+            whole = first is not None and pins <= {first} and self._fits(first, need)
+            return self._settle(unit, tensors, groups, first) if whole else unit.members()
+        target = next((d for d in self.devices if self._fits(d, need)), None)
+        return self._settle(unit, tensors, groups, target, need)
+
+    def _fits(self, device: Device, need: int) -> bool:
+        limit = self.budgets[device]
+        return limit is None or self.used[device] + need <= limit
+
+    def _settle(
+        self,
+        unit: PlanNode,
+        tensors: list[PlanTensor],
+        groups: list[int],
+        device: Device | None,
+        need: int = 0,
+    ) -> list[PlanNode]:
+        """Put ``unit`` on ``device`` (None: record it as unplaced, needing ``need`` bytes),
+        with the tie groups it opens: their every tensor is charged there now, once."""
+        if device is None:
+            self.unplaced.append(Unit(unit.name, need, len(tensors)))
+        else:
+            self.placed[unit.name] = device
+            self.last = device
+        for group in groups:
+            if group in self.pinned:
+                continue
+            self.pinned[group] = device
+            for tensor in self.ties.tensors[group]:
+                if tensor.identity not in self.home:
+                    self.home[tensor.identity] = device
+                    if device is not None:
+                        self.used[device] += tensor.nbytes
         return []
-
-    def _assign(self, unit: PlanNode, tensors: list[PlanTensor], device: Device) -> None:
-        self.placed[unit.name] = device
-        self.used[device] += _unique_bytes(tensors, self.home)
-        for tensor in tensors:
-            self.home.setdefault(tensor.identity, device)
-
-    def _lose(self, unit: PlanNode, tensors: list[PlanTensor]) -> None:
-        self.unplaced.append(Unit(unit.name, _unique_bytes(tensors, self.home), len(tensors)))
-        for tensor in tensors:
-            self.home.setdefault(tensor.identity, None)
 
 
 def _unique_bytes(tensors: Iterable[PlanTensor], charged: Mapping[Hashable, object]) -> int:
