@@ -265,7 +265,7 @@ def test_estimate_prints_the_plan_as_a_table(capsys, llama):
     code, out, _ = run(capsys, "estimate", folder, "--max-memory", "cpu=40KB,disk")
     assert code == 0
     assert "largest block model.layers.0" in out
-    assert "model.layers.0 .. model.norm" in out and "fits: yes" in out
+    assert "model.layers.0 .. model.layers.1" in out and "fits: yes" in out
 
 
 def test_demo_runs_end_to_end_and_both_workflows_agree(capsys):
