@@ -81,3 +81,12 @@ def test_the_distributed_benchmark_loads_and_saves_with_two_gloo_ranks_for_every
     ):
         assert row in table
     assert "within each scenario (yes)" in table
+
+
+def test_the_conversion_benchmark_loads_an_original_layout_moe_both_ways_with_equal_weights(
+    tmp_path,
+):
+    table = _run_tiny("bench_convert.py", tmp_path)
+    for row in ("| bigmodel |", "| transformers |", "ready time ≤ 1.0x transformers"):
+        assert row in table
+    assert "checksums equal): yes" in table

@@ -319,3 +319,38 @@ def test_every_moe_checkpoint_in_the_original_layout_has_its_experts_fused_on_lo
     report = bigmodel.load_checkpoint(model, tmp_path)
     fused = [k for k in report.converted_keys if k.endswith(("gate_up_proj", "down_proj"))]
     assert len(fused) == 2 * model.config.num_hidden_layers, report.converted_keys
+
+
+@pytest.mark.parametrize(
+    ("ops", "patterns"),
+    [
+        ("merge+cat1", ["a.*.w1.weight", "a.*.w3.weight"]),
+        ("merge", ["a.*.w2.weight"]),
+        ("merge+cat0", ["a.*.x", "a.*.y"]),
+        ("merge+cat-1", ["a.*.x", "a.*.y"]),
+    ],
+)
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_experts_are_stacked_in_one_allocation_exactly_as_transformers_operations_stack_them(
+    ops, patterns, dtype
+):
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    from bigmodel.placement.conversions import DerivedGroup
+
+    chain = [MergeModulelist(dim=0)]
+    if ops.startswith("merge+cat"):
+        chain.append(Concatenate(dim=int(ops.removeprefix("merge+cat"))))
+    converter = WeightConverter(patterns, ["t"], chain)
+    tensors = {p: [torch.randn(3, 5) for _ in range(4)] for p in converter.source_patterns}
+    ours = DerivedGroup(converter, "layer.t").build(tensors, None, dtype)
+    theirs = {p: [t if dtype is None else t.to(dtype) for t in ts] for p, ts in tensors.items()}
+    for op in chain:
+        theirs = op.convert(
+            theirs,
+            source_patterns=converter.source_patterns,
+            target_patterns=converter.target_patterns,
+        )
+    (expected,) = theirs.values()
+    (built,) = ours.values()
+    assert built.dtype == expected.dtype and torch.equal(built, expected)

@@ -175,10 +175,10 @@ def read_derived(
 def _build(reader: PlanReader, group: DerivedGroup, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     sources: dict[str, list[torch.Tensor]] = {}
     for pattern, key in group.sources:
-        sources.setdefault(pattern, []).append(reader.ckpt.get_tensor(key).to(dtype=dtype))
+        sources.setdefault(pattern, []).append(reader.ckpt.get_tensor(key))  # views
         reader.report.bytes_read += reader.ckpt.tensor_info(key).nbytes
         reader.report.loaded_keys.append(key)
-    return group.build(sources, reader.model)
+    return group.build(sources, reader.model, dtype)
 
 
 def _refuse_unsupported(reader: PlanReader, name: str) -> None:

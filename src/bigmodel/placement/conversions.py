@@ -48,11 +48,21 @@ class DerivedGroup:
         return [self.layer]
 
     def build(
-        self, tensors: Mapping[str, list[torch.Tensor]], model: nn.Module | None
+        self,
+        tensors: Mapping[str, list[torch.Tensor]],
+        model: nn.Module | None,
+        dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the converter's operations on ``tensors`` ({source pattern: tensors in
-        checkpoint order}); return {module name: tensor}."""
-        collected: dict[str, Any] = {p: list(ts) for p, ts in tensors.items()}
+        checkpoint order}), cast to ``dtype`` first as transformers casts them; return
+        {module name: tensor}. Stacking experts (and concatenating two stacks) writes each
+        source once into the result, cast on the way, instead of a copy per operation."""
+        fused = _stack_and_concatenate(self.converter, tensors, dtype)
+        if fused is not None:
+            return {self.targets()[0]: fused}
+        collected: dict[str, Any] = {
+            p: [t if dtype is None else t.to(dtype) for t in ts] for p, ts in tensors.items()
+        }
         converter = self.converter
         for op in converter.operations:
             collected = op.convert(
@@ -66,6 +76,39 @@ class DerivedGroup:
             )
         names = dict(zip(converter.target_patterns, self.targets(), strict=False))
         return {names.get(k, k): v for k, v in collected.items()}
+
+
+def _stack_and_concatenate(
+    converter: Any, tensors: Mapping[str, list[torch.Tensor]], dtype: torch.dtype | None
+) -> torch.Tensor | None:
+    """The result of ``MergeModulelist(dim=0)`` (then ``Concatenate(dim=d)`` of the stacks, in
+    source-pattern order) built in one allocation, or None for any other operation chain.
+
+    Equal to running the two operations: ``stack`` puts source ``i`` at index ``i`` of dim 0,
+    and ``cat`` of the stacks along ``d`` puts stack ``k`` at offset ``k * width`` along ``d``.
+    """
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    merge_only = ops == [("MergeModulelist", 0)]
+    merge_cat = len(ops) == 2 and ops[0] == ("MergeModulelist", 0) and ops[1][0] == "Concatenate"
+    stacks = [tensors[p] for p in converter.source_patterns if p in tensors]
+    if len(converter.target_patterns) != 1 or not (merge_only or merge_cat) or not stacks:
+        return None
+    if merge_only and len(stacks) != 1:
+        return None
+    first, count = stacks[0][0], len(stacks[0])
+    if any(len(s) != count or any(x.shape != first.shape for x in s) for s in stacks):
+        return None
+    dim = 0 if merge_only else int(ops[1][1] or 0)
+    dim = dim + first.dim() + 1 if dim < 0 else dim
+    width = count if dim == 0 else first.shape[dim - 1]
+    shape = [count, *first.shape]
+    shape[dim] = width * len(stacks)
+    out = torch.empty(shape, dtype=dtype or first.dtype, device=first.device)
+    for k, stack in enumerate(stacks):
+        part = out.narrow(dim, k * width, width)
+        for i, tensor in enumerate(stack):
+            part[i].copy_(tensor)
+    return out
 
 
 def _natural(key: str) -> list[tuple[int, int | str]]:
