@@ -265,7 +265,7 @@ def test_estimate_prints_the_plan_as_a_table(capsys, llama):
     code, out, _ = run(capsys, "estimate", folder, "--max-memory", "cpu=40KB,disk")
     assert code == 0
     assert "largest block model.layers.0" in out
-    assert "model.layers.0 .. model.layers.1" in out and "fits: yes" in out
+    assert "model.layers.0..1" in out and "fits: yes" in out
 
 
 def test_demo_runs_end_to_end_and_both_workflows_agree(capsys):
@@ -349,3 +349,11 @@ def test_a_tensor_name_that_is_not_valid_utf8_is_a_file_problem_not_a_usage_erro
         assert code == 1, err
         assert "bad-name" in err
         assert "\\ud800" in err
+
+
+def test_the_estimate_table_names_every_block_of_a_device_runs_of_layers_compacted():
+    from bigmodel.cli.estimate import _compact
+
+    names = ["model.embed_tokens", *(f"model.layers.{i}" for i in (0, 1, 2, 5)), "model.norm"]
+    assert _compact(names) == "model.embed_tokens, model.layers.0..2, model.layers.5, model.norm"
+    assert _compact([f"h.{i}" for i in range(0, 20, 2)], limit=3) == "h.0, h.2, h.4, ... (+7)"

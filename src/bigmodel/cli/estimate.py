@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import psutil
 import torch
@@ -81,13 +82,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     rows = []
     for d in plan.devices:
-        span = (
-            ""
-            if not d.blocks
-            else d.blocks[0]
-            if len(d.blocks) == 1
-            else f"{d.blocks[0]} .. {d.blocks[-1]}"
-        )
+        span = _compact(d.blocks)
         rows.append(
             [
                 d.device,
@@ -109,3 +104,33 @@ def run(args: argparse.Namespace) -> int:
     )
     print("Next: raise --max-memory, add 'disk' to offload the rest, or use a smaller --dtype.")
     return EXIT_PROBLEM
+
+
+_NUMBERED = re.compile(r"^(.*\.)(\d+)$")
+
+
+def _compact(names: list[str], limit: int = 6) -> str:
+    """Block names for one table cell: numbered runs as ``model.layers.0..11``, others by name,
+    in order; past ``limit`` entries, how many more (a device's blocks need not be contiguous:
+    the planner fills a budget with later blocks that fit)."""
+    runs: list[tuple[str, int, int] | str] = []
+    for name in names:
+        match = _NUMBERED.match(name)
+        last = runs[-1] if runs else None
+        if (
+            match
+            and isinstance(last, tuple)
+            and last[0] == match[1]
+            and last[2] + 1 == int(match[2])
+        ):
+            runs[-1] = (last[0], last[1], int(match[2]))
+        elif match:
+            runs.append((match[1], int(match[2]), int(match[2])))
+        else:
+            runs.append(name)
+    shown = [
+        r if isinstance(r, str) else f"{r[0]}{r[1]}" if r[1] == r[2] else f"{r[0]}{r[1]}..{r[2]}"
+        for r in runs
+    ]
+    more = f", ... (+{len(shown) - limit})" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
