@@ -85,3 +85,13 @@ def test_an_unknown_dtype_name_is_refused_with_the_accepted_names(folder):
         model = TiedNet()
     with pytest.raises(ValueError, match=r"Unknown dtype 'bf61': use one of bf16, bfloat16"):
         bigmodel.load_checkpoint(model, folder, dtype="bf61")
+
+
+def test_the_planner_sizes_a_model_at_a_dtype_given_by_name():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    assert bigmodel.compute_module_sizes(model, "bf16")[""] == 80  # 40 parameters, 2 bytes
+    assert bigmodel.compute_module_sizes(model, torch.bfloat16) == bigmodel.compute_module_sizes(
+        model, "bfloat16"
+    )
+    plan = bigmodel.infer_device_map(model, max_memory={"cpu": "100B", "disk": None}, dtype="bf16")
+    assert plan == {"": "cpu"}  # 80 bytes in bf16 fit where 160 in fp32 would not

@@ -22,6 +22,7 @@ from bigmodel.foundations.devices import (
     normalize_device,
     parse_max_memory,
 )
+from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.errors import PlanError
 from bigmodel.foundations.units import format_size
 from bigmodel.placement.planner import plan, repeated_block_classes, tree_from_module
@@ -80,13 +81,16 @@ def _tensors(module: nn.Module, prefix: str) -> Iterable[tuple[str, torch.Tensor
     yield from module.named_buffers(prefix=prefix, remove_duplicate=False)
 
 
-def compute_module_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, int]:
+def compute_module_sizes(
+    model: nn.Module, dtype: torch.dtype | str | None = None
+) -> dict[str, int]:
     """Bytes of parameters and buffers under every module name (``""`` is the whole model).
 
     Works on ``meta`` models. ``dtype`` sizes floating-point tensors at that dtype. A tensor
     reachable under several names (tied weights) counts once, under the first module that
     reaches it in registration order, and in each of its ancestors.
     """
+    cast = parse_dtype(dtype)
     sizes: dict[str, int] = {name: 0 for name, _ in model.named_modules(remove_duplicate=False)}
     seen: set[int] = set()
     for name, tensor in _tensors(model, ""):
@@ -94,7 +98,7 @@ def compute_module_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> 
             continue
         seen.add(id(tensor))
         parts = name.split(".")[:-1]
-        size = stored_nbytes(tensor, dtype)
+        size = stored_nbytes(tensor, cast)
         sizes[""] += size
         for i in range(1, len(parts) + 1):
             sizes[".".join(parts[:i])] = sizes.get(".".join(parts[:i]), 0) + size
@@ -106,7 +110,7 @@ def infer_device_map(
     *,
     max_memory: Mapping[Any, int | str | None] | None = None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     strategy: str = "auto",
     reserve: float = 0.1,
 ) -> dict[str, Device]:
@@ -130,7 +134,9 @@ def infer_device_map(
     budgets = (
         default_max_memory(reserve=reserve) if max_memory is None else parse_max_memory(max_memory)
     )
-    tree = tree_from_module(model, dtype=dtype, no_split_module_classes=no_split_module_classes)
+    tree = tree_from_module(
+        model, dtype=parse_dtype(dtype), no_split_module_classes=no_split_module_classes
+    )
     placement = plan(tree, budgets, strategy=strategy)
     if placement.unplaced:
         first = placement.unplaced[0]
