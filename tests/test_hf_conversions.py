@@ -14,6 +14,17 @@ import bigmodel
 
 #: Sizes shared by the decoder-only configs (tiny: each model saves and loads in milliseconds).
 L = dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=32)
+#: Sizes shared by the encoder-decoder configs (BART, Whisper).
+ED = dict(
+    vocab_size=64,
+    d_model=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+)
 #: 24 architectures: decoder-only, MoE in the original layout (fused on load), encoder-decoder
 #: with 4-way ties (T5, BART), Mamba, vision, speech, dual-tower (CLIP), encoders.
 ZOO = {
@@ -111,17 +122,7 @@ ZOO = {
     ),
     "bart": (
         tf.BartForConditionalGeneration,
-        lambda: tf.BartConfig(
-            vocab_size=64,
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            max_position_embeddings=32,
-        ),
+        lambda: tf.BartConfig(**ED, max_position_embeddings=32),
     ),
     "mamba": (
         tf.MambaForCausalLM,
@@ -157,14 +158,7 @@ ZOO = {
     "whisper": (
         tf.WhisperForConditionalGeneration,
         lambda: tf.WhisperConfig(
-            vocab_size=64,
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
+            **ED,
             num_mel_bins=8,
             max_source_positions=16,
             max_target_positions=16,

@@ -148,8 +148,7 @@ def _open_single(target: Path, fmt: Format) -> Checkpoint:
     metadata: dict[str, Any] = dict(reader.metadata)
     weight_map = dict.fromkeys(reader.names(), target.name)
     aliases = parse_aliases(str(target), metadata.get(ALIASES_KEY), weight_map, problems)
-    if problems:
-        raise InvalidCheckpointError(problems)
+    _raise_problems(problems)
     return Checkpoint(
         path=target,
         format=fmt,
