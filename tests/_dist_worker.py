@@ -276,6 +276,38 @@ def failing(folder: str, opts: dict) -> dict:
     return {"raised": None}
 
 
+def sharded_moe(folder: str, opts: dict) -> dict:
+    """FSDP2-shard a Mixtral built on meta; load an original-layout checkpoint (one tensor per
+    expert), whose fused experts each rank builds from only the experts its slice holds."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**opts["config"])
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with bigmodel.init_empty_weights():
+        model = MixtralForCausalLM(config)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    report = bigmodel.load_checkpoint(model, folder, dtype=getattr(torch, opts["dtype"]))
+    reference = MixtralForCausalLM.from_pretrained(folder, dtype=getattr(torch, opts["dtype"]))
+    theirs = reference.state_dict()
+    equal = {
+        name: bool(torch.equal(tensor.full_tensor(), theirs[name]))
+        for name, tensor in model.state_dict().items()
+    }
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    local = model.state_dict()[fused].to_local()
+    return {
+        "equal": all(equal.values()),
+        "unequal": [n for n, ok in equal.items() if not ok][:5],
+        "converted": sorted(report.converted_keys),
+        "local_rows": local.shape[0],
+        "bytes_read": report.bytes_read,
+    }
+
+
 def ping(folder: str, opts: dict) -> dict:
     """One all-reduce: the group still works (after a scenario that failed on purpose)."""
     total = torch.tensor([dist.get_rank() + 1])
@@ -292,6 +324,7 @@ SCENARIOS = {
     "save-failing": save_failing,
     "save-placements": save_placements,
     "ping": ping,
+    "sharded-moe": sharded_moe,
 }
 
 

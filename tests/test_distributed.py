@@ -201,6 +201,38 @@ def test_dtensor_parameters_get_only_their_slice_and_gather_to_the_checkpoint(ra
         assert r["bytes_read"] <= r["total"] - 0.4 * r["sharded_bytes"], r
 
 
+MOE = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_experts_of_an_fsdp_model_are_built_per_rank_from_only_their_experts(
+    ranks, tmp_path, dtype
+):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path / "original"
+    MixtralForCausalLM(MixtralConfig(**MOE)).save_pretrained(folder)  # one tensor per expert
+    results = ranks.run("sharded-moe", folder, {"config": MOE, "dtype": dtype})
+    for r in results:
+        assert r["equal"], r["unequal"]
+        assert len(r["converted"]) == 4
+        assert r["local_rows"] == 2  # 4 experts over 2 ranks: each builds only its 2
+    with bigmodel.open_checkpoint(folder) as ckpt:
+        total = ckpt.total_size
+    # each rank read about half of the checkpoint (its experts and its rows), never all of it
+    assert all(r["bytes_read"] < 0.75 * total for r in results), (results, total)
+
+
 def test_a_sharded_parameter_missing_from_the_checkpoint_is_an_error_on_every_rank(
     ranks, folder, tmp_path
 ):

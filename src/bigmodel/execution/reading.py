@@ -19,7 +19,7 @@ tensor is in flight beyond the final model (``io="pread"``: the in-flight bound)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,17 +29,17 @@ from torch import nn
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.execution.distributed import (
     Group,
+    local_shard,
     run_step,
 )
 from bigmodel.execution.distributed_reading import read_replicated, read_sharded
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_built, offload_folder_path
-from bigmodel.foundations.errors import UnsupportedTensorError
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import IOOptions, LoadReport
 from bigmodel.placement.conversions import DerivedGroup
 from bigmodel.placement.load_plan import Plan, tie_groups
-from bigmodel.placement.policy import Placement, place
+from bigmodel.placement.policy import Placement, like, place
 from bigmodel.storage.pread import pick_io, pread_tensors
 
 __all__ = ["PlanReader"]
@@ -157,8 +157,10 @@ def read_derived(
     folder = None
     for group in groups:
         first = next(name for name in group.targets() if name in targets)
-        _refuse_unsupported(reader, first)
         dtype = placement.dtype_for(first, targets[first])
+        if is_dtensor(targets[first]):
+            _read_derived_slices(reader, group, ties, dtype)
+            continue
         built = {k: v for k, v in _build(reader, group, dtype).items() if k in targets}
         to_disk = {k: v for k, v in built.items() if placement.offloaded(k)}
         if to_disk:
@@ -181,11 +183,39 @@ def _build(reader: PlanReader, group: DerivedGroup, dtype: torch.dtype) -> dict[
     return group.build(sources, reader.model, dtype)
 
 
-def _refuse_unsupported(reader: PlanReader, name: str) -> None:
-    if is_dtensor(reader.targets[name]):
-        raise UnsupportedTensorError(
-            f"Tensor {name!r} is built from several checkpoint tensors (the model's layout "
-            "conversion), and building converted tensors as DTensor slices is not supported "
-            "yet. Fix: load the model once in one process and save it with "
-            "bigmodel.save_checkpoint, whose checkpoint needs no conversion."
+def _read_derived_slices(
+    reader: PlanReader, group: DerivedGroup, ties: Mapping[str, list[str]], dtype: torch.dtype
+) -> None:
+    """DTensor targets: each rank builds only the region its placement owns. Stacked experts
+    read only the experts (and the rows) in that region; any other chain is built whole on
+    this rank, then sliced."""
+    ckpt, targets = reader.ckpt, reader.targets
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for pattern, key in group.sources:
+        shapes.setdefault(pattern, []).append(ckpt.tensor_info(key).shape)
+    whole: dict[str, torch.Tensor] | None = None
+    state: dict[str, torch.Tensor] = {}
+    for name in (n for n in group.targets() if n in targets):
+        target = targets[name]
+        mesh_type = target.device_mesh.device_type  # type: ignore[attr-defined]
+        device = (
+            torch.device(mesh_type, torch.cuda.current_device())
+            if mesh_type == "cuda"
+            else torch.device(mesh_type)
         )
+
+        def region(index: tuple[slice, ...], name: str = name) -> torch.Tensor:
+            nonlocal whole
+            built = group.build_region(index, shapes, lambda k, i: ckpt.get_slice(k)[i], dtype)
+            if built is None:
+                if whole is None:
+                    whole = _build(reader, group, dtype)
+                built = whole[name][index]
+            return built
+
+        value, nbytes = local_shard(region, target, dtype=dtype, device=device)
+        state.update(dict.fromkeys(ties[name], like(target, value)))
+        reader.report.bytes_read += nbytes
+    reader.report.loaded_keys.extend(key for _, key in group.sources)
+    # load_state_dict(assign=True) lets fully_shard / parallelize_module re-register params
+    reader.model.load_state_dict(state, strict=False, assign=True)

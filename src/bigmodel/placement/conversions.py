@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,27 @@ class DerivedGroup:
                 return [prefix + t + suffix for t in patterns]
         return [self.layer]
 
+    def build_region(
+        self,
+        region: tuple[slice, ...],
+        shapes: Mapping[str, list[tuple[int, ...]]],
+        read: Callable[[str, tuple[slice, ...]], torch.Tensor],
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """``region`` of this group's single target, reading only the parts of the checkpoint
+        tensors it covers (``read(key, index)``; ``shapes``: each pattern's source shapes) — a
+        rank that owns experts 0-7 reads only those. None for chains other than stacking
+        (and concatenating) experts."""
+        layout = _fused_layout(self.converter, shapes)
+        if layout is None:
+            return None
+        keys: dict[str, list[str]] = {}
+        for pattern, key in self.sources:
+            keys.setdefault(pattern, []).append(key)
+        return _fill(
+            layout, region, lambda p, i, index: read(keys[p][i], index), dtype, torch.device("cpu")
+        )
+
     def build(
         self,
         tensors: Mapping[str, list[torch.Tensor]],
@@ -57,8 +78,19 @@ class DerivedGroup:
         checkpoint order}), cast to ``dtype`` first as transformers casts them; return
         {module name: tensor}. Stacking experts (and concatenating two stacks) writes each
         source once into the result, cast on the way, instead of a copy per operation."""
-        fused = _stack_and_concatenate(self.converter, tensors, dtype)
-        if fused is not None:
+        layout = _fused_layout(
+            self.converter, {p: [x.shape for x in ts] for p, ts in tensors.items()}
+        )
+        if layout is not None:
+            first = tensors[layout.patterns[0]][0]
+            whole = tuple(slice(0, n) for n in layout.shape)
+            fused = _fill(
+                layout,
+                whole,
+                lambda p, i, index: tensors[p][i][index],
+                dtype or first.dtype,
+                first.device,
+            )
             return {self.targets()[0]: fused}
         collected: dict[str, Any] = {
             p: [t if dtype is None else t.to(dtype) for t in ts] for p, ts in tensors.items()
@@ -78,36 +110,73 @@ class DerivedGroup:
         return {names.get(k, k): v for k, v in collected.items()}
 
 
-def _stack_and_concatenate(
-    converter: Any, tensors: Mapping[str, list[torch.Tensor]], dtype: torch.dtype | None
-) -> torch.Tensor | None:
-    """The result of ``MergeModulelist(dim=0)`` (then ``Concatenate(dim=d)`` of the stacks, in
-    source-pattern order) built in one allocation, or None for any other operation chain.
+@dataclass(frozen=True)
+class _Fused:
+    """Where each source lands in the result of ``MergeModulelist(dim=0)`` (then
+    ``Concatenate(dim)`` of the stacks, in source-pattern order): source ``i`` of pattern ``k``
+    is index ``i`` of dim 0 (``k * count + i`` when the stacks are concatenated along dim 0)
+    and, along ``dim``, the block starting at ``k * width``."""
 
-    Equal to running the two operations: ``stack`` puts source ``i`` at index ``i`` of dim 0,
-    and ``cat`` of the stacks along ``d`` puts stack ``k`` at offset ``k * width`` along ``d``.
-    """
+    dim: int
+    patterns: list[str]
+    count: int
+    source_shape: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return self.count if self.dim == 0 else self.source_shape[self.dim - 1]
+
+    @property
+    def shape(self) -> list[int]:
+        shape = [self.count, *self.source_shape]
+        shape[self.dim] = self.width * len(self.patterns)
+        return shape
+
+
+def _fused_layout(converter: Any, shapes: Mapping[str, list[tuple[int, ...]]]) -> _Fused | None:
+    """The layout of a stack (and concatenate) chain over sources of these shapes, or None
+    for any other chain (which then runs transformers' operations as they are)."""
     ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
     merge_only = ops == [("MergeModulelist", 0)]
     merge_cat = len(ops) == 2 and ops[0] == ("MergeModulelist", 0) and ops[1][0] == "Concatenate"
-    stacks = [tensors[p] for p in converter.source_patterns if p in tensors]
-    if len(converter.target_patterns) != 1 or not (merge_only or merge_cat) or not stacks:
+    patterns = [p for p in converter.source_patterns if p in shapes]
+    if len(converter.target_patterns) != 1 or not (merge_only or merge_cat) or not patterns:
         return None
-    if merge_only and len(stacks) != 1:
+    if merge_only and len(patterns) != 1:
         return None
-    first, count = stacks[0][0], len(stacks[0])
-    if any(len(s) != count or any(x.shape != first.shape for x in s) for s in stacks):
+    first, count = shapes[patterns[0]][0], len(shapes[patterns[0]])
+    if any(len(shapes[p]) != count or any(s != first for s in shapes[p]) for p in patterns):
         return None
     dim = 0 if merge_only else int(ops[1][1] or 0)
-    dim = dim + first.dim() + 1 if dim < 0 else dim
-    width = count if dim == 0 else first.shape[dim - 1]
-    shape = [count, *first.shape]
-    shape[dim] = width * len(stacks)
-    out = torch.empty(shape, dtype=dtype or first.dtype, device=first.device)
-    for k, stack in enumerate(stacks):
-        part = out.narrow(dim, k * width, width)
-        for i, tensor in enumerate(stack):
-            part[i].copy_(tensor)
+    dim = dim + len(first) + 1 if dim < 0 else dim
+    return _Fused(dim, patterns, count, tuple(first))
+
+
+def _fill(
+    layout: _Fused,
+    region: tuple[slice, ...],
+    read: Callable[[str, int, tuple[slice, ...]], torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """``region`` of the fused result, reading only the parts of the sources it covers:
+    ``read(pattern, i, index)`` gives that part of source ``i`` of ``pattern``."""
+    out = torch.empty([r.stop - r.start for r in region], dtype=dtype, device=device)
+    d, rows = layout.dim, region[0]
+    for k, pattern in enumerate(layout.patterns):
+        for i in range(layout.count):
+            row = k * layout.count + i if d == 0 else i
+            if not rows.start <= row < rows.stop:
+                continue
+            src, dst = list(region[1:]), [slice(0, r.stop - r.start) for r in region[1:]]
+            if d > 0:
+                lo = max(region[d].start, k * layout.width)
+                hi = min(region[d].stop, (k + 1) * layout.width)
+                if lo >= hi:
+                    continue
+                src[d - 1] = slice(lo - k * layout.width, hi - k * layout.width)
+                dst[d - 1] = slice(lo - region[d].start, hi - region[d].start)
+            out[row - rows.start][tuple(dst)].copy_(read(pattern, i, tuple(src)))
     return out
 
 
