@@ -95,3 +95,32 @@ def test_the_planner_sizes_a_model_at_a_dtype_given_by_name():
     )
     plan = bigmodel.infer_device_map(model, max_memory={"cpu": "100B", "disk": None}, dtype="bf16")
     assert plan == {"": "cpu"}  # 80 bytes in bf16 fit where 160 in fp32 would not
+
+
+def _split_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "disk", "sequential", "balanced", "auto"])
+def test_device_map_takes_accelerates_names_and_a_single_device(tmp_path, device_map):
+    source = _split_model()
+    bigmodel.save_checkpoint(source, tmp_path)
+    with bigmodel.init_empty_weights():
+        model = _split_model()
+    report = bigmodel.load_checkpoint(
+        model, tmp_path, device_map=device_map, max_memory={"cpu": "1GB", "disk": None}
+    )
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    expected = sorted(source.state_dict()) if device_map == "disk" else []
+    assert report.offloaded_keys == expected
+
+
+def test_an_unknown_device_map_name_lists_what_is_accepted(tmp_path):
+    bigmodel.save_checkpoint(_split_model(), tmp_path)
+    with bigmodel.init_empty_weights():
+        model = _split_model()
+    with pytest.raises(ValueError, match=r"device_map='fastest': pass 'auto', 'sequential'"):
+        bigmodel.load_checkpoint(model, tmp_path, device_map="fastest")

@@ -183,6 +183,7 @@ def _load(
             ckpt.close()  # offloaded tensors keep reading from it
     _finish(model, targets, plan, offloaded, placement, opts)
     report = plan.report
+    report.offloaded_keys = sorted(offloaded)
     report.seconds = time.perf_counter() - start
     if report.missing_keys or report.unexpected_keys or report.mismatched_keys:
         logger.info(
@@ -209,27 +210,38 @@ def _auto_dtype(checkpoint: str | os.PathLike[str] | Checkpoint) -> torch.dtype 
 
 def _resolve_device_map(
     model: nn.Module,
-    device_map: str | Mapping[str, str | int] | None,
+    device_map: str | int | Mapping[str, str | int] | None,
     *,
     max_memory: Mapping[Any, int | str | None] | None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None,
     dtype: torch.dtype | None,
 ) -> dict[str, str] | None:
-    """``"auto"`` plans one (see :func:`bigmodel.infer_device_map`); a dict is normalised."""
+    """The device map of a load: ``"auto"``, ``"sequential"`` and ``"balanced"`` plan one
+    (see :func:`bigmodel.infer_device_map`), as accelerate's names do; one device (``"cpu"``,
+    ``"disk"``, ``"cuda:1"``, ``0``) places the whole model there; a dict is normalised."""
     if device_map is None:
         return None
-    if device_map == "auto":
+    if isinstance(device_map, str) and device_map in _PLANNED:
         return infer_device_map(
             model,
             max_memory=max_memory,
             no_split_module_classes=no_split_module_classes,
             dtype=dtype,
+            strategy=_PLANNED[device_map],
         )
-    if isinstance(device_map, str):
-        raise ValueError(
-            f"device_map={device_map!r}: pass 'auto' or a dict {{module name: device}}."
-        )
+    if isinstance(device_map, (str, int, torch.device)):
+        try:
+            return {"": normalize_device(device_map)}
+        except ValueError as exc:
+            raise ValueError(
+                f"device_map={device_map!r}: pass {', '.join(map(repr, _PLANNED))}, one device "
+                "('cpu', 'disk', 'cuda:0' or an accelerator index), or a dict {module name: device}."
+            ) from exc
     return {k: normalize_device(v) for k, v in device_map.items()}
+
+
+#: Planning device_map names (accelerate's), and the planner strategy each means.
+_PLANNED = {"auto": "auto", "sequential": "sequential", "balanced": "balanced"}
 
 
 def load_checkpoint(
@@ -246,7 +258,7 @@ def load_checkpoint(
     init_fn: InitFn | None = None,
     prefer_safe: bool = True,
     verify: bool = False,
-    device_map: str | Mapping[str, str | int] | None = None,
+    device_map: str | int | Mapping[str, str | int] | None = None,
     max_memory: Mapping[Any, int | str | None] | None = None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
@@ -278,8 +290,9 @@ def load_checkpoint(
       (or ``init_fn(module)``), only those; afterwards nothing is on ``meta``, or
       :class:`~bigmodel.MetaTensorError` names what is.
     * ``verify=True`` re-hashes every file against its recorded digest first.
-    * ``device_map`` (``"auto"`` with ``max_memory`` and ``no_split_module_classes``, or
-      ``{module name: device}``) places modules on accelerators, ``cpu`` or ``disk``. Disk
+    * ``device_map`` (``"auto"``/``"sequential"``/``"balanced"`` with ``max_memory`` and
+      ``no_split_module_classes``, one device, or ``{module name: device}``) places modules on
+      accelerators, ``cpu`` or ``disk``; ``LoadReport.offloaded_keys`` lists what stays on disk. Disk
       modules are read by hooks just before they run (from the original shards, or from
       converted copies written once into ``offload_folder``); ``offload``
       (:class:`~bigmodel.OffloadOptions`) sets where they run and how far reads run ahead.

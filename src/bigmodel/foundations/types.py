@@ -48,6 +48,9 @@ class LoadReport:
     #: Module key -> the checkpoint keys it was built from, for tensors the model's conversions
     #: (transformers' fused MoE experts, split projections...) build from several.
     converted_keys: dict[str, list[str]] = field(default_factory=dict)
+    #: Module keys kept on disk (a device map's ``disk`` entries): not read by the load, read
+    #: by their hooks when their module runs.
+    offloaded_keys: list[str] = field(default_factory=list)
     bytes_read: int = 0
     seconds: float = 0.0
 
