@@ -50,6 +50,7 @@ from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.scratch import write_converted
 
 __all__ = [
+    "mesh_device",
     "broadcast_object",
     "Group",
     "assign_owners",
@@ -137,6 +138,14 @@ def _describe(error: BaseException) -> str:
     last = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
     where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
     return f"{type(error).__name__}: {error}{where}"
+
+
+def mesh_device(target: torch.Tensor) -> torch.device:
+    """The device of ``target``'s (a DTensor) mesh on this rank (the current CUDA device)."""
+    mesh_type: str = target.device_mesh.device_type  # type: ignore[attr-defined]
+    if mesh_type == "cuda":
+        return torch.device(mesh_type, torch.cuda.current_device())
+    return torch.device(mesh_type)
 
 
 def local_shard(

@@ -28,6 +28,7 @@ from bigmodel.execution.distributed import (
     broadcast_tensor,
     choose_strategy,
     local_shard,
+    mesh_device,
     rank_of,
     run_step,
     world_of,
@@ -63,12 +64,7 @@ def read_sharded(reader: Reader, items: Plan) -> None:
     state: dict[str, torch.Tensor] = {}
     for key, group in items:
         old = reader.targets[group[0]]
-        mesh_type = old.device_mesh.device_type  # type: ignore[attr-defined]
-        device = (
-            torch.device(mesh_type, torch.cuda.current_device())
-            if mesh_type == "cuda"
-            else torch.device(mesh_type)
-        )
+        device = mesh_device(old)
         stored = reader.ckpt.get_slice(key)
         value, nbytes = local_shard(
             lambda index, stored=stored: stored[index],  # type: ignore[misc]

@@ -30,6 +30,7 @@ from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.execution.distributed import (
     Group,
     local_shard,
+    mesh_device,
     run_step,
 )
 from bigmodel.execution.distributed_reading import read_replicated, read_sharded
@@ -174,13 +175,20 @@ def read_derived(
     return offloaded
 
 
-def _build(reader: PlanReader, group: DerivedGroup, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _sources(ckpt: Checkpoint, group: DerivedGroup) -> dict[str, list[torch.Tensor]]:
+    """The group's checkpoint tensors by source pattern, in order (views of the files)."""
     sources: dict[str, list[torch.Tensor]] = {}
     for pattern, key in group.sources:
-        sources.setdefault(pattern, []).append(reader.ckpt.get_tensor(key))  # views
+        sources.setdefault(pattern, []).append(ckpt.get_tensor(key))
+    return sources
+
+
+def _build(reader: PlanReader, group: DerivedGroup, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The whole group, every source read once and counted in the report."""
+    for _, key in group.sources:
         reader.report.bytes_read += reader.ckpt.tensor_info(key).nbytes
         reader.report.loaded_keys.append(key)
-    return group.build(sources, reader.model, dtype)
+    return group.build(_sources(reader.ckpt, group), reader.model, dtype)
 
 
 def _read_derived_slices(
@@ -197,23 +205,17 @@ def _read_derived_slices(
     state: dict[str, torch.Tensor] = {}
     for name in (n for n in group.targets() if n in targets):
         target = targets[name]
-        mesh_type = target.device_mesh.device_type  # type: ignore[attr-defined]
-        device = (
-            torch.device(mesh_type, torch.cuda.current_device())
-            if mesh_type == "cuda"
-            else torch.device(mesh_type)
-        )
 
         def region(index: tuple[slice, ...], name: str = name) -> torch.Tensor:
             nonlocal whole
             built = group.build_region(index, shapes, lambda k, i: ckpt.get_slice(k)[i], dtype)
             if built is None:
                 if whole is None:
-                    whole = _build(reader, group, dtype)
+                    whole = group.build(_sources(ckpt, group), reader.model, dtype)
                 built = whole[name][index]
             return built
 
-        value, nbytes = local_shard(region, target, dtype=dtype, device=device)
+        value, nbytes = local_shard(region, target, dtype=dtype, device=mesh_device(target))
         state.update(dict.fromkeys(ties[name], like(target, value)))
         reader.report.bytes_read += nbytes
     reader.report.loaded_keys.extend(key for _, key in group.sources)

@@ -92,7 +92,7 @@ def read_bounded(path: Path, limit: int, *, code: str, what: str, hint: str) -> 
     ever read, whatever size the file claims."""
     with open_regular(path) as fh:
         size = os.fstat(fh.fileno()).st_size
-        data = fh.read(limit + 1) or b"" if size <= limit else b""
+        data = fh.read(limit + 1) if size <= limit else b""
     if size <= limit and len(data) <= limit:
         return data
     told = f"{size} bytes" if size > limit else f"larger than {limit} bytes"

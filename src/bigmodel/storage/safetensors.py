@@ -170,9 +170,8 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
     if fh is None:
         with open_regular(path) as own:
             return read_header(path, own)
-    handle = fh
-    file_size = os.fstat(handle.fileno()).st_size
-    prefix = handle.read(8)
+    file_size = os.fstat(fh.fileno()).st_size
+    prefix = fh.read(8)
     if len(prefix) < 8:
         raise InvalidCheckpointError.one(
             file,
@@ -195,7 +194,7 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
             f"the header claims {header_len} bytes but the file has only {file_size - 8} after the length prefix (truncated file?).",
             hint="re-download or re-save the file.",
         )
-    raw = handle.read(header_len)
+    raw = fh.read(header_len)
     return _parse_header(file, raw, file_size)
 
 
