@@ -2,7 +2,9 @@
 
 A :class:`Checkpoint` is built by :func:`bigmodel.open_checkpoint` once every rule has been
 checked; it then answers questions about tensors from headers alone and reads each tensor's
-bytes only when asked (views of a private file mapping, zero copy).
+bytes only when asked (views of a private file mapping, zero copy). Describing a safetensors
+checkpoint (:meth:`Checkpoint.dtype_name`, sizes, digests) does not import torch; making a
+tensor or a :class:`TensorInfo` does.
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from bigmodel.checkpoint.index import Reader
 from bigmodel.checkpoint.verify import verify_files
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
+from bigmodel.storage.dtypes import ITEMSIZE
 from bigmodel.storage.files import read_bounded
-from bigmodel.storage.pread import ByteRange
-from bigmodel.storage.readahead import readahead
 from bigmodel.storage.safetensors import SafetensorsFile
+
+if TYPE_CHECKING:
+    import torch
+
+    from bigmodel.checkpoint.index import Reader
+    from bigmodel.storage.pread import ByteRange
 
 Format = Literal["safetensors", "bin"]
 
@@ -140,7 +143,7 @@ class Checkpoint:
     @property
     def total_size(self) -> int:
         """Bytes of tensor data stored (aliases counted once)."""
-        return sum(self.tensor_info(name).nbytes for name in self._weight_map)
+        return sum(self.nbytes(name) for name in self._weight_map)
 
     def _resolve(self, name: str) -> str:
         if name in self._weight_map:
@@ -150,6 +153,27 @@ class Checkpoint:
         raise KeyError(
             f"{name!r} is not a tensor of the checkpoint {self.path} ({len(self)} tensors); use .keys() to list them."
         )
+
+    def dtype_name(self, name: str) -> str:
+        """torch's name of the dtype ``name`` is stored in (``"bfloat16"``), read from the
+        header without importing torch for a safetensors file."""
+        return self._describe_name(self._resolve(name))[0]
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of ``name``'s data (from the header; no torch import for safetensors)."""
+        dtype, shape = self._describe_name(self._resolve(name))
+        return math.prod(shape) * ITEMSIZE[dtype]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """``name``'s shape, from the header (no torch import for safetensors)."""
+        return self._describe_name(self._resolve(name))[1]
+
+    def _describe_name(self, stored: str) -> tuple[str, tuple[int, ...]]:
+        reader = self._readers[self._weight_map[stored]]
+        if isinstance(reader, SafetensorsFile):
+            return reader.describe_name(stored)
+        dtype, shape = reader.describe(stored)
+        return str(dtype).removeprefix("torch."), shape
 
     def tensor_info(self, name: str) -> TensorInfo:
         stored = self._resolve(name)
@@ -172,6 +196,8 @@ class Checkpoint:
     def byte_range(self, name: str) -> ByteRange | None:
         """Where ``name``'s bytes are in its file, for readers that bypass the mapping (None for
         ``.bin`` files, whose layout belongs to torch's zip format)."""
+        from bigmodel.storage.pread import ByteRange
+
         stored = self._resolve(name)
         reader = self._readers[self._weight_map[stored]]
         if not isinstance(reader, SafetensorsFile):
@@ -185,6 +211,8 @@ class Checkpoint:
         instead of faulting page by page. Returns the bytes advised (ranges merged); 0 for
         ``.bin`` files and where the platform lacks ``posix_fadvise``.
         """
+        from bigmodel.storage.readahead import readahead  # imported on use: it may need torch
+
         spans: dict[Path, list[tuple[int, int]]] = {}
         for name in names:
             stored = self._resolve(name)
@@ -256,6 +284,8 @@ def config_dtype(directory: Path) -> torch.dtype | None:
     """The floating-point dtype a Hugging Face ``config.json`` beside the weights records
     (``dtype``, or the older ``torch_dtype``); None when there is no such file or field. The
     file is untrusted: read bounded, and anything unreadable counts as no record."""
+    from bigmodel.foundations.dtypes import parse_dtype
+
     path = directory / "config.json"
     if not path.is_file():
         return None

@@ -15,9 +15,8 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from bigmodel.checkpoint.sharding import ShardPlan
 from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import (
     InvalidCheckpointError,
@@ -29,7 +28,10 @@ from bigmodel.foundations.log import logger
 from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
 from bigmodel.storage.files import file_kind, read_bounded
 from bigmodel.storage.safetensors import SafetensorsFile
-from bigmodel.storage.torch_bin import BinFile
+
+if TYPE_CHECKING:  # both import torch: a safetensors checkpoint is opened without it
+    from bigmodel.checkpoint.sharding import ShardPlan
+    from bigmodel.storage.torch_bin import BinFile
 
 __all__ = [
     "check_index_fits",
@@ -46,7 +48,7 @@ __all__ = [
     "unsafe_shard_name",
 ]
 
-Reader = SafetensorsFile | BinFile
+Reader: TypeAlias = "SafetensorsFile | BinFile"
 
 #: Key (in index ``metadata``, or in a single file's ``__metadata__`` as a JSON string) of the
 #: map {alias name: stored name} for tensors that shared storage and were written once.
@@ -327,7 +329,11 @@ def file_format(name: str) -> Literal["safetensors", "bin"] | None:
 
 def open_weight_file(path: Path, fmt: Literal["safetensors", "bin"]) -> Reader:
     """Open and validate one weights file (header only; ``.bin``: torch's zip, weights_only)."""
-    return SafetensorsFile(path) if fmt == "safetensors" else BinFile(path)
+    if fmt == "safetensors":
+        return SafetensorsFile(path)
+    from bigmodel.storage.torch_bin import BinFile
+
+    return BinFile(path)
 
 
 def _shard_problem(file: str, shard: str, key: str, fmt: str, directory: Path) -> Problem | None:

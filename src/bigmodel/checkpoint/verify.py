@@ -11,13 +11,16 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bigmodel.checkpoint.index import Reader
 from bigmodel.foundations.errors import CheckpointNotFoundError, Problem
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.digest import DIGEST_KEY, buffer_digest, path_digest
 from bigmodel.storage.safetensors import SafetensorsFile
+
+if TYPE_CHECKING:
+    from bigmodel.checkpoint.index import Reader
 
 __all__ = ["check_file", "verify_files"]
 

@@ -1,4 +1,8 @@
-"""Shared pieces of the subcommands: exit codes, tables, JSON, checkpoint opening."""
+"""Shared pieces of the subcommands: exit codes, tables, JSON, argument types.
+
+Imports no torch (``inspect`` and ``verify`` must start fast): :func:`dtype_arg` imports it
+when a command takes a dtype.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.units import parse_size
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "add_command",
@@ -83,16 +87,24 @@ def add_command(
 
 
 def size_arg(text: str) -> int:
-    """argparse type for sizes, with parse_size's explanation on error."""
+    """argparse type for sizes (shard sizes, model sizes): a positive number of bytes, with
+    parse_size's explanation on error. Zero is refused: no shard or model can be that small."""
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(
+            f"Invalid size {text!r}: the size must be above 0 bytes, e.g. '5GB' or '500MB'."
+        )
+    return size
 
 
 def dtype_arg(text: str) -> torch.dtype | None:
     """argparse type for dtypes (bf16, fp16, fp32, ...; auto: as stored), with parse_dtype's
     list on error."""
+    from bigmodel.foundations.dtypes import parse_dtype
+
     try:
         return parse_dtype(text)
     except ValueError as exc:

@@ -1,4 +1,7 @@
-"""``bigmodel inspect PATH``: what is inside a checkpoint, read from headers only."""
+"""``bigmodel inspect PATH``: what is inside a checkpoint, read from headers only.
+
+A safetensors checkpoint is described without importing torch (dtypes are header names).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import math
 import textwrap
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from bigmodel.checkpoint.handle import Checkpoint
@@ -34,14 +38,38 @@ def register(sub: Subparsers) -> None:
     p.set_defaults(run=run)
 
 
+@dataclass(frozen=True)
+class _Tensor:
+    """What inspect shows of a stored tensor (torch-free, unlike :class:`~bigmodel.TensorInfo`)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _tensors(ckpt: Checkpoint) -> list[_Tensor]:
+    by_file = ckpt.keys_by_file()
+    file_of = {name: file for file, names in by_file.items() for name in names}
+    return [
+        _Tensor(k, ckpt.dtype_name(k), ckpt.shape(k), ckpt.nbytes(k), file_of[k])
+        for k in ckpt.stored_keys()
+    ]
+
+
 def describe(ckpt: Checkpoint, *, tensors: bool) -> dict[str, Any]:
     """Everything ``inspect`` reports, as plain data."""
-    infos = [ckpt.tensor_info(k) for k in ckpt.stored_keys()]
+    infos = _tensors(ckpt)
     by_dtype: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     per_file: dict[str, list[int]] = {f: [0, 0] for f in ckpt.files}
     for info in infos:
-        by_dtype[str(info.dtype).removeprefix("torch.")][0] += 1
-        by_dtype[str(info.dtype).removeprefix("torch.")][1] += info.nbytes
+        by_dtype[info.dtype][0] += 1
+        by_dtype[info.dtype][1] += info.nbytes
         per_file[info.file][0] += 1
         per_file[info.file][1] += info.nbytes
     largest = max(infos, key=lambda i: i.nbytes, default=None)
@@ -67,7 +95,7 @@ def describe(ckpt: Checkpoint, *, tensors: bool) -> dict[str, Any]:
         if largest is None
         else {
             "name": largest.name,
-            "dtype": str(largest.dtype).removeprefix("torch."),
+            "dtype": largest.dtype,
             "shape": list(largest.shape),
             "bytes": largest.nbytes,
         },
@@ -77,7 +105,7 @@ def describe(ckpt: Checkpoint, *, tensors: bool) -> dict[str, Any]:
         out["tensor_list"] = [
             {
                 "name": i.name,
-                "dtype": str(i.dtype).removeprefix("torch."),
+                "dtype": i.dtype,
                 "shape": list(i.shape),
                 "bytes": i.nbytes,
                 "file": i.file,

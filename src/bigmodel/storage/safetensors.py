@@ -10,6 +10,10 @@ untrusted input: the reference reader accepts duplicated names and raises its ow
 type, while every problem here must become an :class:`~bigmodel.InvalidCheckpointError`
 naming the file, the rule and the tensor. Reads map the file privately (copy-on-write), so a
 same-dtype CPU tensor aliases the page cache and writing to it never touches the file.
+
+Headers are parsed and checked without importing torch: dtypes are names with an element size
+(:mod:`bigmodel.storage.dtypes`), resolved to torch dtypes only when a tensor is made, so
+``bigmodel inspect`` and ``bigmodel verify`` start in a fraction of ``import torch``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import (
@@ -35,8 +37,11 @@ from bigmodel.foundations.errors import (
 )
 from bigmodel.storage.atomic import file_identity, write_all
 from bigmodel.storage.digest import DIGEST_KEY, new_hasher, placeholder
-from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
+from bigmodel.storage.dtypes import ITEMSIZE, stored_dtype, stored_nbytes, torch_dtype
 from bigmodel.storage.files import open_regular, watch_mapping
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "shape_problem",
@@ -124,21 +129,52 @@ def tensor_name_problem(name: object) -> str | None:
 #: safetensors dtype names whose elements are smaller than a byte; torch has no 1:1 dtype.
 _SUB_BYTE = {"F4", "F6_E2M3", "F6_E3M2"}
 
-#: safetensors dtype name -> torch dtype, for the dtypes this torch build has.
-DTYPE_FROM_NAME: dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)
-}
-NAME_FROM_DTYPE: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPE_FROM_NAME.items()}
+if TYPE_CHECKING:
+    #: safetensors dtype name -> torch dtype, for the dtypes this torch build has (computed,
+    #: importing torch, on first use: see ``__getattr__``).
+    DTYPE_FROM_NAME: dict[str, torch.dtype]
+    #: torch dtype -> safetensors dtype name: the dtypes a safetensors file can store.
+    NAME_FROM_DTYPE: dict[torch.dtype, str]
+
+_TORCH_TABLES: dict[str, Any] = {}
+
+
+def _torch_tables() -> dict[str, Any]:
+    """``DTYPE_FROM_NAME`` and ``NAME_FROM_DTYPE``, built once (this imports torch)."""
+    if not _TORCH_TABLES:
+        import torch
+
+        from_name = {
+            name: getattr(torch, attr)
+            for name, attr in _DTYPE_NAMES.items()
+            if isinstance(getattr(torch, attr, None), torch.dtype)
+        }
+        _TORCH_TABLES["DTYPE_FROM_NAME"] = from_name
+        _TORCH_TABLES["NAME_FROM_DTYPE"] = {dtype: name for name, dtype in from_name.items()}
+    return _TORCH_TABLES
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the torch dtype tables are built on first use, so that parsing a header does
+    not import torch."""
+    if name in ("DTYPE_FROM_NAME", "NAME_FROM_DTYPE"):
+        return _torch_tables()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _FIX_REWRITE = "re-create the file with a correct writer (bigmodel.save_checkpoint or safetensors.torch.save_file)."
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor lives in a safetensors file (offsets are absolute file positions)."""
+    """Where one tensor lives in a safetensors file (offsets are absolute file positions).
+
+    ``dtype_name`` is torch's name for the dtype (``"bfloat16"``); :attr:`dtype` resolves it,
+    importing torch.
+    """
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -146,6 +182,19 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype_name]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        try:
+            return torch_dtype(self.dtype_name)
+        except ValueError as exc:
+            raise UnsupportedTensorError(
+                f"Tensor {self.name!r}: {exc} Fix: upgrade torch, or re-save the tensor in another dtype."
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -346,7 +395,11 @@ def _parse_entry(
         return None
     begin, end = offsets
     return TensorEntry(
-        name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end
+        name=name,
+        dtype_name=dtype,
+        shape=tuple(shape),
+        begin=data_start + begin,
+        end=data_start + end,
     )
 
 
@@ -431,29 +484,29 @@ def _data_offsets_field(fields: dict[str, Any]) -> list[int]:
     return offsets
 
 
-def _known_dtype(dtype_name: str) -> torch.dtype:
-    """``dtype`` names a byte-sized dtype this torch build has."""
+def _known_dtype(dtype_name: str) -> str:
+    """``dtype`` names a byte-sized dtype the format defines; returns torch's name for it."""
     if dtype_name in _SUB_BYTE:
         raise _EntryRuleError(
             "unsupported-dtype",
             f"dtype {dtype_name} packs elements below a byte and has no torch equivalent.",
             hint="convert this tensor to a byte-sized dtype before saving.",
         )
-    dtype = DTYPE_FROM_NAME.get(dtype_name)
+    dtype = _DTYPE_NAMES.get(dtype_name)
     if dtype is None:
-        known = ", ".join(sorted(DTYPE_FROM_NAME))
+        known = ", ".join(sorted(_DTYPE_NAMES))
         raise _EntryRuleError(
             "unknown-dtype", f"unknown dtype {dtype_name!r}; known dtypes are {known}."
         )
     return dtype
 
 
-def _check_span(dtype_name: str, dtype: torch.dtype, shape: list[int], offsets: list[int]) -> None:
+def _check_span(dtype_name: str, dtype: str, shape: list[int], offsets: list[int]) -> None:
     """``data_offsets`` end after they begin and span exactly the bytes the shape needs."""
     begin, end = offsets
     if end < begin:
         raise _EntryRuleError("bad-offsets", f"data_offsets {offsets} end before they begin.")
-    expected = math.prod(shape) * dtype.itemsize
+    expected = math.prod(shape) * ITEMSIZE[dtype]
     if expected != end - begin:
         raise _EntryRuleError(
             "size-mismatch",
@@ -553,15 +606,22 @@ class SafetensorsFile:
         entry = self.entries[name]
         return entry.dtype, entry.shape
 
+    def describe_name(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """Like :meth:`describe`, with torch's name of the dtype (no torch import)."""
+        entry = self.entries[name]
+        return entry.dtype_name, entry.shape
+
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as a CPU view of the mapping (a copy only if misaligned)."""
+        import torch
+
         entry = self.entries[name]
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
         raw = torch.frombuffer(  # mapping() first checks that the file did not change
             self.mapping(), dtype=torch.uint8, count=entry.nbytes, offset=entry.begin
         )
-        if entry.begin % entry.dtype.itemsize:
+        if entry.begin % entry.itemsize:
             raw = raw.clone()  # other writers may leave tensors unaligned; views need alignment
         return raw.view(entry.dtype).view(entry.shape)
 
@@ -574,6 +634,8 @@ class SafetensorsFile:
 def _as_bytes(tensor: torch.Tensor, cast: torch.dtype | None = None) -> memoryview:
     """A read-only byte view of ``tensor``'s data (cast if asked); copies only if it is not
     already a contiguous CPU tensor of the stored dtype."""
+    import torch
+
     flat = tensor.detach()
     if flat.device.type != "cpu":
         flat = flat.to("cpu")
@@ -608,7 +670,7 @@ def header_bytes(
     for name, tensor in ordered:
         size = stored_nbytes(tensor, cast)
         header[name] = {
-            "dtype": NAME_FROM_DTYPE[stored_dtype(tensor, cast)],
+            "dtype": _torch_tables()["NAME_FROM_DTYPE"][stored_dtype(tensor, cast)],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
