@@ -16,7 +16,20 @@ from torch.utils.hooks import RemovableHandle
 
 from bigmodel.foundations.devices import normalize_device
 
-__all__ = ["attach_placement_hooks", "move_to"]
+__all__ = ["attach_placement_hooks", "has_forward", "move_to"]
+
+
+def has_forward(module: nn.Module) -> bool:
+    """Whether ``module`` defines a forward (a ``ModuleList`` or ``ModuleDict`` does not: its
+    hooks never fire; its children are called one by one)."""
+    return type(module).forward is not nn.Module.forward
+
+
+def _called_modules(module: nn.Module) -> list[nn.Module]:
+    """``module`` if it has a forward, else the first modules with one below it."""
+    if has_forward(module):
+        return [module]
+    return [m for child in module.children() for m in _called_modules(child)]
 
 
 def move_to(value: Any, device: torch.device) -> Any:
@@ -50,16 +63,21 @@ def attach_placement_hooks(
 ) -> list[RemovableHandle]:
     """Move each entry's inputs to where it runs, and the outputs back to the caller's device.
 
-    Needed only when the map involves more than the CPU; returns no hooks otherwise.
+    An entry without a forward of its own (a ``ModuleList``) hooks the modules under it that
+    are called; an entry naming a tensor adds no hook. Needed only when the map involves more
+    than the CPU; returns no hooks otherwise.
     """
     devices = {normalize_device(execution)} | {d for d in device_map.values() if d != "disk"}
     if devices <= {"cpu"}:
         return []
     handles: list[RemovableHandle] = []
+    modules = dict(model.named_modules(remove_duplicate=False))
     for key, device in device_map.items():
+        if key not in modules:  # an entry naming a tensor: its module's inputs are its own
+            continue
         target = torch.device(execution if device in ("disk", "cpu") else device)
-        module = model.get_submodule(key) if key else model
-        handles.append(module.register_forward_pre_hook(_inputs_to(target), with_kwargs=True))
+        for module in _called_modules(modules[key]):
+            handles.append(module.register_forward_pre_hook(_inputs_to(target), with_kwargs=True))
     callers: list[torch.device | None] = []
 
     def remember(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -1,21 +1,51 @@
-"""Running a model whose weights do not all fit: per-module hooks, offload, prefetch.
+"""Running a model whose weights do not all fit: materialisation units, offload, prefetch.
 
-Offloaded modules keep ``meta`` placeholders. Just before such a module runs, a forward
-pre-hook puts its real tensors in place on the execution device; right after, a forward hook
-puts the placeholders back, so the weights are released. Two kinds of module are offloaded:
+Offloaded tensors keep ``meta`` placeholders and are materialised on the execution device by
+*unit*, for the duration of one module's forward (the unit's *scope*), then released. Two
+kinds of tensor are offloaded (see :mod:`bigmodel.execution.residency`):
 
-* ``disk`` modules: read from the original checkpoint shard when no conversion is needed (a
-  view of the file mapping, so no private memory) or from ``offload_folder`` where converted
-  copies were written once;
-* ``cpu`` modules when the execution device is an accelerator: the CPU tensor is the source
-  and is copied over for each forward (on CUDA through pinned memory on a side stream).
+* those of ``disk`` entries: read from the original checkpoint shard when no conversion is
+  needed (a view of the file mapping, brought into memory ahead of use by the prefetch
+  thread, :func:`bigmodel.storage.readahead.prefault`) or from ``offload_folder`` where
+  converted copies were written once;
+* those of ``cpu`` entries when the execution device is an accelerator: the CPU tensor is the
+  source and is copied over for each forward (on CUDA through pinned memory on a side stream).
 
-Tied names that are needed together are materialised once.
+**The materialisation rule.** Every offloaded tensor belongs to exactly one unit, named by its
+scope:
 
-Prefetch: the device map's entries run in order; when entry *i* starts, the entries after it
-are read in a background thread while the bytes they hold stay within the prefetch bound (by
-default the largest entry, i.e. one entry ahead), so reads overlap compute and the memory in
-flight is fixed. Entries that were skipped (a module whose forward did not run) are dropped.
+1. a tensor inside a *block* — an instance of a class of repeated blocks (the planner's atoms,
+   :func:`bigmodel.placement.planner.repeated_block_classes`, or ``block_classes`` when
+   given) — belongs to the outermost block holding it: the block's forward is its scope,
+   whether the block lies inside the tensor's device-map entry (``{"": "disk"}``,
+   ``{"backbone.layers": "disk"}`` are materialised one block at a time) or the entry lies
+   inside the block (the block's forward then holds only that entry's tensors);
+2. any other tensor belongs to its device-map entry: the scope is the entry's module — or,
+   when that module has no forward of its own (``ModuleList``, ``ModuleDict``), the first
+   module with a forward on the way down to the tensor, and when there is none on that way
+   (a ``ParameterList``) the nearest ancestor with a forward; for an entry that names a
+   tensor, its module. So with ``{"": "disk"}`` the embedding, final norm and head are
+   materialised for the whole forward of the root, and each block for its own forward;
+3. the tensors of one scope (from any entries) form one unit, materialised together.
+
+Hence a module that reads a child's weight without calling the child (Mamba's mixer reads
+``dt_proj.weight``; a head computing ``hidden @ self.embed.weight.T``) finds it in place as
+long as both are in one unit. What stays unsupported: a module reading, outside its own
+scope, the weight of a module of another unit that it does not call (``self.embed.weight``
+read by the root when ``embed`` is its own ``disk`` entry and the root is not) — keep such
+modules in one entry.
+
+Units nest (the root's unit holds while each block's unit comes and goes) and are counted:
+a unit entered again while materialised (a module called twice within one forward, a
+recursive module) is neither read nor released twice; tied names of one unit share one
+tensor (and one ``Parameter``), read once.
+
+**Prefetch.** Units run in the order of the last complete forward (at first, the order of
+their scopes in the module tree). When a unit is entered, the units that follow it are read in
+a background thread while the bytes read ahead stay within the prefetch bound (by default the
+largest unit, i.e. one unit ahead), so reads overlap compute with a fixed amount of memory in
+flight; read-ahead units that are no longer next (their module was skipped) are dropped.
+``peak_bytes`` records the most bytes materialised at once (units held plus read ahead).
 
 The placement hooks (inputs to each entry's device, outputs back to the caller's) are
 attached alongside, see :mod:`bigmodel.execution.hooks`.
@@ -23,8 +53,9 @@ attached alongside, see :mod:`bigmodel.execution.hooks`.
 
 from __future__ import annotations
 
+import bisect
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,18 +64,23 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bigmodel.execution.hooks import attach_placement_hooks, move_to
-from bigmodel.execution.offload_sources import OffloadedTensor, resident_sources
+from bigmodel.execution.hooks import attach_placement_hooks, has_forward
+from bigmodel.execution.offload_sources import OffloadedTensor, keep_resident, resident_sources
+from bigmodel.execution.residency import tensor_roles
 from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.types import OffloadOptions
-from bigmodel.placement.device_map import covering_key, device_for
+from bigmodel.placement.device_map import covering_key
+from bigmodel.placement.planner import repeated_block_classes
+from bigmodel.storage.readahead import prefault
 
-__all__ = ["Offloader", "attach_offload_hooks"]
+__all__ = ["Offloader", "attach_offload_hooks", "unit_scopes"]
+
+BlockClasses = Iterable[type[nn.Module] | str]
 
 
 @dataclass
 class _Batch:
-    """Tensors of one entry on the execution device, and the copies they may still wait on."""
+    """Tensors of one unit on the execution device, and the copies they may still wait on."""
 
     tensors: dict[str, torch.Tensor]
     events: list[Any] = field(default_factory=list)  # torch.cuda.Event per async copy
@@ -62,11 +98,98 @@ class _Batch:
         self.staging.clear()
 
 
+@dataclass
+class _Slot:
+    """Where one offloaded name lives in the model, and the placeholder it returns to."""
+
+    name: str
+    module: nn.Module
+    leaf: str
+    is_parameter: bool
+    requires_grad: bool
+    placeholder: torch.Tensor
+
+
+@dataclass
+class _Unit:
+    """Offloaded names materialised together for the forward of the module ``scope``."""
+
+    scope: str
+    names: list[str]
+    nbytes: int
+
+
+# -- the materialisation rule ---------------------------------------------------------------------
+
+
+def unit_scopes(
+    model: nn.Module,
+    names: Iterable[str],
+    device_map: Mapping[str, str],
+    block_classes: BlockClasses | None = None,
+) -> dict[str, str]:
+    """``{tensor name: scope module name}`` by the rule of the module docstring."""
+    classes = repeated_block_classes(model) if block_classes is None else set(block_classes)
+    kinds = {c if isinstance(c, str) else c.__name__ for c in classes}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    blocks = {n for n, m in modules.items() if type(m).__name__ in kinds}
+    scopes: dict[str, str] = {}
+    for name in names:
+        owner = name.rpartition(".")[0]
+        parts = owner.split(".") if owner else []
+        path = [".".join(parts[:i]) for i in range(len(parts) + 1)]  # root ... owner
+        block = next((p for p in path if p in blocks), None)
+        if block is not None:
+            scopes[name] = block
+            continue
+        key = covering_key(name, device_map)
+        if key is None:
+            raise ValueError(
+                f"The device map places no entry over {name!r}; add it (or an ancestor, or '') "
+                "to device_map."
+            )
+        start = path.index(key if key in modules else owner)
+        down = (p for p in path[start:] if has_forward(modules[p]))
+        up = (p for p in reversed(path[:start]) if has_forward(modules[p]))
+        scopes[name] = next(down, next(up, ""))
+    return scopes
+
+
+def _units(
+    model: nn.Module, tensors: Mapping[str, OffloadedTensor], scopes: Mapping[str, str]
+) -> list[_Unit]:
+    """Units in the order of their scopes in the module tree (parents before children)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    by_scope: dict[str, list[str]] = {}
+    for name, scope in scopes.items():
+        by_scope.setdefault(scope, []).append(name)
+    units = []
+    for scope in sorted(by_scope, key=lambda s: order.get(s, len(order))):
+        seen: dict[tuple[str, torch.dtype], int] = {}
+        for name in by_scope[scope]:
+            spec = tensors[name]
+            seen[(spec.source or name, spec.dtype)] = spec.nbytes
+        units.append(_Unit(scope, by_scope[scope], sum(seen.values())))
+    return units
+
+
+def _slot(model: nn.Module, name: str, spec: OffloadedTensor) -> _Slot:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = module._parameters.get(leaf) if spec.is_parameter else module._buffers.get(leaf)
+    assert current is not None, name
+    placeholder = current
+    if spec.is_parameter and not isinstance(current, nn.Parameter):  # pragma: no cover
+        placeholder = nn.Parameter(current, requires_grad=spec.requires_grad)
+    return _Slot(name, module, leaf, spec.is_parameter, spec.requires_grad, placeholder)
+
+
 class Offloader:
     """Owns the offloaded tensors of one model and the hooks that bring them in and out.
 
-    ``prefetch``: ``False`` reads each entry when it runs; ``True`` prefetches up to the size of
-    the largest entry ahead; an int or a size string (``"512MB"``) sets that bound in bytes.
+    ``prefetch``: ``False`` reads each unit when it runs; ``True`` prefetches up to the size of
+    the largest unit ahead; an int or a size string (``"512MB"``) sets that bound in bytes.
+    ``block_classes``: the classes of blocks (default: the repeated ones, as the planner).
     """
 
     def __init__(
@@ -77,69 +200,83 @@ class Offloader:
         *,
         execution_device: torch.device,
         prefetch: bool | int | str = True,
+        block_classes: BlockClasses | None = None,
     ) -> None:
         self.model = model
         self.tensors = dict(tensors)
         self.execution_device = execution_device
         self.handles: list[RemovableHandle] = []
-        self._pending: dict[int, Future[_Batch]] = {}
-        self._lock = threading.Lock()
         self._stream: Any = None
-        owners = {name: covering_key(name, device_map) for name in self.tensors}
-        order = {key: i for i, key in enumerate(device_map)}
-        keys = sorted({k for k in owners.values() if k is not None}, key=order.__getitem__)
-        self._keys = keys  # device-map entries with offloaded tensors, in run order
-        index = {k: i for i, k in enumerate(keys)}
-        self._entry_of: dict[str, int] = {}
-        for name, key in owners.items():
-            if key is None:
-                raise ValueError(
-                    f"The device map places no entry over {name!r}; add it (or an ancestor, or '') to device_map."
-                )
-            self._entry_of[name] = index[key]
-        self._names: list[list[str]] = [[] for _ in keys]
-        for name, entry in self._entry_of.items():
-            self._names[entry].append(name)
-        self.entry_bytes = [self._unique_bytes(names) for names in self._names]
+        self._lock = threading.Lock()
+        scopes = unit_scopes(model, self.tensors, device_map, block_classes)
+        self.units = _units(model, self.tensors, scopes)
+        self._slots = [[_slot(model, n, self.tensors[n]) for n in u.names] for u in self.units]
+        self.entry_bytes = [unit.nbytes for unit in self.units]  # per unit, in unit order
         self.prefetch_bytes = self._bound(prefetch)
         self._pool = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
             if self.prefetch_bytes
             else None
         )
-        by_module: dict[str, dict[str, str]] = {}
-        for name in self.tensors:
-            module_name, _, leaf = name.rpartition(".")
-            by_module.setdefault(module_name, {})[leaf] = name
-        for module_name, leaves in by_module.items():
-            module = model.get_submodule(module_name)
-            entry = self._entry_of[next(iter(leaves.values()))]
-            self.handles.append(
-                module.register_forward_pre_hook(
-                    self._make_pre_hook(leaves, entry), with_kwargs=True
-                )
-            )
-            self.handles.append(
-                module.register_forward_hook(self._make_post_hook(leaves), with_kwargs=True)
-            )
-
-    def _unique_bytes(self, names: list[str]) -> int:
-        seen: dict[tuple[str, torch.dtype], int] = {}
-        for name in names:
-            spec = self.tensors[name]
-            seen[(spec.source or name, spec.dtype)] = spec.nbytes
-        return sum(seen.values())
+        self._pending: dict[int, Future[_Batch]] = {}
+        self._count = [0] * len(self.units)
+        self._set_order(list(range(len(self.units))))
+        self._cursor = -1
+        self._depth = 0
+        self._trace: list[int] = []
+        self.resident_bytes = 0
+        self.peak_bytes = 0
+        self._attach()
 
     def _bound(self, prefetch: bool | int | str) -> int:
         bound = OffloadOptions(prefetch=prefetch).prefetch_bytes
         return max(self.entry_bytes, default=0) or 1 if bound is None else bound
 
-    # -- reading ----------------------------------------------------------------------------
-    def _read(self, names: list[str]) -> _Batch:
-        """Materialise ``names`` on the execution device; tied names share one tensor."""
+    def _attach(self) -> None:
+        root = self.model
+        self.handles.append(root.register_forward_pre_hook(self._pass_start, prepend=True))
+        for index, unit in enumerate(self.units):
+            module = root.get_submodule(unit.scope)
+            self.handles.append(module.register_forward_pre_hook(self._enter_hook(index)))
+            self.handles.append(
+                module.register_forward_hook(self._exit_hook(index), always_call=True)
+            )
+        self.handles.append(root.register_forward_hook(self._pass_end, always_call=True))
+
+    # -- execution order ----------------------------------------------------------------------
+    def _set_order(self, order: list[int]) -> None:
+        self._order = order
+        self._positions: dict[int, list[int]] = {}
+        for position, unit in enumerate(order):
+            self._positions.setdefault(unit, []).append(position)
+
+    def _pass_start(self, mod: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._depth == 0:
+            self._trace, self._cursor = [], -1
+        self._depth += 1
+
+    def _pass_end(self, mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0 and self._trace:
+            if self._trace != self._order:  # learn the order units really run in
+                self._set_order(self._trace)
+            self._trace = []
+
+    def _advance(self, unit: int) -> None:
+        """Move the cursor to this unit's next place in the order (recording the pass)."""
+        if self._depth:
+            self._trace.append(unit)
+        positions = self._positions.get(unit)
+        if positions:
+            at = bisect.bisect_right(positions, self._cursor)
+            self._cursor = positions[at] if at < len(positions) else positions[0]
+
+    # -- reading ------------------------------------------------------------------------------
+    def _read(self, unit: int) -> _Batch:
+        """Materialise the unit's names on the execution device; tied names share one tensor."""
         batch = _Batch({})
         made: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        for name in names:
+        for name in self.units[unit].names:
             spec = self.tensors[name]
             ident = (spec.source or name, spec.dtype)
             if ident not in made:
@@ -151,10 +288,14 @@ class Offloader:
         data = spec.load()
         device = self.execution_device
         if device.type != "cuda":
-            return data.to(device=device, dtype=spec.dtype)
+            out = data.to(device=device, dtype=spec.dtype)
+            if out.device.type == "cpu" and out.data_ptr() == data.data_ptr():
+                prefault(out)  # a view of a file: read it now, not page by page in compute
+            return out
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        staged = data.to(dtype=spec.dtype).pin_memory()
+        staged = data.to(dtype=spec.dtype)
+        staged = staged if staged.is_pinned() else staged.pin_memory()
         with torch.cuda.stream(self._stream):
             out = staged.to(device, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -163,81 +304,101 @@ class Offloader:
         batch.staging.append(staged)
         return out
 
-    def _schedule(self, running: int) -> None:
-        """Drop batches of entries already passed; read ahead of ``running`` within the bound."""
+    def _charge(self, nbytes: int) -> None:
+        with self._lock:
+            self.resident_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
+
+    def _window(self) -> list[int]:
+        """The units after the cursor to hold read ahead: as many as the bound allows."""
+        window: list[int] = []
+        total = 0
+        for unit in self._order[self._cursor + 1 :]:
+            if unit in window or self._count[unit]:
+                continue
+            if total + self.entry_bytes[unit] > self.prefetch_bytes:
+                break
+            window.append(unit)
+            total += self.entry_bytes[unit]
+        return window
+
+    def _schedule(self) -> None:
+        """Drop read-ahead units that are no longer next; read ahead within the bound."""
         if self._pool is None:
             return
+        window = self._window()
         with self._lock:
-            for stale in [i for i in self._pending if i < running]:
-                self._pending.pop(stale).cancel()
-            # the running entry's tensors are the block that runs, not read-ahead
-            inflight = sum(self.entry_bytes[i] for i in self._pending if i > running)
-            nxt = running + 1
-            while nxt < len(self._keys):
-                if nxt not in self._pending:
-                    if inflight + self.entry_bytes[nxt] > self.prefetch_bytes:
-                        break
-                    self._pending[nxt] = self._pool.submit(self._read, self._names[nxt])
-                    inflight += self.entry_bytes[nxt]
-                nxt += 1
-
-    def _take(self, index: int, leaves: Mapping[str, str]) -> dict[str, torch.Tensor]:
-        with self._lock:
-            future = self._pending.get(index)
-        out: dict[str, torch.Tensor] = {}
-        if future is not None:
-            batch = future.result()
-            batch.wait(self.execution_device)
-            for leaf, name in leaves.items():
-                if name in batch.tensors:
-                    out[leaf] = batch.tensors.pop(name)
-            if not batch.tensors:  # every module of the entry has taken its tensors
+            stale = [u for u in self._pending if u not in window]
+            dropped = [self._pending.pop(u) for u in stale]
+        for unit, future in zip(stale, dropped, strict=True):
+            future.cancel()
+            self._charge(-self.entry_bytes[unit])
+        for unit in window:
+            if unit not in self._pending:
+                self._charge(self.entry_bytes[unit])
                 with self._lock:
-                    if self._pending.get(index) is future:
-                        del self._pending[index]
-        missing = [name for leaf, name in leaves.items() if leaf not in out]
-        if missing:
-            batch = self._read(missing)
-            batch.wait(self.execution_device)
-            by_name = {name: leaf for leaf, name in leaves.items()}
-            out.update({by_name[n]: t for n, t in batch.tensors.items()})
-        return out
+                    self._pending[unit] = self._pool.submit(self._read, unit)
+
+    def _take(self, unit: int) -> _Batch:
+        with self._lock:
+            future = self._pending.pop(unit, None)
+        if future is None:
+            self._charge(self.entry_bytes[unit])
+            batch = self._read(unit)
+        else:
+            batch = future.result()
+        batch.wait(self.execution_device)
+        return batch
 
     # -- hooks --------------------------------------------------------------------------------
-    def _make_pre_hook(self, leaves: Mapping[str, str], index: int) -> Callable[..., Any]:
-        def hook(
-            mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            tensors = self._take(index, leaves)
-            self._schedule(index)
-            for leaf, tensor in tensors.items():
-                spec = self.tensors[leaves[leaf]]
-                if spec.is_parameter:
-                    mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=spec.requires_grad)
-                else:
-                    mod._buffers[leaf] = tensor
-            return move_to(args, self.execution_device), move_to(kwargs, self.execution_device)
+    def _enter(self, unit: int) -> None:
+        if self._count[unit]:  # already materialised: a nested or repeated call
+            self._count[unit] += 1
+            return
+        self._advance(unit)
+        batch = self._take(unit)
+        made: dict[int, nn.Parameter] = {}
+        for slot in self._slots[unit]:
+            tensor = batch.tensors[slot.name]
+            if slot.is_parameter:
+                param = made.get(id(tensor))
+                if param is None:
+                    param = made[id(tensor)] = nn.Parameter(tensor, slot.requires_grad)
+                slot.module._parameters[slot.leaf] = param
+            else:
+                slot.module._buffers[slot.leaf] = tensor
+        self._count[unit] = 1
+        self._schedule()
+
+    def _exit(self, unit: int) -> None:
+        if self._count[unit] == 0:  # the pre-hook failed before materialising
+            return
+        self._count[unit] -= 1
+        if self._count[unit]:
+            return
+        for slot in self._slots[unit]:
+            if slot.is_parameter:
+                slot.module._parameters[slot.leaf] = slot.placeholder  # type: ignore[assignment]
+            else:
+                slot.module._buffers[slot.leaf] = slot.placeholder
+        self._charge(-self.entry_bytes[unit])
+
+    def _enter_hook(self, unit: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            self._enter(unit)
 
         return hook
 
-    def _make_post_hook(self, leaves: Mapping[str, str]) -> Callable[..., Any]:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            for leaf, name in leaves.items():
-                placeholder = _placeholder(mod, leaf)
-                if self.tensors[name].is_parameter:
-                    mod._parameters[leaf] = nn.Parameter(
-                        placeholder, requires_grad=self.tensors[name].requires_grad
-                    )
-                else:
-                    mod._buffers[leaf] = placeholder
-            return output
+    def _exit_hook(self, unit: int) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self._exit(unit)
 
         return hook
 
     def in_flight(self) -> list[str]:
-        """Device-map entries whose tensors are read ahead and not yet taken (for tests, logs)."""
+        """Scopes of the units read ahead and not yet taken (for tests, logs)."""
         with self._lock:
-            return [self._keys[i] for i in sorted(self._pending)]
+            return [self.units[i].scope for i in sorted(self._pending)]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -247,41 +408,49 @@ class Offloader:
             self._pool.shutdown(wait=True)
 
 
-def _placeholder(module: nn.Module, leaf: str) -> torch.Tensor:
-    current: torch.Tensor | None = module._parameters.get(leaf)
-    if current is None:
-        current = module._buffers[leaf]
-    assert current is not None
-    return torch.empty_like(current, device="meta")
-
-
-def attach_offload_hooks(
+def _offloaded_state(
     model: nn.Module,
     tensors: Mapping[str, OffloadedTensor],
     device_map: Mapping[str, str],
-    *,
-    execution_device: torch.device | str = "cpu",
-    prefetch: bool | int | str = True,
-) -> Offloader | None:
-    """Hook up a placed model: offload ``tensors`` (disk) — and, when the execution device is an
-    accelerator, the ``cpu`` modules too — and attach the placement hooks.
-
-    Offloaded tensors are replaced by ``meta`` placeholders. Returns the :class:`Offloader`
-    (also kept on the model), or ``None`` when nothing is offloaded.
-    """
-    execution = torch.device(normalize_device(execution_device))
+    execution: torch.device,
+) -> dict[str, OffloadedTensor]:
+    """Every tensor to stream (disk sources, and CPU ones for an accelerator); tensors that
+    must reach the execution device without a source (non-persistent buffers) are moved."""
+    everything = {
+        **dict(model.named_parameters(remove_duplicate=False)),
+        **dict(model.named_buffers(remove_duplicate=False)),
+    }
+    persistent: Collection[str] = (
+        model.state_dict(keep_vars=True).keys() if execution.type != "cpu" else ()
+    )
+    roles = tensor_roles(
+        everything,
+        device_map,
+        normalize_device(execution),
+        offloaded=tensors.keys(),
+        persistent=persistent,
+    )
     specs = dict(tensors)
-    if execution.type != "cpu":
-        state = model.state_dict(keep_vars=True)
-        specs.update(
-            resident_sources(
-                {
-                    n: t
-                    for n, t in state.items()
-                    if n not in specs and device_for(n, device_map) == "cpu"
-                }
-            )
+    specs.update(
+        resident_sources(
+            {n: everything[n] for n, r in roles.items() if r == "stream" and n not in specs}
         )
+    )
+    moved: dict[int, torch.Tensor] = {}
+    for name in (n for n, r in roles.items() if r == "move"):
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = everything[name]
+        if id(tensor) not in moved:
+            moved[id(tensor)] = tensor.to(execution)
+        if leaf in module._buffers:
+            module._buffers[leaf] = moved[id(tensor)]
+        else:
+            module._parameters[leaf] = nn.Parameter(moved[id(tensor)], tensor.requires_grad)
+    return specs
+
+
+def _to_placeholders(model: nn.Module, specs: Mapping[str, OffloadedTensor]) -> None:
     for name, spec in specs.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -296,8 +465,40 @@ def attach_offload_hooks(
             module._parameters[leaf] = nn.Parameter(meta, requires_grad=spec.requires_grad)
         else:
             module._buffers[leaf] = meta
+
+
+def attach_offload_hooks(
+    model: nn.Module,
+    tensors: Mapping[str, OffloadedTensor],
+    device_map: Mapping[str, str],
+    *,
+    execution_device: torch.device | str = "cpu",
+    prefetch: bool | int | str = True,
+    block_classes: BlockClasses | None = None,
+) -> Offloader | None:
+    """Hook up a placed model: offload ``tensors`` (disk) — and, when the execution device is an
+    accelerator, the ``cpu`` entries too — and attach the placement hooks.
+
+    When the map sends something to disk, ``cpu`` tensors that are views of a file get private
+    memory first (:func:`~bigmodel.execution.offload_sources.keep_resident`). Offloaded tensors
+    are replaced by ``meta`` placeholders; non-persistent buffers of ``cpu``/``disk`` entries
+    are moved to an accelerator execution device once (:mod:`bigmodel.execution.residency`).
+    Returns the :class:`Offloader` (also kept on the model), or ``None`` when nothing is
+    offloaded.
+    """
+    execution = torch.device(normalize_device(execution_device))
+    keep_resident(model, device_map)
+    specs = _offloaded_state(model, tensors, device_map, execution)
+    _to_placeholders(model, specs)
     offloader = (
-        Offloader(model, specs, device_map, execution_device=execution, prefetch=prefetch)
+        Offloader(
+            model,
+            specs,
+            device_map,
+            execution_device=execution,
+            prefetch=prefetch,
+            block_classes=block_classes,
+        )
         if specs
         else None
     )

@@ -5,6 +5,11 @@ each time it is needed: nothing is rewritten. A tensor that needs a conversion i
 once, streamed into a safetensors file in ``offload_folder`` (one file per target dtype,
 named by bigmodel — tensor names only ever appear inside the file's header, so a hostile
 name can never reach the filesystem; see :mod:`bigmodel.storage.scratch`), and read from there.
+
+When a device map sends modules to disk, the tensors of its ``cpu`` entries are given private
+memory (:func:`keep_resident`): left as views of the file mapping they would be page cache,
+which the kernel evicts to make room for the disk modules streamed on every forward, so the
+CPU budget would be streamed too.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import torch
 from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.placement.device_map import device_for
+from bigmodel.storage.readahead import FileMappings
 from bigmodel.storage.scratch import write_converted
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "offload_sources",
     "offload_state",
     "resident_sources",
+    "keep_resident",
 ]
 
 
@@ -187,3 +195,27 @@ def resident_sources(state: dict[str, torch.Tensor]) -> dict[str, OffloadedTenso
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def keep_resident(model: nn.Module, device_map: Mapping[str, str]) -> int:
+    """Copy into private memory the tensors of ``cpu`` entries that are views of a file mapping,
+    when ``device_map`` sends something to disk (only then: a same-dtype CPU load without disk
+    offload stays zero copy). Tied tensors are copied once and stay tied (a parameter keeps its
+    identity; only its data is replaced). Returns the bytes copied."""
+    if "disk" not in device_map.values():
+        return 0
+    mappings = FileMappings()
+    done: set[int] = set()
+    copied = 0
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for slots in (module._parameters, module._buffers):
+            for leaf, tensor in slots.items():
+                if tensor is None or id(tensor) in done:
+                    continue
+                if device_for(prefix + leaf, device_map) != "cpu" or not mappings.holds(tensor):
+                    continue
+                done.add(id(tensor))
+                tensor.data = tensor.data.clone()
+                copied += tensor.numel() * tensor.element_size()
+    return copied

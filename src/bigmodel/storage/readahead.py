@@ -4,17 +4,27 @@ background, so that later accesses find them cached instead of faulting page by 
 A hint only (``posix_fadvise(POSIX_FADV_WILLNEED)``): errors are ignored, and platforms
 without ``posix_fadvise`` do nothing. Called "readahead" throughout bigmodel; "prefetch" is
 reserved for the offload hooks reading the next device-map entries ahead of the forward pass.
+
+The offload hooks also use :func:`prefault` (their prefetch thread reads a file-backed tensor
+into memory ahead of use) and :class:`FileMappings` (which tensors are views of a file).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import ctypes
+import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["merge_ranges", "readahead"]
+import torch
+
+__all__ = ["FileMappings", "merge_ranges", "prefault", "readahead"]
 
 
 def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -53,3 +63,82 @@ def readahead(spans: dict[Path, list[tuple[int, int]]]) -> int:
             target=_advise, args=(merged,), name="bigmodel-readahead", daemon=True
         ).start()
     return sum(end - begin for ranges in merged.values() for begin, end in ranges)
+
+
+# -- populating a mapping now, and telling mappings from private memory ---------------------------
+
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux 5.14+
+_PAGE = mmap.PAGESIZE
+
+
+def _madvise() -> Any:
+    if not sys.platform.startswith("linux"):  # pragma: no cover - not Linux
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):  # pragma: no cover - no libc madvise
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise_fn = _madvise()
+
+
+def prefault(tensor: torch.Tensor) -> bool:
+    """Bring a CPU tensor's pages into memory now, in the calling thread, and map them.
+
+    For a view of a file mapping this is the read itself, done ahead of use: the kernel is
+    told the whole range is needed (``MADV_WILLNEED``: large reads, not page-sized faults),
+    then the pages are faulted in and mapped (``MADV_POPULATE_READ``), waiting for the I/O
+    (ctypes releases the GIL meanwhile). Whoever then computes on the tensor finds it mapped
+    and pays no page faults; pages already cached cost only the mapping. Private memory is
+    left as it is. Where ``MADV_POPULATE_READ`` is missing, one byte per page is read instead.
+    Returns False only when nothing could be done (not Linux, or an empty tensor)."""
+    length = tensor.numel() * tensor.element_size()
+    if length == 0 or tensor.device.type != "cpu" or _madvise_fn is None:
+        return False
+    address = tensor.data_ptr()
+    begin = address - address % _PAGE
+    size = -(-(address + length - begin) // _PAGE) * _PAGE
+    _madvise_fn(ctypes.c_void_p(begin), ctypes.c_size_t(size), _MADV_WILLNEED)
+    if _madvise_fn(ctypes.c_void_p(begin), ctypes.c_size_t(size), _MADV_POPULATE_READ) == 0:
+        return True
+    flat = tensor.detach().reshape(-1).view(torch.uint8)  # old kernels: touch every page
+    int(flat[::_PAGE].sum())
+    return True
+
+
+class FileMappings:
+    """The address ranges of this process's file-backed mappings (``/proc/self/maps``), read
+    once, to tell a tensor that is a view of a file (evictable page cache) from private memory.
+    Shared-memory files (``/dev/shm``) count as private: they are not page cache of a file on
+    disk. Empty where ``/proc`` is missing."""
+
+    def __init__(self) -> None:
+        spans: list[tuple[int, int]] = []
+        with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if (
+                    parts[4] == "0"
+                    or not path.startswith("/")
+                    or path.startswith(("/dev/", "/memfd:"))
+                ):
+                    continue
+                begin, _, end = parts[0].partition("-")
+                spans.append((int(begin, 16), int(end, 16)))
+        self._spans = merge_ranges(spans)
+        self._begins = [begin for begin, _ in self._spans]
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s data lies in a file-backed mapping."""
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            return False
+        address = tensor.data_ptr()
+        i = bisect.bisect_right(self._begins, address) - 1
+        return i >= 0 and address < self._spans[i][1]
