@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 SIZES = {
@@ -226,10 +227,11 @@ def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
 
 
 # -- the parent: run, aggregate, print -----------------------------------------------------------
-def run_child(script: str, method: str, **options: object) -> dict:  # type: ignore[type-arg]
+def run_child(script: str, method: str, *, prefix: Sequence[str] = (), **options: object) -> dict:  # type: ignore[type-arg]
     """Run ``script --child METHOD --option value ...`` in a fresh process (``child_env``) and
-    return the JSON object it printed last: one measurement of every benchmark."""
-    cmd = [sys.executable, script, "--child", method]
+    return the JSON object it printed last: one measurement of every benchmark. ``prefix`` is
+    put before the command (e.g. a wrapper that joins a memory cgroup, then execs it)."""
+    cmd = [*prefix, sys.executable, script, "--child", method]
     for name, value in options.items():
         cmd += [f"--{name}", str(value)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
