@@ -12,6 +12,7 @@ budget is kept or :class:`~bigmodel.PlanError` is raised.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -207,42 +208,50 @@ def _tree(
     return tree
 
 
-def _main_devices(budgets: Mapping[Device, int | None]) -> tuple[list[Device], set[Device]]:
-    """Devices that keep room for a streamed block, and the devices streamed to them."""
-    accelerators = [d for d in budgets if d not in ("cpu", "disk")]
+#: This module keeps accelerate's room itself; a planner that keeps its own headroom is told
+#: not to (``plan(headroom=False)``), so the room is not kept twice.
+_OWN_ROOM: dict[str, Any] = (
+    {"headroom": False} if "headroom" in inspect.signature(plan).parameters else {}
+)
+
+
+def _rooms_needed(
+    blocks: list[tuple[str, int]], device_map: Mapping[str, Device], accelerators: list[Device]
+) -> dict[Device, int]:
+    """Room each main device needs for the blocks streamed through it: the first accelerator
+    runs every block kept on ``cpu`` or ``disk``; ``cpu`` reads every block kept on ``disk``."""
+
+    def largest(devices: set[Device]) -> int:
+        return max((s for n, s in blocks if device_of(n, device_map) in devices), default=0)
+
+    rooms = {"cpu": largest({"disk"})}
     if accelerators:
-        return [accelerators[0], "cpu"], {"cpu", "disk"}
-    return ["cpu"], {"disk"}
+        rooms[accelerators[0]] = largest({"cpu", "disk"})
+    return rooms
 
 
-def _plan_with_room(tree: PlanNode, budgets: dict[Device, int | None]) -> Placement:
-    """Plan with room kept on the main devices for the largest block streamed to them.
+def _plan_with_room(
+    tree: PlanNode, budgets: dict[Device, int | None]
+) -> tuple[Placement, dict[Device, int]]:
+    """Plan with room kept on the main devices for the largest block streamed through them
+    (see :func:`_rooms_needed`), and return the rooms kept.
 
-    The room starts at the largest block; it is then lowered to the largest block the plan
-    actually streams while that still holds (at most three rounds), so that a large block
-    placed for good (an embedding) does not keep its size free for nothing."""
-    mains, streamed_from = _main_devices(budgets)
+    Rooms start empty and grow to what the plan needs until the plan keeps what it needs:
+    each round only raises a room to the size of a block, so the rounds end."""
+    accelerators = [d for d in budgets if d not in ("cpu", "disk")]
     blocks = [(atom.name, atom.nbytes) for atom in atoms(tree)]
-    room = max((size for _, size in blocks), default=0)
-    best: Placement | None = None
-    for _ in range(3):
+    rooms: dict[Device, int] = {}
+    for _ in range(4 * len(blocks) + 1):
         reduced = {
-            d: (None if b is None else max(0, b - room) if d in mains else b)
-            for d, b in budgets.items()
+            d: None if b is None else max(0, b - rooms.get(d, 0)) for d, b in budgets.items()
         }
-        placement = plan(tree, reduced)
-        streamed = max(
-            (s for n, s in blocks if device_of(n, placement.device_map) in streamed_from),
-            default=0,
-        )
-        if streamed > room:
+        placement = plan(tree, reduced, **_OWN_ROOM)
+        needed = _rooms_needed(blocks, placement.device_map, accelerators)
+        if all(need <= rooms.get(d, 0) for d, need in needed.items()):
             break
-        best = placement
-        if streamed == room:
-            break
-        room = streamed
-    assert best is not None  # the first round keeps room for the largest block
-    return best
+        rooms = {d: max(rooms.get(d, 0), need) for d, need in needed.items()}
+    placement.budgets = dict(budgets)
+    return placement, rooms
 
 
 def _check(placement: Placement) -> None:
@@ -261,7 +270,10 @@ def _check(placement: Placement) -> None:
 
 
 def _warn_buffers(
-    model: nn.Module, placement: Placement, budgets: Mapping[Device, int | None]
+    model: nn.Module,
+    placement: Placement,
+    budgets: Mapping[Device, int | None],
+    rooms: Mapping[Device, int],
 ) -> None:
     """accelerate's warning: buffers of modules kept on cpu/disk run on an accelerator, and
     no accelerator has room left for them."""
@@ -273,7 +285,7 @@ def _warn_buffers(
         for name, b in model.named_buffers()
         if device_of(name, placement.device_map) in ("cpu", "disk")
     )
-    room = [(budgets[d] or 0) - placement.used.get(d, 0) for d in accelerators]
+    room = [(budgets[d] or 0) - placement.used.get(d, 0) - rooms.get(d, 0) for d in accelerators]
     if offloaded and max(room) < offloaded:
         warnings.warn(
             f"The buffers of the modules kept on cpu/disk need {offloaded} bytes on the "
@@ -322,12 +334,12 @@ def infer_auto_device_map(
     del clean_result, fallback_allocation  # always cleaned; always filled
     budgets, implicit_disk = _budgets(max_memory)
     tree = _tree(model, dtype, special_dtypes, _no_split_names(no_split_module_classes))
-    placement = _plan_with_room(tree, budgets)
+    placement, rooms = _plan_with_room(tree, budgets)
     _check(placement)
     if implicit_disk:
         _warn_implicit_disk(placement)
     if not offload_buffers:
-        _warn_buffers(model, placement, budgets)
+        _warn_buffers(model, placement, budgets, rooms)
     result: OrderedDict[str, int | str] = OrderedDict(
         (name, accelerate_device(device)) for name, device in placement.device_map.items()
     )

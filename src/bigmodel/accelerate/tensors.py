@@ -137,7 +137,8 @@ def set_module_tensor_to_device(
     if leaf in owning._buffers:
         owning._buffers[leaf] = new
     else:
-        kind = type(owning._parameters[leaf] or nn.Parameter(torch.empty(0)))
+        param = owning._parameters[leaf]
+        kind = type(param) if param is not None else nn.Parameter
         owning._parameters[leaf] = kind(new, requires_grad=old.requires_grad)
     if tied_params_map is not None and source.data_ptr() in tied_params_map:
         tied_params_map[source.data_ptr()].setdefault(target, getattr(owning, leaf))
