@@ -144,3 +144,102 @@ def test_output_cut_short_by_head_ends_quietly_without_a_traceback(tmp_path):
 def test_zero_negative_and_garbage_sizes_are_usage_errors(capsys, argv, said):
     assert main(list(argv)) == 2
     assert said in capsys.readouterr().err
+
+
+# -- the first empty build ---------------------------------------------------------------------
+EMPTY_BUILD_PROBE = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from torch import nn
+    import bigmodel
+
+    class Rotary(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+            self.register_buffer("inv_freq", inv, persistent=False)
+            self.register_buffer("scale", nn.init.ones_(torch.empty(dim)))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(100, 16, padding_idx=0)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.norm = nn.LayerNorm(16)
+            self.up = nn.Linear(16, 64)
+            self.rotary = Rotary(8)
+
+    with bigmodel.init_empty_weights():
+        model = Model()
+    compiler = sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules)
+    assert not compiler, f"the first empty build imported {compiler}"
+    assert all(p.is_meta for p in model.parameters())
+    expected = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    assert torch.equal(model.rotary.inv_freq, expected)
+    assert torch.equal(model.rotary.scale, torch.ones(8))  # a real tensor is still initialised
+    print("ok")
+    """
+)
+
+
+def test_the_first_empty_build_in_a_process_does_not_import_torchs_compiler():
+    out = subprocess.run(
+        [sys.executable, "-c", EMPTY_BUILD_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_initialisers_are_put_back_exactly_after_nested_contexts_and_errors():
+    from torch import nn
+
+    before = {name: getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_")}
+    with bigmodel.init_empty_weights():
+        patched = nn.init.normal_
+        assert patched is not before["normal_"]
+        with bigmodel.init_empty_weights(include_buffers=True):
+            assert nn.init.normal_(torch.empty(2, device="meta")).is_meta
+        assert nn.init.normal_ is patched  # the inner context restored the outer's
+        with pytest.raises(RuntimeError), bigmodel.init_empty_weights():
+            raise RuntimeError("a constructor failed")
+        assert nn.init.normal_ is patched
+    assert {name: getattr(nn.init, name) for name in before} == before
+    with bigmodel.init_on_device("cpu"):  # a real device initialises as usual
+        torch.manual_seed(0)
+        layer = nn.Linear(4, 4)
+    torch.manual_seed(0)
+    assert torch.equal(layer.weight, nn.Linear(4, 4).weight)
+
+
+def test_non_persistent_buffers_keep_their_values_when_buffers_go_to_meta_too():
+    from torch import nn
+
+    class Rotary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+            self.register_buffer("inv_freq", inv, persistent=False)
+            self.register_buffer("table", torch.arange(4.0))
+
+    with bigmodel.init_empty_weights(include_buffers=True):
+        module = Rotary()
+    assert torch.equal(module.inv_freq, 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)))
+    assert module.table.is_meta
+
+
+def test_the_quickstart_times_both_ways_to_a_first_output_and_they_agree():
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "quickstart.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--vocab", "256", "--hidden", "64", "--layers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "built with random init, loaded, first output:" in out.stdout
+    assert (
+        "built empty, weights mapped from the files (from_pretrained), first output:" in out.stdout
+    )
+    assert "outputs match the original model: True" in out.stdout

@@ -8,16 +8,27 @@ computed by the model's own code. With ``include_buffers=True`` persistent buffe
 ``meta`` too (the loader fills them from the checkpoint); non-persistent buffers are never
 moved, because no checkpoint contains them and their values would be lost.
 
+Initialising a ``meta`` tensor is skipped altogether: while the context is active the
+``torch.nn.init`` initialisers (``normal_``, ``kaiming_uniform_``, ...) return a ``meta``
+tensor untouched and run as usual on any other tensor (so a buffer a constructor initialises
+keeps its values). A meta tensor has no values to set, and the first ``normal_`` on one costs
+seconds: torch imports its compiler stack (``torch._dynamo``) to find the meta kernel. So
+the first empty build in a process is as fast as the next ones. transformers'
+``no_init_weights`` does the same for every tensor; accelerate's ``init_empty_weights`` runs the
+initialisers on ``meta``.
+
 The patch is process-wide while the context is active (it replaces
-``nn.Module.register_parameter`` / ``register_buffer``); do not build unrelated modules in
-other threads meanwhile.
+``nn.Module.register_parameter`` / ``register_buffer`` and the ``torch.nn.init``
+initialisers, and puts back exactly what it found on exit; contexts nest); a lock keeps two
+threads from patching at once, but do not build unrelated modules in other threads meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,6 +37,49 @@ from torch import nn
 __all__ = ["init_empty_weights", "init_on_device"]
 
 _lock = threading.RLock()
+
+#: The in-place initialisers of ``torch.nn.init`` that module constructors call.
+_INITIALISERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+)
+
+
+def _skipping_meta(init: Callable[..., Any]) -> Callable[..., Any]:
+    """``init``, except that a ``meta`` tensor is returned untouched."""
+
+    @functools.wraps(init)
+    def wrapper(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return init(tensor, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _no_meta_init() -> Iterator[None]:
+    """Skip the ``torch.nn.init`` initialisers on ``meta`` tensors; restore them on exit."""
+    found = {name: getattr(nn.init, name) for name in _INITIALISERS if hasattr(nn.init, name)}
+    for name, init in found.items():
+        setattr(nn.init, name, _skipping_meta(init))
+    try:
+        yield
+    finally:
+        for name, init in found.items():
+            setattr(nn.init, name, init)
 
 
 @contextlib.contextmanager
@@ -59,7 +113,8 @@ def init_on_device(
         if include_buffers:
             nn.Module.register_buffer = register_buffer  # type: ignore[method-assign,assignment]
         try:
-            yield
+            with _no_meta_init() if target.type == "meta" else contextlib.nullcontext():
+                yield
         finally:
             nn.Module.register_parameter = original_param  # type: ignore[method-assign]
             nn.Module.register_buffer = original_buffer  # type: ignore[method-assign]
