@@ -268,12 +268,19 @@ def test_estimate_prints_the_plan_as_a_table(capsys, llama):
     assert "model.layers.0..1" in out and "fits: yes" in out
 
 
-def test_demo_runs_end_to_end_and_both_workflows_agree(capsys):
-    code, out, _ = run(capsys, "demo", "--size", "20MB", "--json")
+def test_demo_runs_end_to_end_and_both_workflows_agree(capsys, tmp_path):
+    keep = tmp_path / "demo-ckpt"
+    code, out, _ = run(capsys, "demo", "--size", "20MB", "--json", "--keep", keep)
     assert code == 0
     data = json.loads(out)
     assert data["outputs_match"] is True
     assert data["checkpoint"]["shards"] >= 4
+    # --keep keeps the checkpoint, and only the checkpoint: the demo's own files live elsewhere.
+    shards = [p.name for p in keep.glob("model-*.safetensors")]
+    assert sorted(p.name for p in keep.iterdir()) == sorted(
+        [*shards, "model.safetensors.index.json"]
+    )
+    assert len(shards) == data["checkpoint"]["shards"]
     assert set(data["results"]) == {"bigmodel", "naive"}
     # The naive workflow holds the weights in private memory; bigmodel maps them from the files.
     assert data["results"]["bigmodel"]["anon"] < data["results"]["naive"]["anon"]

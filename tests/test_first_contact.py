@@ -243,3 +243,29 @@ def test_the_quickstart_times_both_ways_to_a_first_output_and_they_agree():
         "built empty, weights mapped from the files (from_pretrained), first output:" in out.stdout
     )
     assert "outputs match the original model: True" in out.stdout
+
+
+# -- the demo ----------------------------------------------------------------------------------
+def test_demo_help_is_plain_text(capsys):
+    assert main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out
+    assert "from_pretrained" in out
+
+
+def test_demo_headlines_time_to_a_first_output_and_says_why_the_lazy_load_is_cheap(capsys):
+    from bigmodel.cli.demo import _print_report
+
+    row = {"anon": 0, "rss": 0, "match": True}
+    results = {
+        "bigmodel": {**row, "load_s": 0.01, "total_s": 0.5},
+        "naive": {**row, "load_s": 0.9, "total_s": 1.0, "anon": 10**9},
+    }
+    model = {"parameters": 10**6, "bytes": 4 * 10**6, "layers": 1, "hidden": 8}
+    _print_report(model, {"shards": 2, "save_s": 0.1, "folder": None}, results)
+    out = capsys.readouterr().out
+    assert (
+        "Time to a first output (load + forward): bigmodel 0.50s, naive 1.00s (2.0x faster)" in out
+    )
+    assert "pages are read when the forward pass first touches them" in out
+    assert "0.011x" not in out and "the time of the naive workflow" not in out
