@@ -274,6 +274,13 @@ def _med(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (a median of nothing: every run failed) becomes null, so the JSON stays strict."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and value != value else value
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -606,7 +613,7 @@ def main() -> None:
         lines, data = run_sections(Runner(args, folder, Path(tmp)), sections)
     if "generate" in sections or "ltm" in sections:
         lines += ACCELERATE_NOTES.splitlines()
-    publish_table(header(args, ckpt_bytes) + lines, args.out, data)
+    publish_table(header(args, ckpt_bytes) + lines, args.out, _json_safe(data))
 
 
 if __name__ == "__main__":
