@@ -269,3 +269,97 @@ def test_demo_headlines_time_to_a_first_output_and_says_why_the_lazy_load_is_che
     )
     assert "pages are read when the forward pass first touches them" in out
     assert "0.011x" not in out and "the time of the naive workflow" not in out
+
+
+# -- README claims -----------------------------------------------------------------------------
+def test_verify_reports_a_truncated_shard_and_a_corrupt_one_together(capsys, tmp_path):
+    state = {name: torch.randn(64) for name in ("a", "b", "c")}
+    files = bigmodel.save_checkpoint(state, tmp_path, max_shard_size=300).files
+    truncated, corrupt = tmp_path / files[0], tmp_path / files[2]
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    data = bytearray(corrupt.read_bytes())
+    data[-3] ^= 1
+    corrupt.write_bytes(bytes(data))
+    assert main(["verify", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "2 problem(s) found" in err
+    assert f"{truncated.name}" in err and "[truncated]" in err
+    assert f"{corrupt.name}" in err and "[digest-mismatch]" in err
+    assert main(["verify", str(tmp_path), "--json"]) == 1
+    data_out = json.loads(capsys.readouterr().out)
+    assert {p["code"] for p in data_out["problems"]} == {"truncated", "digest-mismatch"}
+    assert data_out["verified"] == [files[1]]
+
+
+def _tied():
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(256, 32)
+            self.head = nn.Linear(32, 256, bias=False)
+            self.head.weight = self.embed.weight
+
+    return Tied()
+
+
+def _bytes_on_disk(folder):
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def test_tied_weights_are_stored_once_in_safetensors_and_by_name_in_bin_files(tmp_path):
+    """What the README may claim: safetensors stores a tie once (an alias); a .bin writes both
+    names, one storage inside one file, twice across shards."""
+    model, tensor_bytes = _tied(), 256 * 32 * 4
+    safe = bigmodel.save_checkpoint(model, tmp_path / "safe", max_shard_size=tensor_bytes)
+    assert safe.aliases == {"head.weight": "embed.weight"}
+    assert _bytes_on_disk(tmp_path / "safe") < 1.1 * tensor_bytes
+    one_bin = bigmodel.save_checkpoint(model, tmp_path / "bin", safe_serialization=False)
+    assert one_bin.aliases == {}
+    with bigmodel.open_checkpoint(tmp_path / "bin") as ckpt:
+        assert sorted(ckpt.stored_keys()) == ["embed.weight", "head.weight"]
+    assert _bytes_on_disk(tmp_path / "bin") < 1.1 * tensor_bytes  # torch.save shares storage
+    bigmodel.save_checkpoint(
+        model, tmp_path / "bins", safe_serialization=False, max_shard_size=tensor_bytes
+    )
+    assert _bytes_on_disk(tmp_path / "bins") > 2 * tensor_bytes  # one copy per shard
+
+
+def test_converting_a_dcp_folder_keeps_each_tied_name_as_its_own_tensor(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    weight = torch.randn(16, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns about running without a process group
+        dcp.save({"embed.weight": weight, "head.weight": weight}, checkpoint_id=tmp_path / "dcp")
+    assert main(["convert", str(tmp_path / "dcp"), str(tmp_path / "hf"), "--trusted", "-q"]) == 0
+    with bigmodel.open_checkpoint(tmp_path / "hf") as ckpt:
+        assert sorted(ckpt.stored_keys()) == ["embed.weight", "head.weight"]
+        assert ckpt.aliases == {}
+
+
+def test_reshard_copies_files_and_metadata_and_names_what_it_did_not_copy(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    bigmodel.save_checkpoint(
+        {"a": torch.randn(64), "b": torch.randn(64)},
+        src,
+        max_shard_size=300,
+        metadata={"note": "kept"},
+    )
+    (src / "config.json").write_text('{"new": true}')
+    (src / "tokenizer.json").write_text("{}")
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    dst.mkdir()
+    (dst / "config.json").write_text('{"old": true}')
+    with pytest.warns(
+        UserWarning, match=r"kept .*config\.json.*did not copy the folder\(s\) 1_Pooling/"
+    ):
+        assert main(["reshard", str(src), str(dst), "--max-shard-size", "1GB", "-q"]) == 0
+    assert (dst / "tokenizer.json").exists() and not (dst / "1_Pooling").exists()
+    assert (dst / "config.json").read_text() == '{"old": true}'
+    with bigmodel.open_checkpoint(dst) as ckpt:
+        assert ckpt.metadata["note"] == "kept"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,9 +34,12 @@ def rewrite_checkpoint(
 
     Tensors stream from the source's file mapping into the new files one at a time (page
     cache only; with ``dtype``, one converted tensor at a time). ``safe_serialization=None``
-    keeps the source format. Tied tensors are written once. String metadata of the source is
-    kept. With ``copy_extras``, other files of the source folder (config, tokenizer) are copied
-    when ``dst`` is another folder. ``dst`` may be ``src`` itself: the save is atomic.
+    keeps the source format. Tied tensors are written once in safetensors (a ``.bin`` target
+    writes every name, as :func:`~bigmodel.save_checkpoint` does). String metadata of the
+    source is kept. With ``copy_extras``, the other files of the source folder (config,
+    tokenizer, README) are copied when ``dst`` is another folder; a file ``dst`` already has is
+    kept, and subfolders are not copied: a warning names both.
+    ``dst`` may be ``src`` itself: the save is atomic.
     """
     dtype = parse_dtype(dtype)
     with open_checkpoint(src) as ckpt:
@@ -56,16 +60,38 @@ def rewrite_checkpoint(
             progress=progress,
         )
         source_dir, source_format = ckpt.directory, ckpt.format
-    copied: list[str] = []
     target = Path(dst)
+    copied: list[str] = []
     if copy_extras and source_dir.resolve() != target.resolve():
-        for entry in sorted(source_dir.iterdir()):
-            if (
-                entry.is_file()
-                and not is_weights_artifact(entry.name)
-                and not is_ours(entry.name)
-                and not (target / entry.name).exists()
-            ):
-                shutil.copy2(entry, target / entry.name)
-                copied.append(entry.name)
+        copied = _copy_extras(source_dir, target)
     return RewriteResult(saved=saved, source_format=source_format, copied_files=copied)
+
+
+def _copy_extras(source_dir: Path, target: Path) -> list[str]:
+    """Copy the files of ``source_dir`` that are not weights into ``target``; return their
+    names. What is left out (files ``target`` already has, folders) is named in a warning,
+    never skipped silently."""
+    copied: list[str] = []
+    kept: list[str] = []
+    folders: list[str] = []
+    for entry in sorted(source_dir.iterdir()):
+        if is_weights_artifact(entry.name) or is_ours(entry.name):
+            continue
+        if entry.is_dir():
+            folders.append(entry.name + "/")
+        elif not entry.is_file():
+            continue
+        elif (target / entry.name).exists():
+            kept.append(entry.name)
+        else:
+            shutil.copy2(entry, target / entry.name)
+            copied.append(entry.name)
+    if kept or folders:
+        parts = [f"kept {target}'s own {', '.join(kept)}"] if kept else []
+        parts += [f"did not copy the folder(s) {', '.join(folders)}"] if folders else []
+        warnings.warn(
+            f"Rewriting {source_dir} into {target}: {'; '.join(parts)}. Fix: copy what the "
+            "model needs by hand (say, cp -r) if it differs.",
+            stacklevel=3,
+        )
+    return copied

@@ -137,9 +137,12 @@ def save_checkpoint(
     plus ``model.safetensors.index.json``. Shards are packed greedily in key order up to
     ``max_shard_size`` (see :func:`bigmodel.parse_size`); a larger tensor gets its own shard.
 
-    Tensors that share storage exactly (tied weights) are written once; the others' names are
-    recorded as aliases in the index metadata (or the file's ``__metadata__``) and restored by
-    :func:`bigmodel.open_checkpoint`. Extra memory is at most one tensor: contiguous CPU
+    In safetensors, tensors that share storage exactly (tied weights) are written once; the
+    others' names are recorded as aliases in the index metadata (or the file's
+    ``__metadata__``) and restored by :func:`bigmodel.open_checkpoint`. With
+    ``safe_serialization=False`` every name is written, as transformers does (a ``.bin`` has
+    no place for aliases): ``torch.save`` keeps tied names that land in one file as one
+    storage, but tied names packed into different shards are each stored in full. Extra memory is at most one tensor: contiguous CPU
     tensors are written straight from their memory.
 
     The save is atomic: files are staged under temporary names and fsync'd (``durable=True``,

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from bigmodel.checkpoint.verify import verify_files
+from bigmodel.checkpoint.verify import recorded_digests, verify_files
 from bigmodel.foundations import strict_json
 from bigmodel.foundations.types import VerifyResult
-from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY
 from bigmodel.storage.dtypes import ITEMSIZE
 from bigmodel.storage.files import read_bounded
 from bigmodel.storage.safetensors import SafetensorsFile
@@ -230,13 +229,7 @@ class Checkpoint:
     # -- integrity -----------------------------------------------------------------------
     def digests(self) -> dict[str, str]:
         """The digest recorded for each file (by the index, or embedded in the file)."""
-        recorded = self.metadata.get(DIGESTS_KEY) if self.is_sharded else None
-        out = dict(recorded) if isinstance(recorded, dict) else {}
-        for file, reader in self._readers.items():
-            embedded = reader.metadata.get(DIGEST_KEY)
-            if isinstance(embedded, str) and file not in out:
-                out[file] = embedded
-        return out
+        return recorded_digests(self.metadata if self.is_sharded else {}, self._readers)
 
     def verify(
         self, *, max_workers: int | None = None, progress: bool | None = None

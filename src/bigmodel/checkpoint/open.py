@@ -25,6 +25,7 @@ from bigmodel.checkpoint.index import (
     read_index,
 )
 from bigmodel.checkpoint.naming import discovery_order
+from bigmodel.checkpoint.verify import recorded_digests, verify_files
 from bigmodel.foundations.errors import (
     CheckpointNotFoundError,
     InvalidCheckpointError,
@@ -33,10 +34,11 @@ from bigmodel.foundations.errors import (
     UnsafeCheckpointError,
 )
 from bigmodel.foundations.log import logger
+from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.atomic import file_identity
 from bigmodel.storage.digest import DIGESTS_KEY
 
-__all__ = ["discover", "open_checkpoint"]
+__all__ = ["discover", "open_checkpoint", "verify_checkpoint"]
 
 
 def discover(path: str | os.PathLike[str], *, prefer_safe: bool = True) -> Path:
@@ -165,6 +167,61 @@ def _raise_problems(problems: list[Problem]) -> None:
     if problems:
         unsafe = any(p.code == "unsafe-pickle" for p in problems)
         raise (UnsafeCheckpointError if unsafe else InvalidCheckpointError)(problems)
+
+
+def verify_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    prefer_safe: bool = True,
+    max_workers: int | None = None,
+    progress: bool | None = None,
+) -> VerifyResult:
+    """Every problem of the checkpoint at ``path``, reported at once: the structural ones
+    :func:`open_checkpoint` finds, and the digest check of every file (:meth:`Checkpoint.verify`)
+    -- even when other files are broken, each file that can be read is still hashed, so a
+    truncated shard does not hide a corrupt one."""
+    try:
+        ckpt = open_checkpoint(path, prefer_safe=prefer_safe)
+    except InvalidCheckpointError as exc:
+        return _verify_what_opens(path, prefer_safe, list(exc.problems), max_workers, progress)
+    with ckpt:
+        return ckpt.verify(max_workers=max_workers, progress=progress)
+
+
+def _verify_what_opens(
+    path: str | os.PathLike[str],
+    prefer_safe: bool,
+    problems: list[Problem],
+    max_workers: int | None,
+    progress: bool | None,
+) -> VerifyResult:
+    """The structural ``problems`` of a checkpoint that does not open, plus the digest check of
+    each of its shards that opens on its own."""
+    target = discover(path, prefer_safe=prefer_safe)
+    if not target.name.endswith(".index.json"):  # a single file: nothing else to hash
+        return VerifyResult(verified=[], unverified=[], problems=problems)
+    fmt: Format = "bin" if target.name.endswith(".bin.index.json") else "safetensors"
+    try:
+        weight_map, metadata, _ = read_index(target)
+    except InvalidCheckpointError:  # the index itself is unreadable: no shard list to hash
+        return VerifyResult(verified=[], unverified=[], problems=problems)
+    readers = open_shards(target, weight_map, fmt, [])
+    try:
+        result = verify_files(
+            target.parent,
+            readers,
+            recorded_digests(metadata, readers),
+            max_workers=max_workers,
+            progress=progress,
+        )
+    finally:
+        for reader in readers.values():
+            reader.close()
+    seen = {(p.file, p.code, p.key) for p in problems}
+    extra = [p for p in result.problems if (p.file, p.code, p.key) not in seen]
+    return VerifyResult(
+        verified=result.verified, unverified=result.unverified, problems=problems + extra
+    )
 
 
 def _open_sharded(index: Path) -> Checkpoint:

@@ -3,6 +3,8 @@
 Files are re-hashed in parallel threads (hashing releases the GIL); each file gives at most
 one :class:`~bigmodel.Problem`. A file without a recorded digest is reported as unverified:
 only the structural checks done when the checkpoint was opened apply to it.
+:func:`bigmodel.checkpoint.open.verify_checkpoint` also hashes the files of a checkpoint that
+does not open, so that every problem is reported at once.
 """
 
 from __future__ import annotations
@@ -16,13 +18,31 @@ from typing import TYPE_CHECKING
 from bigmodel.foundations.errors import CheckpointNotFoundError, Problem
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.types import VerifyResult
-from bigmodel.storage.digest import DIGEST_KEY, buffer_digest, path_digest
+from bigmodel.storage.digest import DIGEST_KEY, DIGESTS_KEY, buffer_digest, path_digest
 from bigmodel.storage.safetensors import SafetensorsFile
 
 if TYPE_CHECKING:
     from bigmodel.checkpoint.index import Reader
 
-__all__ = ["check_file", "verify_files"]
+__all__ = ["check_file", "recorded_digests", "verify_files"]
+
+
+def recorded_digests(
+    index_metadata: Mapping[str, object], readers: Mapping[str, Reader]
+) -> dict[str, str]:
+    """The digest recorded for each file: by the index (``index_metadata``, empty for a single
+    file), else embedded in the file itself."""
+    recorded = index_metadata.get(DIGESTS_KEY)
+    out = (
+        {k: v for k, v in recorded.items() if isinstance(v, str)}
+        if isinstance(recorded, dict)
+        else {}
+    )
+    for file, reader in readers.items():
+        embedded = reader.metadata.get(DIGEST_KEY)
+        if isinstance(embedded, str) and file not in out:
+            out[file] = embedded
+    return out
 
 
 def check_file(directory: Path, file: str, reader: Reader, expected: str) -> Problem | None:

@@ -25,7 +25,8 @@ examples:
   bigmodel convert ./old-model ./old-model-bf16 --dtype bf16  # and cast floating-point tensors
   bigmodel convert ./step-1000 ./hf --trusted --prefix model.  # a DCP folder (dcp.save) -> HF layout
 Pickles are read only through torch.load(weights_only=True); a file it refuses is reported
-with the reason and nothing is written. Tied (shared) tensors are stored once.
+with the reason and nothing is written. Tensors a .bin shares between names (tied weights)
+are stored once; a DCP folder stores each name separately, and so does its conversion.
 A DCP folder's .metadata is a pickle: converting one needs --trusted.
 """
 

@@ -21,7 +21,9 @@ examples:
   bigmodel reshard ./llama ./llama-2gb --max-shard-size 2GB
   bigmodel reshard ./llama ./llama --max-shard-size 5GB     # in place: the save is atomic
 Sizes: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB. The format is kept (use
-'bigmodel convert' for .bin -> safetensors); config and tokenizer files are copied along.
+'bigmodel convert' for .bin -> safetensors), and so is the checkpoint's string metadata.
+The other files of the source folder (config, tokenizer, README) are copied along; files
+the destination already has are kept, and subfolders are not copied (a warning names both).
 """
 
 

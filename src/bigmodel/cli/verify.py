@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bigmodel.checkpoint.open import open_checkpoint
+from bigmodel.checkpoint.open import verify_checkpoint
 from bigmodel.cli._common import (
     EXIT_OK,
     EXIT_PROBLEM,
@@ -14,7 +14,7 @@ from bigmodel.cli._common import (
     emit_json,
     progress_flag,
 )
-from bigmodel.foundations.errors import InvalidCheckpointError, Problem
+from bigmodel.foundations.errors import Problem
 
 HELP = "check a checkpoint's structure and, where recorded, the digest of every file"
 EXAMPLE = """\
@@ -37,16 +37,8 @@ def _problem(p: Problem) -> dict[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        ckpt = open_checkpoint(args.path)
-    except InvalidCheckpointError as exc:
-        problems = list(exc.problems)
-        verified: list[str] = []
-        unverified: list[str] = []
-    else:
-        with ckpt:
-            result = ckpt.verify(progress=progress_flag(args))
-        problems, verified, unverified = result.problems, result.verified, result.unverified
+    result = verify_checkpoint(args.path, progress=progress_flag(args))
+    problems, verified, unverified = result.problems, result.verified, result.unverified
     if args.json:
         emit_json(
             {
