@@ -423,9 +423,9 @@ def test_disk_weights_are_read_before_their_block_computes_not_page_by_page_duri
     events: list[tuple[str, object]] = []
     real = offload_module.prefault
 
-    def spy(tensor):
+    def spy(tensors):
         events.append(("read", threading.current_thread().name))
-        return real(tensor)
+        return real(tensors)
 
     monkeypatch.setattr(offload_module, "prefault", spy)
     faults: list[int] = []

@@ -276,21 +276,28 @@ class Offloader:
         """Materialise the unit's names on the execution device; tied names share one tensor."""
         batch = _Batch({})
         made: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        mapped: list[torch.Tensor] = []
         for name in self.units[unit].names:
             spec = self.tensors[name]
             ident = (spec.source or name, spec.dtype)
             if ident not in made:
-                made[ident] = self._copy(spec, batch)
+                made[ident] = self._copy(spec, batch, mapped)
             batch.tensors[name] = made[ident]
+        if mapped:
+            prefault(mapped)  # views of a file: read them now, not page by page in compute
         return batch
 
-    def _copy(self, spec: OffloadedTensor, batch: _Batch) -> torch.Tensor:
+    def _copy(
+        self, spec: OffloadedTensor, batch: _Batch, mapped: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """``spec``'s tensor on the execution device; a CPU tensor that is still the source's
+        memory (no conversion: usually a view of a file) is added to ``mapped``."""
         data = spec.load()
         device = self.execution_device
         if device.type != "cuda":
             out = data.to(device=device, dtype=spec.dtype)
             if out.device.type == "cpu" and out.data_ptr() == data.data_ptr():
-                prefault(out)  # a view of a file: read it now, not page by page in compute
+                mapped.append(out)
             return out
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]

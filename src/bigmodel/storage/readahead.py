@@ -88,28 +88,41 @@ def _madvise() -> Any:
 _madvise_fn = _madvise()
 
 
-def prefault(tensor: torch.Tensor) -> bool:
-    """Bring a CPU tensor's pages into memory now, in the calling thread, and map them.
+def prefault(tensors: Iterable[torch.Tensor]) -> int:
+    """Bring CPU tensors' pages into memory now, in the calling thread, and map them.
 
-    For a view of a file mapping this is the read itself, done ahead of use: the kernel is
-    told the whole range is needed (``MADV_WILLNEED``: large reads, not page-sized faults),
-    then the pages are faulted in and mapped (``MADV_POPULATE_READ``), waiting for the I/O
-    (ctypes releases the GIL meanwhile). Whoever then computes on the tensor finds it mapped
-    and pays no page faults; pages already cached cost only the mapping. Private memory is
-    left as it is. Where ``MADV_POPULATE_READ`` is missing, one byte per page is read instead.
-    Returns False only when nothing could be done (not Linux, or an empty tensor)."""
-    length = tensor.numel() * tensor.element_size()
-    if length == 0 or tensor.device.type != "cpu" or _madvise_fn is None:
-        return False
-    address = tensor.data_ptr()
-    begin = address - address % _PAGE
-    size = -(-(address + length - begin) // _PAGE) * _PAGE
-    _madvise_fn(ctypes.c_void_p(begin), ctypes.c_size_t(size), _MADV_WILLNEED)
-    if _madvise_fn(ctypes.c_void_p(begin), ctypes.c_size_t(size), _MADV_POPULATE_READ) == 0:
-        return True
-    flat = tensor.detach().reshape(-1).view(torch.uint8)  # old kernels: touch every page
+    For views of a file mapping this is the read itself, done ahead of use: for each span of
+    adjacent tensors (merged, so a block is one or two spans), the kernel is told the whole
+    range is needed (``MADV_WILLNEED``: large reads, not page-sized faults), then the pages
+    are faulted in and mapped (``MADV_POPULATE_READ``), waiting for the I/O (ctypes releases
+    the GIL meanwhile). Whoever then computes on the tensors finds them mapped and pays no
+    page faults; pages already mapped cost a page-table walk. Private memory is left as it
+    is. Where ``MADV_POPULATE_READ`` is missing, one byte per page is read instead. Returns
+    the bytes covered (0 where nothing can be done: not Linux)."""
+    if _madvise_fn is None:  # pragma: no cover - not Linux
+        return 0
+    spans = []
+    for tensor in tensors:
+        length = tensor.numel() * tensor.element_size()
+        if length and tensor.device.type == "cpu":
+            address = tensor.data_ptr()
+            begin = address - address % _PAGE
+            spans.append((begin, -(-(address + length) // _PAGE) * _PAGE))
+    covered = 0
+    for begin, end in merge_ranges(spans):
+        size = ctypes.c_size_t(end - begin)
+        _madvise_fn(ctypes.c_void_p(begin), size, _MADV_WILLNEED)
+        if _madvise_fn(ctypes.c_void_p(begin), size, _MADV_POPULATE_READ) != 0:
+            _touch(begin, end - begin)
+        covered += end - begin
+    return covered
+
+
+def _touch(begin: int, size: int) -> None:
+    """Read one byte of every page of [begin, begin + size) (kernels before 5.14)."""
+    pages = (ctypes.c_ubyte * size).from_address(begin)
+    flat = torch.frombuffer(pages, dtype=torch.uint8)
     int(flat[::_PAGE].sum())
-    return True
 
 
 class FileMappings:
