@@ -106,11 +106,32 @@ def test_device_map_keys_match_on_dot_boundaries_only():
 
 def test_a_block_larger_than_every_budget_is_an_error_that_says_what_to_change():
     with pytest.raises(PlanError) as info:
-        infer_device_map(_empty(), max_memory={"cpu": 500})
+        infer_device_map(_empty(), max_memory={"cpu": 500, "disk": 0})
     message = str(info.value)
     assert "'embed'" in message or "'layers.0'" in message
-    assert "cpu=500 B" in message
-    assert "add 'disk'" in message and "max_memory" in message
+    assert "cpu=500 B" in message and "disk=0 B" in message
+    assert "allow disk (max_memory 'disk': None" in message and "raise max_memory" in message
+
+
+def test_max_memory_without_disk_offloads_the_rest_to_disk_and_warns_with_the_bytes():
+    with pytest.warns(UserWarning, match=r"names no 'disk': 7.20 KB of weights \(9 device-map"):
+        plan = infer_device_map(_empty(), max_memory={"cpu": 3500})
+    assert plan == infer_device_map(_empty(), max_memory={"cpu": 3500, "disk": None})
+    assert device_for("layers.11", plan) == "disk"
+
+
+def test_max_memory_without_disk_that_needs_no_disk_says_nothing(recwarn):
+    assert infer_device_map(_empty(), max_memory={"cpu": "1MB"}) == {"": "cpu"}
+    assert not [w for w in recwarn if "disk" in str(w.message)]
+
+
+def test_disk_set_to_zero_forbids_disk_and_a_disk_size_bounds_it():
+    with pytest.raises(PlanError, match=r"budgets: cpu=3.50 KB, disk=0 B"):
+        infer_device_map(_empty(), max_memory={"cpu": 3500, "disk": 0})
+    with pytest.raises(PlanError, match="or a larger 'disk' size"):
+        infer_device_map(_empty(), max_memory="cpu=3500,disk=1000")
+    plan = infer_device_map(_empty(), max_memory="cpu=3500,disk=8000")
+    assert device_for("layers.11", plan) == "disk"
 
 
 def test_devices_are_normalised():
@@ -139,8 +160,11 @@ def test_estimate_memory_of_a_model_reports_bytes_per_device_and_the_largest_blo
     assert estimate.fits
     assert estimate.largest.nbytes == 800
     assert estimate.total == 800 + 12 * 800 + 80
-    too_small = bigmodel.estimate_memory(_empty(), max_memory={"cpu": 500})
+    too_small = bigmodel.estimate_memory(_empty(), max_memory={"cpu": 500, "disk": 0})
     assert not too_small.fits
+    rest_on_disk = bigmodel.estimate_memory(_empty(), max_memory={"cpu": 500})
+    assert rest_on_disk.fits and rest_on_disk.implicit_disk
+    assert rest_on_disk.devices[-1].device == "disk" and rest_on_disk.devices[-1].used > 0
 
 
 def test_estimate_memory_of_a_checkpoint_plans_from_tensor_names(tmp_path):

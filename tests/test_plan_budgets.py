@@ -4,6 +4,7 @@ Bytes on a device are counted from the device map alone: every tensor name is lo
 map, and a tensor reachable under several names (a tie) counts once on the device it lands on.
 """
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -14,9 +15,9 @@ from torch import nn
 
 import bigmodel
 from bigmodel.api.estimate import Block, DevicePlan, Estimate
-from bigmodel.foundations.devices import parse_max_memory
+from bigmodel.foundations.devices import parse_max_memory, planning_budgets
 from bigmodel.foundations.errors import PlanError
-from bigmodel.placement.device_map import device_for, infer_device_map
+from bigmodel.placement.device_map import device_for, execution_device, infer_device_map
 from bigmodel.placement.planner import STRATEGIES, Placement, atoms, plan, tree_from_module
 
 
@@ -59,7 +60,7 @@ def _check_plan(model: nn.Module, device_map: dict[str, str], budgets) -> dict[s
         assert len(_covering_keys(name, device_map)) == 1, (name, device_map)
     used = _bytes_per_device(model, device_map)
     for device, nbytes in used.items():
-        limit = parse_max_memory(budgets)[device]
+        limit = planning_budgets(budgets)[0][device]
         assert limit is None or nbytes <= limit, (device, nbytes, limit, device_map)
     return used
 
@@ -225,7 +226,7 @@ def test_an_estimate_with_a_device_over_its_budget_does_not_fit():
 def test_infer_device_map_refuses_a_plan_over_budget_rather_than_return_it(monkeypatch):
     import bigmodel.placement.device_map as device_map_module
 
-    def over(tree, budgets, strategy="auto"):
+    def over(tree, budgets, **_):
         return Placement({"": "cpu"}, {"cpu": 2000}, dict(budgets), [])
 
     monkeypatch.setattr(device_map_module, "plan", over)
@@ -306,24 +307,79 @@ def _cases(draw: Callable) -> tuple[nn.Module, dict, str]:
     total = sum(
         t.numel() * t.element_size() for t in {id(t): t for _, t in _named_tensors(root)}.values()
     )
-    size = st.one_of(st.integers(0, total + 8), st.sampled_from([total // 4, total // 2, total]))
+    fractions = [total // 4, total // 2, 3 * total // 4, total]
+    size = st.one_of(st.integers(0, total + 8), st.sampled_from(fractions))
     budgets: dict = {}
     for device in draw(st.sampled_from([["cpu"], [0, "cpu"], [0, 1, "cpu"], [0, 1]])):
         budgets[device] = draw(size)
-    if draw(st.sampled_from([True, False])):
-        budgets["disk"] = None
-    return root, budgets, draw(st.sampled_from(STRATEGIES))
+    disk = draw(st.sampled_from(["unlimited", "not named", "forbidden", "bounded"]))
+    if disk != "not named":
+        budgets["disk"] = {"unlimited": None, "forbidden": 0, "bounded": draw(size)}[disk]
+    prefetch = draw(st.sampled_from([True, False, 16, 1000]))
+    return root, budgets, draw(st.sampled_from(STRATEGIES)), prefetch
+
+
+def _check_headroom(model: nn.Module, device_map: dict[str, str], budgets, prefetch) -> int:
+    """The accelerator that runs the blocks kept on cpu/disk keeps room for the largest of
+    them plus the prefetch window, on top of what it holds. Returns that room."""
+    runs = execution_device(device_map)
+    if runs == "cpu":
+        return 0
+    tree = tree_from_module(model)
+    streamed = [a.nbytes for a in atoms(tree) if device_for(a.name, device_map) in ("cpu", "disk")]
+    largest = max(streamed, default=0)
+    window = largest if prefetch is True else int(prefetch)
+    room = largest + min(window, sum(streamed) - largest)
+    used = _bytes_per_device(model, device_map).get(runs, 0)
+    assert used + room <= planning_budgets(budgets)[0][runs], (runs, used, room, device_map)
+    return room
+
+
+@st.composite
+def _streaming_cases(draw: Callable) -> tuple[nn.Module, dict, str, bool | int]:
+    """An accelerator that holds part of the model, a small cpu, the rest on disk: the plans
+    where the accelerator runs streamed blocks."""
+    root = Box()
+    for j in range(draw(st.integers(2, 5))):
+        root.add_module(f"m{j}", draw(_modules()))
+    _tie(draw, root)
+    total = sum(
+        t.numel() * t.element_size() for t in {id(t): t for _, t in _named_tensors(root)}.values()
+    )
+    budgets = {
+        0: draw(st.integers(total // 4, max(total // 4, total - 1))),
+        "cpu": draw(st.integers(0, total // 2)),
+        "disk": None,
+    }
+    prefetch = draw(st.sampled_from([True, False, 16, 1000]))
+    return root, budgets, draw(st.sampled_from(STRATEGIES)), prefetch
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_cases())
 def test_every_plan_keeps_every_budget_and_covers_every_tensor_once_or_raises(case):
-    model, budgets, strategy = case
-    parsed = parse_max_memory(budgets)
+    _verify(*case)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_streaming_cases())
+def test_every_plan_that_streams_to_an_accelerator_keeps_room_for_the_streamed_blocks(case):
+    _verify(*case)
+
+
+def _verify(model: nn.Module, budgets: dict, strategy: str, prefetch: bool | int) -> None:
+    """infer_device_map, plan and estimate_memory agree; the plan keeps every budget, the
+    execution device's reserve included, or raises PlanError for a block that fits nowhere."""
+    parsed, _ = planning_budgets(budgets)
     tree = tree_from_module(model)
-    placed = plan(tree, parsed, strategy=strategy)
+    placed = plan(tree, parsed, strategy=strategy, prefetch=prefetch)
+    offload = bigmodel.OffloadOptions(prefetch=prefetch)
     try:
-        device_map = infer_device_map(model, max_memory=budgets, strategy=strategy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # max_memory without disk: tested elsewhere
+            device_map = infer_device_map(
+                model, max_memory=budgets, strategy=strategy, offload=offload
+            )
     except PlanError:
         event("no plan")
         assert placed.unplaced and not placed.fits
@@ -331,15 +387,19 @@ def test_every_plan_keeps_every_budget_and_covers_every_tensor_once_or_raises(ca
         assert all(b is not None and b < tree.nbytes for b in placed.budgets.values())
         return
     used = _check_plan(model, device_map, budgets)
+    room = _check_headroom(model, device_map, budgets, prefetch)
     event(f"a plan on {len([n for n in used.values() if n])} device(s)")
+    event("streams to an accelerator" if room else "streams to no accelerator")
     ties = len(_named_tensors(model)) - len(_devices_of_each_tensor(model, device_map))
     event("with ties" if ties else "without ties")
     assert placed.device_map == device_map and placed.fits
+    assert sum(placed.reserved.values()) == room
     assert {d: n for d, n in placed.used.items() if n} == {d: n for d, n in used.items() if n}
     if strategy == "auto":
-        estimate = bigmodel.estimate_memory(model, max_memory=budgets)
+        estimate = bigmodel.estimate_memory(model, max_memory=budgets, offload=offload)
         assert estimate.fits
         assert {d.device: d.used for d in estimate.devices} == placed.used
+        assert sum(d.reserved for d in estimate.devices) == room
         blocks = [b for d in estimate.devices for b in d.blocks]
         assert sorted(blocks) == sorted(a.name for a in atoms(tree))
         for device in estimate.devices:
@@ -349,10 +409,12 @@ def test_every_plan_keeps_every_budget_and_covers_every_tensor_once_or_raises(ca
 @settings(max_examples=100, deadline=None)
 @given(_cases())
 def test_estimate_memory_fits_exactly_when_infer_device_map_finds_a_plan(case):
-    model, budgets, _ = case
+    model, budgets, _, _ = case
     estimate = bigmodel.estimate_memory(model, max_memory=budgets)
     try:
-        infer_device_map(model, max_memory=budgets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            infer_device_map(model, max_memory=budgets)
     except PlanError:
         assert not estimate.fits and estimate.unplaced
     else:

@@ -91,7 +91,8 @@ def test_a_tiny_llama_and_its_checkpoint_put_every_tensor_on_the_same_device(tmp
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(tie=False))
     model.save_pretrained(tmp_path, max_shard_size="40KB")
-    budgets = {0: "60KB", "cpu": "40KB", "disk": None}
+    # cuda:0 keeps room for two streamed layers (the running one and the one read ahead)
+    budgets = {0: "95KB", "cpu": "40KB", "disk": None}
     from_model = plan(tree_from_module(model), parse_max_memory(budgets)).device_map
     with bigmodel.open_checkpoint(tmp_path) as ckpt:
         from_checkpoint = plan(tree_from_checkpoint(ckpt), parse_max_memory(budgets)).device_map

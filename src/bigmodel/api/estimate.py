@@ -18,8 +18,9 @@ from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.checkpoint.open import open_checkpoint
-from bigmodel.foundations.devices import default_max_memory, parse_max_memory
+from bigmodel.foundations.devices import normalize_device, parse_max_memory, planning_budgets
 from bigmodel.foundations.dtypes import parse_dtype
+from bigmodel.foundations.types import OffloadOptions
 from bigmodel.placement.planner import (
     PlanNode,
     atoms,
@@ -52,35 +53,48 @@ class Block:
 
 @dataclass
 class DevicePlan:
-    """One device: its budget, the blocks placed on it (in order) and the bytes they use."""
+    """One device: its budget, the blocks placed on it (in order), the bytes they use, and the
+    bytes kept free on it for blocks streamed from cpu/disk (the execution device only)."""
 
     device: str
     budget: int | None  # None: unlimited (disk)
     blocks: list[str] = field(default_factory=list)
     used: int = 0
+    reserved: int = 0
 
 
 @dataclass
 class Estimate:
     """Per-device plan, the units that fit nowhere, the largest unit that cannot be split
     (the least one device must hold) and the total bytes (tied tensors once). It fits when
-    nothing is unplaced and no device uses more than its budget."""
+    nothing is unplaced and no device uses more than its budget, its reserve included.
+    ``implicit_disk``: ``max_memory`` named no disk and the plan added it, as accelerate does."""
 
     devices: list[DevicePlan]
     unplaced: list[Block]
     largest: Block
     total: int
+    implicit_disk: bool = False
 
     @property
     def fits(self) -> bool:
         return not self.unplaced and all(
-            d.budget is None or d.used <= d.budget for d in self.devices
+            d.budget is None or d.used + d.reserved <= d.budget for d in self.devices
         )
 
 
-def _estimate(tree: PlanNode, budgets: dict[str, int | None]) -> Estimate:
-    placement = plan(tree, budgets)
-    devices = {d: DevicePlan(d, b, used=placement.used[d]) for d, b in budgets.items()}
+def _estimate(
+    tree: PlanNode,
+    budgets: tuple[dict[str, int | None], bool],
+    offload: OffloadOptions | None = None,
+) -> Estimate:
+    offload = offload or OffloadOptions()
+    main = None if offload.main_device is None else normalize_device(offload.main_device)
+    placement = plan(tree, budgets[0], prefetch=offload.prefetch, execution=main)
+    devices = {
+        d: DevicePlan(d, b, used=placement.used[d], reserved=placement.reserved.get(d, 0))
+        for d, b in budgets[0].items()
+    }
     for atom in atoms(tree):
         device = device_of(atom.name, placement.device_map)
         if device is not None:
@@ -92,6 +106,7 @@ def _estimate(tree: PlanNode, budgets: dict[str, int | None]) -> Estimate:
         unplaced=[Block(u.name, u.nbytes, u.tensors) for u in placement.unplaced],
         largest=largest,
         total=tree.nbytes,
+        implicit_disk=budgets[1],
     )
 
 
@@ -100,9 +115,11 @@ def estimate_checkpoint(
     max_memory: str | Mapping[Any, int | str | None],
     *,
     dtype: torch.dtype | None = None,
+    offload: OffloadOptions | None = None,
 ) -> Estimate:
     """:func:`estimate_memory` for an open checkpoint and explicit budgets."""
-    return _estimate(tree_from_checkpoint(ckpt, dtype=dtype), parse_max_memory(max_memory))
+    tree = tree_from_checkpoint(ckpt, dtype=dtype)
+    return _estimate(tree, planning_budgets(max_memory), offload)
 
 
 def estimate_memory(
@@ -111,6 +128,7 @@ def estimate_memory(
     max_memory: str | Mapping[Any, int | str | None] | None = None,
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
+    offload: OffloadOptions | None = None,
 ) -> Estimate:
     """Bytes needed per device for a plan within ``max_memory``, the largest block, and whether
     it all fits — the numbers ``bigmodel estimate`` prints.
@@ -120,17 +138,21 @@ def estimate_memory(
     ``model.layers.7``; aliases of tied tensors are charged once); both are planned by the
     planner of :func:`bigmodel.infer_device_map`. ``no_split_module_classes`` applies to
     modules only. ``max_memory`` is a dict or a string like ``"0=20GB,cpu=8GB,disk"`` (only
-    ``disk`` may be unlimited) and defaults to free memory minus a reserve, then disk.
-    :attr:`DevicePlan.blocks` are the units never split (see :class:`Block`) on each device.
+    ``disk`` may be unlimited; without ``disk`` the rest is planned on disk, as
+    :func:`~bigmodel.infer_device_map` does, and :attr:`Estimate.implicit_disk` says so) and
+    defaults to free memory minus a reserve, then disk. :attr:`DevicePlan.blocks` are the
+    units never split (see :class:`Block`) on each device; :attr:`DevicePlan.reserved` the room
+    kept on the execution device for blocks streamed from cpu/disk (``offload``'s
+    ``prefetch`` and ``main_device`` size it, as for a load).
     """
     dtype = parse_dtype(dtype)
-    budgets = default_max_memory() if max_memory is None else parse_max_memory(max_memory)
+    budgets = planning_budgets(max_memory)
     if isinstance(model_or_checkpoint, nn.Module):
         tree = tree_from_module(
             model_or_checkpoint, dtype=dtype, no_split_module_classes=no_split_module_classes
         )
-        return _estimate(tree, budgets)
+        return _estimate(tree, budgets, offload)
     if isinstance(model_or_checkpoint, Checkpoint):
-        return _estimate(tree_from_checkpoint(model_or_checkpoint, dtype=dtype), budgets)
+        return _estimate(tree_from_checkpoint(model_or_checkpoint, dtype=dtype), budgets, offload)
     with open_checkpoint(model_or_checkpoint) as ckpt:
-        return _estimate(tree_from_checkpoint(ckpt, dtype=dtype), budgets)
+        return _estimate(tree_from_checkpoint(ckpt, dtype=dtype), budgets, offload)

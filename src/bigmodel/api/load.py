@@ -43,6 +43,7 @@ from bigmodel.foundations.errors import (
     InvalidCheckpointError,
     KeyMismatchError,
     LoadStateDictError,
+    PlanError,
 )
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import (
@@ -53,7 +54,12 @@ from bigmodel.foundations.types import (
     ShardedLoadReport,
 )
 from bigmodel.placement.conversions import model_conversions
-from bigmodel.placement.device_map import execution_device, infer_device_map
+from bigmodel.placement.device_map import (
+    execution_device,
+    infer_device_map,
+    normalize_device_map,
+    set_hf_device_map,
+)
 from bigmodel.placement.initialize import InitFn, check_nothing_on_meta, materialize_missing
 from bigmodel.placement.load_plan import LoadPlan, MatchRules, ignore_rules, plan_load
 from bigmodel.placement.policy import DtypeOverrides, Placement, keep_in_fp32
@@ -163,6 +169,7 @@ def _finish(
             execution_device=execution_device(placement.device_map, opts.offload.main_device),
             prefetch=opts.offload.prefetch,
         )
+        set_hf_device_map(model, placement.device_map)
 
 
 def _load(
@@ -210,15 +217,18 @@ def _auto_dtype(checkpoint: str | os.PathLike[str] | Checkpoint) -> torch.dtype 
 
 def _resolve_device_map(
     model: nn.Module,
-    device_map: str | int | Mapping[str, str | int] | None,
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None,
     *,
     max_memory: Mapping[Any, int | str | None] | None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None,
     dtype: torch.dtype | None,
+    offload: OffloadOptions,
 ) -> dict[str, str] | None:
-    """The device map of a load: ``"auto"``, ``"sequential"`` and ``"balanced"`` plan one
-    (see :func:`bigmodel.infer_device_map`), as accelerate's names do; one device (``"cpu"``,
-    ``"disk"``, ``"cuda:1"``, ``0``) places the whole model there; a dict is normalised."""
+    """The device map of a load: ``"auto"``, ``"sequential"``, ``"balanced"`` and
+    ``"balanced_low_0"`` plan one (see :func:`bigmodel.infer_device_map`, which keeps room on
+    the execution device for ``offload``'s streaming), as accelerate's names do; one device
+    (``"cpu"``, ``"disk"``, ``"cuda:1"``, ``0``) places the whole model there; a dict is
+    normalised. An unknown device raises :class:`~bigmodel.PlanError` naming it."""
     if device_map is None:
         return None
     if isinstance(device_map, str) and device_map in _PLANNED:
@@ -228,20 +238,22 @@ def _resolve_device_map(
             no_split_module_classes=no_split_module_classes,
             dtype=dtype,
             strategy=_PLANNED[device_map],
+            offload=offload,
         )
     if isinstance(device_map, (str, int, torch.device)):
         try:
             return {"": normalize_device(device_map)}
-        except ValueError as exc:
-            raise ValueError(
-                f"device_map={device_map!r}: pass {', '.join(map(repr, _PLANNED))}, one device "
-                "('cpu', 'disk', 'cuda:0' or an accelerator index), or a dict {module name: device}."
+        except PlanError as exc:
+            raise PlanError(
+                f"device_map={device_map!r}: pass "
+                f"{', '.join(map(repr, _PLANNED))} (planned), one device ('cpu', 'disk', 'cuda:0' or an "
+                f"accelerator index), or a dict {{module name: device}} [{PlanError.code}]."
             ) from exc
-    return {k: normalize_device(v) for k, v in device_map.items()}
+    return normalize_device_map(device_map)
 
 
 #: Planning device_map names (accelerate's), and the planner strategy each means.
-_PLANNED = {"auto": "auto", "sequential": "sequential", "balanced": "balanced"}
+_PLANNED = {name: name for name in ("auto", "sequential", "balanced", "balanced_low_0")}
 
 
 def load_checkpoint(
@@ -258,7 +270,7 @@ def load_checkpoint(
     init_fn: InitFn | None = None,
     prefer_safe: bool = True,
     verify: bool = False,
-    device_map: str | int | Mapping[str, str | int] | None = None,
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
     max_memory: Mapping[Any, int | str | None] | None = None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
@@ -290,12 +302,16 @@ def load_checkpoint(
       (or ``init_fn(module)``), only those; afterwards nothing is on ``meta``, or
       :class:`~bigmodel.MetaTensorError` names what is.
     * ``verify=True`` re-hashes every file against its recorded digest first.
-    * ``device_map`` (``"auto"``/``"sequential"``/``"balanced"`` with ``max_memory`` and
-      ``no_split_module_classes``, one device, or ``{module name: device}``) places modules on
-      accelerators, ``cpu`` or ``disk``; ``LoadReport.offloaded_keys`` lists what stays on disk. Disk
-      modules are read by hooks just before they run (from the original shards, or from
-      converted copies written once into ``offload_folder``); ``offload``
-      (:class:`~bigmodel.OffloadOptions`) sets where they run and how far reads run ahead.
+    * ``device_map`` (``"auto"``/``"sequential"``/``"balanced"``/``"balanced_low_0"`` with
+      ``max_memory`` and ``no_split_module_classes``, one device, or ``{module name: device}``)
+      places modules on accelerators, ``cpu`` or ``disk``; ``LoadReport.offloaded_keys`` lists
+      what stays on disk and ``model.hf_device_map`` is set as accelerate sets it (accelerator
+      indexes as ``int``). A ``max_memory`` without ``"disk"`` offloads what fits nowhere else
+      to disk, with a warning; ``"disk": 0`` forbids it. Disk modules are read by hooks just
+      before they run (from the original shards, or from converted copies written once into
+      ``offload_folder``); ``offload`` (:class:`~bigmodel.OffloadOptions`) sets where they run
+      and how far reads run ahead, and a planned map keeps room for that on the accelerator
+      that runs them.
     * ``io``: ``"auto"``, ``"mmap"``, ``"pread"``, or :class:`~bigmodel.IOOptions`.
     * Under ``torch.distributed`` every rank calls this with the same arguments; DTensor
       parameters get only this rank's slice, an error on any rank raises
@@ -304,12 +320,14 @@ def load_checkpoint(
       are shared.
     """
     dtype = parse_dtype(dtype, auto=_auto_dtype(checkpoint) if is_auto(dtype) else None)
+    offload = offload or OffloadOptions()
     resolved = _resolve_device_map(
         model,
         device_map,
         max_memory=max_memory,
         no_split_module_classes=no_split_module_classes,
         dtype=dtype,
+        offload=offload,
     )
     if resolved is not None and device is not None:
         raise ValueError("Pass either device= or device_map=, not both.")
@@ -335,7 +353,7 @@ def load_checkpoint(
         init_fn=init_fn,
         progress=progress,
         offload_folder=offload_folder,
-        offload=offload or OffloadOptions(),
+        offload=offload,
         distributed=distributed or DistributedOptions(),
         io=IOOptions.of(io),
     )

@@ -46,13 +46,18 @@ def from_pretrained(
     ``model_factory`` is anything that returns a module: a class, a lambda,
     ``lambda: AutoModelForCausalLM.from_config(config)``. It runs under
     :func:`bigmodel.init_empty_weights` (no memory, no random init); ``load_options`` go to
-    :func:`bigmodel.load_checkpoint`. The model is returned in eval mode, as transformers does.
+    :func:`bigmodel.load_checkpoint`. The model is returned in eval mode, as transformers does,
+    and, as transformers does, has ``hf_device_map`` only when its ``device_map`` spans more
+    than one device or uses disk.
     """
     with init_empty_weights():
         model = model_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module.")
     load_checkpoint(model, checkpoint, **load_options)
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    if len(devices) == 1 and "disk" not in devices:
+        del model.hf_device_map  # transformers dispatches (and sets it) for several devices only
     return model.eval()
 
 

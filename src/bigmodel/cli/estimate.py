@@ -8,7 +8,7 @@ import re
 import psutil
 import torch
 
-from bigmodel.api.estimate import estimate_memory
+from bigmodel.api.estimate import Estimate, estimate_memory
 from bigmodel.cli._common import (
     EXIT_OK,
     EXIT_PROBLEM,
@@ -30,7 +30,10 @@ Planned as load_checkpoint(device_map="auto") plans the model, from the tensor n
 alone: devices are filled in order (accelerators, cpu, disk); a name prefix that
 does not fit is split into its parts, except repeated blocks (the numbered children of a
 prefix, model.layers.7), which are placed whole; tied tensors are counted once. "blocks" are
-the units never split. Only disk may be given without a size. Exit code 1 when the
+the units never split. Only disk may be given without a size; a budget without disk
+offloads the rest to disk, as load_checkpoint and accelerate do (disk=0 forbids it). When
+an accelerator runs blocks kept on cpu or disk, "reserved" is the room kept free on it
+for them (the largest streamed block and one more read ahead). Exit code 1 when the
 checkpoint does not fit.
 Leave room for activations: the budget is for weights only.
 """
@@ -62,38 +65,9 @@ def run(args: argparse.Namespace) -> int:
         else "as stored"
     )
     if args.json:
-        emit_json(
-            {
-                "fits": plan.fits,
-                "total_bytes": plan.total,
-                "dtype": dtype,
-                "largest_block": {"name": plan.largest.name, "bytes": plan.largest.nbytes},
-                "devices": [
-                    {"device": d.device, "budget": d.budget, "used": d.used, "blocks": d.blocks}
-                    for d in plan.devices
-                ],
-                "unplaced": [{"name": b.name, "bytes": b.nbytes} for b in plan.unplaced],
-            }
-        )
+        _emit(plan, dtype)
         return EXIT_OK if plan.fits else EXIT_PROBLEM
-    print(
-        f"Weights {format_size(plan.total)} ({dtype}); largest block {plan.largest.name} {format_size(plan.largest.nbytes)}"
-    )
-    print()
-    rows = []
-    for d in plan.devices:
-        span = _compact(d.blocks)
-        rows.append(
-            [
-                d.device,
-                "unlimited" if d.budget is None else format_size(d.budget),
-                format_size(d.used),
-                len(d.blocks),
-                span,
-            ]
-        )
-    print_table(["device", "budget", "needed", "blocks", "which"], rows)
-    print()
+    _print_table(plan, dtype)
     if plan.fits:
         print("fits: yes")
         return EXIT_OK
@@ -102,8 +76,56 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"fits: no — {len(names)} block(s), {left}, left over: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
     )
-    print("Next: raise --max-memory, add 'disk' to offload the rest, or use a smaller --dtype.")
+    print(
+        "Next: raise --max-memory, allow disk to offload the rest (disk with no size), "
+        "or use a smaller --dtype."
+    )
     return EXIT_PROBLEM
+
+
+def _emit(plan: Estimate, dtype: str) -> None:
+    emit_json(
+        {
+            "fits": plan.fits,
+            "total_bytes": plan.total,
+            "dtype": dtype,
+            "largest_block": {"name": plan.largest.name, "bytes": plan.largest.nbytes},
+            "devices": [
+                {
+                    "device": d.device,
+                    "budget": d.budget,
+                    "used": d.used,
+                    "reserved": d.reserved,
+                    "blocks": d.blocks,
+                }
+                for d in plan.devices
+            ],
+            "implicit_disk": plan.implicit_disk,
+            "unplaced": [{"name": b.name, "bytes": b.nbytes} for b in plan.unplaced],
+        }
+    )
+
+
+def _print_table(plan: Estimate, dtype: str) -> None:
+    print(
+        f"Weights {format_size(plan.total)} ({dtype}); largest block {plan.largest.name} {format_size(plan.largest.nbytes)}"
+    )
+    print()
+    rows = [
+        [
+            d.device,
+            "unlimited" if d.budget is None else format_size(d.budget),
+            format_size(d.used),
+            format_size(d.reserved) if d.reserved else "",
+            len(d.blocks),
+            _compact(d.blocks),
+        ]
+        for d in plan.devices
+    ]
+    print_table(["device", "budget", "needed", "reserved", "blocks", "which"], rows)
+    print()
+    if plan.implicit_disk:
+        print("disk: not in --max-memory; what fits nowhere else goes there (disk=0 forbids it)")
 
 
 _NUMBERED = re.compile(r"^(.*\.)(\d+)$")

@@ -20,6 +20,18 @@ tensor names alone (:func:`tree_from_checkpoint`), then :func:`plan` places it:
   is therefore never on one device while a module using it is on another (loading and the
   offload hooks would then put it where neither the plan nor the module expects it);
 * a device never holds more than its budget: ``Placement.used[d] <= budgets[d]``;
+* headroom: when an accelerator runs blocks kept on ``cpu`` or ``disk`` (the *execution
+  device*: the first accelerator of the plan, or the one given), those blocks are streamed to
+  it, one at a time plus the prefetch window. Room for that is kept there:
+  ``Placement.reserved[d]`` is the largest streamed atom plus the window (``prefetch=True``:
+  one more such block; a size: that bound; ``False``: none), and ``used[d] + reserved[d] <=
+  budgets[d]``. Reserving changes what is streamed, so the plan is redone with the reserve
+  until the reserve it needs is no more than the one it kept;
+* strategies: ``auto``/``sequential`` fill the first device first; ``balanced`` caps each
+  accelerator but the last at an even share of the model; ``balanced_low_0`` (accelerate's
+  ``get_balanced_memory(low_zero=True)``) balances over the accelerators after the first and
+  gives the first only what the others cannot hold, so it stays light for ``generate``'s
+  outputs;
 * children that all landed on one device are merged back into their parent's entry (``""``
   when the whole tree is on one device); a unit holding no bytes goes where the unit before
   it went, so that it does not split its parent's entry for nothing.
@@ -36,7 +48,8 @@ import torch
 from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint, TensorInfo
-from bigmodel.foundations.devices import Device
+from bigmodel.foundations.devices import Device, device_order, is_accelerator
+from bigmodel.foundations.types import OffloadOptions
 from bigmodel.storage.dtypes import stored_nbytes
 
 __all__ = [
@@ -57,8 +70,9 @@ __all__ = [
 ]
 
 #: ``"auto"`` and ``"sequential"`` fill the first device first; ``"balanced"`` spreads the
-#: tree evenly over the accelerators.
-STRATEGIES = ("auto", "sequential", "balanced")
+#: tree evenly over the accelerators; ``"balanced_low_0"`` spreads it over the accelerators
+#: after the first and keeps the first light (accelerate's device_map names).
+STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
 
 _NUMERIC = re.compile(r"[0-9]+")
 
@@ -120,24 +134,28 @@ class Placement:
     """What :func:`plan` decided. ``device_map`` is ``{name: device}`` with children merged
     back into their parents; ``used`` the bytes charged to each device; ``budgets`` the
     budgets planned against (after ``balanced`` shares); ``unplaced`` the units that fit on
-    no device, in order. The plan fits when nothing is unplaced and no device holds more
-    than its budget."""
+    no device, in order; ``reserved`` the bytes kept free on the execution device for the
+    blocks streamed to it from ``cpu``/``disk`` (the largest one plus the prefetch window;
+    empty when nothing is streamed to an accelerator). The plan fits when nothing is unplaced
+    and no device holds more than its budget, its reserve included."""
 
     device_map: dict[str, Device]
     used: dict[Device, int]
     budgets: dict[Device, int | None]
     unplaced: list[Unit]
+    reserved: dict[Device, int] = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
         return not self.unplaced and not self.over_budget()
 
     def over_budget(self) -> dict[Device, int]:
-        """``{device: bytes used}`` for every device holding more than its budget."""
+        """``{device: bytes used + reserved}`` for every device where that is over budget."""
+        need = {d: self.used.get(d, 0) + self.reserved.get(d, 0) for d in self.budgets}
         return {
-            d: used
-            for d, used in self.used.items()
-            if (limit := self.budgets.get(d)) is not None and used > limit
+            d: n
+            for d, n in need.items()
+            if (limit := self.budgets.get(d)) is not None and n > limit
         }
 
 
@@ -291,34 +309,97 @@ def device_of(name: str, device_map: Mapping[str, Device]) -> Device | None:
 
 
 def plan(
-    tree: PlanNode, budgets: Mapping[Device, int | None], *, strategy: str = "auto"
+    tree: PlanNode,
+    budgets: Mapping[Device, int | None],
+    *,
+    strategy: str = "auto",
+    prefetch: bool | int | str = True,
+    execution: Device | None = None,
+    headroom: bool = True,
 ) -> Placement:
     """Place ``tree`` on ``budgets`` (``{device: bytes or None for unlimited}`` in plan order,
     as :func:`bigmodel.foundations.devices.parse_max_memory` returns) — see the module
-    docstring for the rules. Never raises for lack of room: see :attr:`Placement.unplaced`."""
+    docstring for the rules. ``prefetch`` (as :class:`~bigmodel.OffloadOptions` takes it) and
+    ``execution`` (the device offloaded blocks run on; default: the first accelerator of the
+    plan, as :func:`bigmodel.placement.device_map.execution_device` picks it) size the
+    headroom; ``headroom=False`` plans the budgets as given, for a caller that keeps its own
+    room. Never raises for lack of room: see :attr:`Placement.unplaced` and
+    :meth:`Placement.over_budget`."""
     planned = _strategy_budgets(tree, budgets, strategy)
-    state = _State(planned, _TieGroups(tree))
+    ties = _TieGroups(tree)
+    blocks = [(atom.name, atom.nbytes) for atom in atoms(tree)]
+    window = OffloadOptions(prefetch=prefetch).prefetch_bytes
+    held: dict[Device, int] = {}
+    while True:
+        state = _place(tree, ties, {d: _less(b, held.get(d, 0)) for d, b in planned.items()})
+        runs = _runs_on(state.placed, execution)
+        need = _reserve(blocks, state.placed, window) if headroom and runs is not None else 0
+        if runs is None or need <= held.get(runs, 0):
+            break
+        held[runs] = need  # grows each round, so the rounds end
+    reserved = {runs: need} if runs is not None and need else {}
+    return Placement(_merge(tree, state.placed), state.used, planned, state.unplaced, reserved)
+
+
+def _place(tree: PlanNode, ties: _TieGroups, budgets: dict[Device, int | None]) -> _State:
+    state = _State(budgets, ties)
     queue = deque(tree.members())
     while queue:
         queue.extendleft(reversed(state.place(queue.popleft())))
-    return Placement(_merge(tree, state.placed), state.used, planned, state.unplaced)
+    return state
+
+
+def _less(budget: int | None, reserve: int) -> int | None:
+    return None if budget is None else max(0, budget - reserve)
+
+
+def _runs_on(placed: Mapping[str, Device], execution: Device | None) -> Device | None:
+    """The accelerator that runs the streamed blocks, or None when the CPU does."""
+    if execution is not None:
+        return execution if is_accelerator(execution) else None
+    accelerators = sorted({d for d in placed.values() if is_accelerator(d)}, key=device_order)
+    return accelerators[0] if accelerators else None
+
+
+def _reserve(
+    blocks: list[tuple[str, int]], placed: Mapping[str, Device], window: int | None
+) -> int:
+    """Room the execution device needs for the atoms kept on ``cpu``/``disk``: the largest,
+    plus the prefetch window (``None``: one more such block), never more than the rest."""
+    streamed = [size for name, size in blocks if device_of(name, placed) in ("cpu", "disk")]
+    largest = max(streamed, default=0)
+    ahead = largest if window is None else window
+    return largest + min(ahead, sum(streamed) - largest)
 
 
 def _strategy_budgets(
     tree: PlanNode, budgets: Mapping[Device, int | None], strategy: str
 ) -> dict[Device, int | None]:
     if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; use 'auto', 'sequential' or 'balanced'.")
+        raise ValueError(f"Unknown strategy {strategy!r}; use {', '.join(map(repr, STRATEGIES))}.")
     out = dict(budgets)
-    accelerators = [d for d in out if d not in ("cpu", "disk")]
-    if strategy == "balanced" and len(accelerators) > 1:
-        # Each accelerator but the last takes an even share; the last keeps its whole budget,
-        # so that whole-block granularity never pushes the tail of the model off the accelerators.
-        share = -(-tree.nbytes // len(accelerators))
-        for device in accelerators[:-1]:
-            limit = out[device]
-            out[device] = share if limit is None else min(limit, share)
+    accelerators = [d for d in out if is_accelerator(d)]
+    if strategy == "balanced":
+        _balance(out, accelerators, tree.nbytes)
+    elif strategy == "balanced_low_0" and len(accelerators) > 1:
+        # accelerate's low_zero: the others are balanced as if the first did not exist, and the
+        # first keeps only what they cannot hold (its room serves generate's outputs).
+        first, rest = accelerators[0], accelerators[1:]
+        _balance(out, rest, tree.nbytes)
+        others = sum(out[d] or 0 for d in rest)
+        out[first] = min(out[first] or 0, max(0, tree.nbytes - others))
     return out
+
+
+def _balance(out: dict[Device, int | None], accelerators: list[Device], total: int) -> None:
+    """Each accelerator but the last takes an even share; the last keeps its whole budget, so
+    that whole-block granularity never pushes the tail of the model off the accelerators."""
+    if len(accelerators) < 2:
+        return
+    share = -(-total // len(accelerators))
+    for device in accelerators[:-1]:
+        limit = out[device]
+        out[device] = share if limit is None else min(limit, share)
 
 
 class _TieGroups:
@@ -366,7 +447,11 @@ class _State:
         self.pinned: dict[int, Device | None] = {}
         self.home: dict[Hashable, Device | None] = {}
         self.unplaced: list[Unit] = []
-        self.last = self.devices[0] if self.devices else None
+        # where a unit holding no bytes goes when nothing was placed yet: the first device
+        # that can hold anything (not an accelerator kept empty by balanced_low_0 or headroom)
+        self.last = next((d for d in self.devices if budgets[d] != 0), None) or (
+            self.devices[0] if self.devices else None
+        )
 
     def place(self, unit: PlanNode) -> list[PlanNode]:
         """Place ``unit`` (or record it as unplaced); return its members if it must be split.
