@@ -254,16 +254,23 @@ class Runner:
         self.tmp = tmp
 
     def run(self, method: str, task: str, **options: Any) -> dict[str, Any]:
+        """One child's result, or ``{"failed": the child's last error line}``: a failing
+        method is a row of the table, not the end of the run."""
         options.setdefault("prefix", ())
-        result = run_child(
-            __file__,
-            method,
-            task=task,
-            folder=self.folder,
-            size=self.args.size,
-            logits=self.tmp / f"{task}-{method}.pt",
-            **options,
-        )
+        try:
+            result = run_child(
+                __file__,
+                method,
+                task=task,
+                folder=self.folder,
+                size=self.args.size,
+                logits=self.tmp / f"{task}-{method}.pt",
+                **options,
+            )
+        except SystemExit as failure:
+            print(f"  {task:8s} {method:10s} FAILED {failure}", file=sys.stderr, flush=True)
+            lines = [line for line in str(failure).splitlines() if line.strip()]
+            return {"failed": lines[-1][:160].replace("|", "/")}
         shown = {k: v for k, v in result.items() if k not in ("tokens", "device_map")}
         print(f"  {task:8s} {method:10s} {shown}", file=sys.stderr, flush=True)
         return result
@@ -294,8 +301,9 @@ def forward_section(runner: Runner, budget: int) -> tuple[list[str], dict[str, A
     for _ in range(args.repeats):
         for m in METHODS:
             runs[m].append(runner.run(m, "forward", budget=args.budget, dtype="bf16", prompt=64))
-    logits = {m: torch.load(runner.tmp / f"forward-{m}.pt") for m in METHODS}
-    reference = logits["in-memory"]
+    failed = {m: next((r["failed"] for r in runs[m] if "failed" in r), None) for m in METHODS}
+    logits = {m: torch.load(runner.tmp / f"forward-{m}.pt") for m in METHODS if not failed[m]}
+    reference = logits.get("in-memory")
     lines = [
         f"## Forward — bf16, cpu budget {args.budget}, 64-token forward",
         "",
@@ -303,9 +311,13 @@ def forward_section(runner: Runner, budget: int) -> tuple[list[str], dict[str, A
         "|---|---|---|---|---|---|",
     ]
     for m in METHODS:
-        same = torch.equal(logits[m], reference)
-        close = torch.allclose(logits[m].float(), reference.float(), atol=1e-2)
-        verdict = "identical" if same else ("allclose" if close else "DIFFERENT")
+        if failed[m] or reference is None:
+            verdict = f"failed: {failed[m] or failed['in-memory']}"
+        elif torch.equal(logits[m], reference):
+            verdict = "identical"
+        else:
+            close = torch.allclose(logits[m].float(), reference.float(), atol=1e-2)
+            verdict = "allclose" if close else "DIFFERENT"
         r = runs[m]
         lines.append(
             f"| {m} | {_med(r, 'dispatch_s'):.2f} | {_med(r, 'first_s'):.2f} | "
@@ -337,28 +349,38 @@ def _gen_rows(
     runs: dict[str, list[dict[str, Any]]], sizes: dict[str, int], scale: float
 ) -> list[str]:
     """One table row per method; ``scale`` turns stored bytes into loaded bytes (bf16: 0.5)."""
-    reference = runs["in-memory"][0]["tokens"] if "in-memory" in runs else None
+    reference = runs["in-memory"][0].get("tokens")
     rows = []
     for m, r in runs.items():
         ok = [x for x in r if "failed" not in x]
         if not ok:
             rows.append(f"| {m} | failed: {r[0]['failed']} |" + " |" * 9)
             continue
-        same = reference is None or all(x["tokens"] == reference for x in ok)
+        same = _verdict(ok, reference)
         disk = _disk_bytes(ok[0], sizes, scale)
         rows.append(
             f"| {m} | {_med(ok, 'dispatch_s'):.2f} | {_med(ok, 'ttft_s'):.2f} | "
             f"{_med(ok, 'per_token_s'):.3f} | {_med(ok, 'tokens_per_s'):.2f} | "
             f"{_med(ok, 'anon') / GB:.2f} | {_med(ok, 'file') / GB:.2f} | {disk / GB:.2f} | "
-            f"{_med(ok, 'offload_folder_bytes') / GB:.2f} | {'identical' if same else 'DIFFERENT'} |"
+            f"{_med(ok, 'offload_folder_bytes') / GB:.2f} | {same} |"
         )
     return rows
 
 
-def _all_tokens_equal(runs: dict[str, list[dict[str, Any]]]) -> bool:
-    tokens = [x["tokens"] for r in runs.values() for x in r if "failed" not in x]
-    failed = any("failed" in x for r in runs.values() for x in r)
-    return not failed and all(t == tokens[0] for t in tokens)
+def _verdict(ok: list[dict[str, Any]], reference: list[int] | None) -> str:
+    if reference is None:
+        return "no reference (the in-memory run failed)"
+    return "identical" if all(x["tokens"] == reference for x in ok) else "DIFFERENT"
+
+
+def _tokens_target(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """The "identical tokens" target row: every run of every method gave the same tokens."""
+    label = f"identical tokens ({', '.join(runs)})"
+    if any("failed" in x for r in runs.values() for x in r):
+        return f"| {label} | not every run finished | **no** |"
+    tokens = [x["tokens"] for r in runs.values() for x in r]
+    same = all(t == tokens[0] for t in tokens)
+    return f"| {label} | {'identical' if same else 'DIFFERENT'} | {_yes(same)} |"
 
 
 def generate_section(
@@ -375,7 +397,6 @@ def generate_section(
     speed = _med(big, "tokens_per_s") / _med(acc, "tokens_per_s")
     per_token = _med(big, "per_token_s") / _med(mem, "per_token_s")
     anon_bound = budget + 2 * block + 0.1 * GB
-    same = _all_tokens_equal(runs)
     lines = [
         f"## Generation — bf16, cpu budget {args.budget}, greedy {args.new_tokens} new tokens after a 64-token prompt",
         "",
@@ -389,7 +410,7 @@ def generate_section(
         f"| peak RssAnon ≤ budget + two blocks + 0.1 GB = {anon_bound / GB:.2f} GB "
         f"(a block: one decoder layer, {block / 1e6:.0f} MB in bf16) | "
         f"{_med(big, 'anon') / GB:.2f} GB | {_yes(_med(big, 'anon') <= anon_bound)} |",
-        f"| identical tokens (bigmodel, accelerate, in-memory) | {'identical' if same else 'DIFFERENT'} | {_yes(same)} |",
+        _tokens_target(runs),
         "",
     ]
     keys = ("dispatch_s", "ttft_s", "per_token_s", "tokens_per_s", "anon", "file")
@@ -408,11 +429,7 @@ def _in_cgroup(runner: Runner, method: str, limit: int, **options: Any) -> dict[
     """One cold run in a fresh memory cgroup; a child killed at the limit is a result too."""
     evict_page_cache(runner.folder)
     with memory_cgroup.MemoryCgroup(limit) as group:
-        try:
-            result = runner.run(method, "generate", prefix=group.prefix(), **options)
-        except SystemExit as failure:
-            result = {"failed": str(failure).splitlines()[0][:160]}
-            print(f"  ltm      {method:10s} FAILED {failure}", file=sys.stderr)
+        result = runner.run(method, "generate", prefix=group.prefix(), **options)
         result.update(group.usage())
     if "failed" in result and result.get("oom_kills"):
         result["failed"] = "killed at the cgroup memory limit (OOM)"
@@ -429,7 +446,7 @@ def _ltm_rows(
         if not ok:
             rows.append(f"| {m} | failed: {r[0]['failed']} |" + " |" * 11)
             continue
-        same = all(x["tokens"] == reference for x in ok)
+        same = _verdict(ok, reference)
         capped = m != "in-memory"
         label = m if capped else "in-memory (no cgroup: the reference for the tokens)"
         share = f"{_med(ok, 'tokens_per_s') / bound * 100:.0f}%" if capped else "—"
@@ -439,7 +456,7 @@ def _ltm_rows(
             f"{_med(ok, 'per_token_s'):.2f} | {_med(ok, 'tokens_per_s'):.3f} | "
             f"{share} | {_med(ok, 'anon') / GB:.2f} | {_med(ok, 'file') / GB:.2f} | {peak} | "
             f"{_disk_bytes(ok[0], sizes, 1.0) / GB:.2f} | "
-            f"{_med(ok, 'offload_folder_bytes') / GB:.2f} | {'identical' if same else 'DIFFERENT'} |"
+            f"{_med(ok, 'offload_folder_bytes') / GB:.2f} | {same} |"
         )
     return rows
 
@@ -484,7 +501,6 @@ def _ltm_report(
     big, acc = runs["bigmodel"], runs["accelerate"]
     share = _med(big, "tokens_per_s") / bound
     speed = _med(big, "tokens_per_s") / _med(acc, "tokens_per_s")
-    same = _all_tokens_equal(runs)
     lines = [
         title,
         "",
@@ -499,7 +515,7 @@ def _ltm_report(
         "|---|---|---|",
         f"| tokens/s ≥ 85% of the bound | {share * 100:.0f}% | {_yes(share >= 0.85)} |",
         f"| tokens/s ≥ 1.5x accelerate | {speed:.2f}x | {_yes(speed >= 1.5)} |",
-        f"| identical tokens (bigmodel, accelerate, in-memory) | {'identical' if same else 'DIFFERENT'} | {_yes(same)} |",
+        _tokens_target(runs),
         "",
     ]
     keys = ("dispatch_s", "ttft_s", "per_token_s", "tokens_per_s", "anon", "file", "cgroup_peak")
