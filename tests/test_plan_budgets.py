@@ -361,7 +361,7 @@ def test_every_plan_keeps_every_budget_and_covers_every_tensor_once_or_raises(ca
     _verify(*case)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_streaming_cases())
 def test_every_plan_that_streams_to_an_accelerator_keeps_room_for_the_streamed_blocks(case):
     _verify(*case)
