@@ -54,6 +54,11 @@ def unavailable() -> str | None:
         return "not running as root (creating a cgroup needs root)"
     if _version() is None:
         return f"no cgroup memory controller under {ROOT}"
+    try:  # a container may mount the hierarchy read-only or forbid the controller
+        with MemoryCgroup(1 << 30):
+            pass
+    except OSError as error:
+        return f"cannot create a memory cgroup ({error})"
     return None
 
 
