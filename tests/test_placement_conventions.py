@@ -67,6 +67,18 @@ def test_nothing_is_reserved_when_nothing_is_streamed_or_the_cpu_runs_the_stream
     assert _on(device_map, "cuda:0") == 11  # the cpu runs the streamed layer: no room kept
 
 
+def test_an_entry_streamed_whole_reserves_its_own_tensors_held_around_its_largest_block():
+    # main_device=0 with no budget left on it: everything is on disk as one entry, {"": "disk"};
+    # the hooks hold embed + norm for the root's forward while each layer comes and goes.
+    tree = tree_from_module(_empty())
+    placement = plan(tree, {"cuda:0": 0, "disk": None}, execution="cuda:0", prefetch=False)
+    assert placement.device_map == {"": "disk"}
+    assert placement.reserved == {"cuda:0": 800 + 80 + LAYER}
+    assert placement.over_budget() == {"cuda:0": 800 + 80 + LAYER}
+    ahead = plan(tree, {"cuda:0": 0, "disk": None}, execution="cuda:0")
+    assert ahead.reserved == {"cuda:0": 800 + 80 + LAYER + (800 + 80)}  # the largest unit ahead
+
+
 def test_an_accelerator_too_small_for_the_reserve_hands_the_streamed_blocks_to_the_cpu():
     # 1500 B hold one layer, not one layer plus room for two streamed ones: the plan puts
     # nothing on cuda:0, so nothing runs there and no room is needed.

@@ -23,10 +23,12 @@ tensor names alone (:func:`tree_from_checkpoint`), then :func:`plan` places it:
 * headroom: when an accelerator runs blocks kept on ``cpu`` or ``disk`` (the *execution
   device*: the first accelerator of the plan, or the one given), those blocks are streamed to
   it, one at a time plus the prefetch window. Room for that is kept there:
-  ``Placement.reserved[d]`` is the largest streamed atom plus the window (``prefetch=True``:
-  one more such block; a size: that bound; ``False``: none), and ``used[d] + reserved[d] <=
-  budgets[d]``. Reserving changes what is streamed, so the plan is redone with the reserve
-  until the reserve it needs is no more than the one it kept;
+  ``Placement.reserved[d]`` is the most the offload hooks hold at once (the largest streamed
+  atom; for an entry holding several atoms, its tensors outside repeated blocks, held for the
+  entry's forward, plus its largest block) plus the window (``prefetch=True``: one more such
+  unit; a size: that bound; ``False``: none), and ``used[d] + reserved[d] <= budgets[d]``.
+  Reserving changes what is streamed, so the plan is redone with the reserve until the
+  reserve it needs is no more than the one it kept;
 * strategies: ``auto``/``sequential`` fill the first device first; ``balanced`` caps each
   accelerator but the last at an even share of the model; ``balanced_low_0`` (accelerate's
   ``get_balanced_memory(low_zero=True)``) balances over the accelerators after the first and
@@ -327,13 +329,13 @@ def plan(
     :meth:`Placement.over_budget`."""
     planned = _strategy_budgets(tree, budgets, strategy)
     ties = _TieGroups(tree)
-    blocks = [(atom.name, atom.nbytes) for atom in atoms(tree)]
+    blocks = [(atom, atom.nbytes) for atom in atoms(tree)]
     window = OffloadOptions(prefetch=prefetch).prefetch_bytes
     held: dict[Device, int] = {}
     while True:
         state = _place(tree, ties, {d: _less(b, held.get(d, 0)) for d, b in planned.items()})
         runs = _runs_on(state.placed, execution)
-        need = _reserve(blocks, state.placed, window) if headroom and runs is not None else 0
+        need = _reserve(tree, blocks, state.placed, window) if headroom and runs else 0
         if runs is None or need <= held.get(runs, 0):
             break
         held[runs] = need  # grows each round, so the rounds end
@@ -362,14 +364,41 @@ def _runs_on(placed: Mapping[str, Device], execution: Device | None) -> Device |
 
 
 def _reserve(
-    blocks: list[tuple[str, int]], placed: Mapping[str, Device], window: int | None
+    tree: PlanNode,
+    blocks: list[tuple[PlanNode, int]],
+    placed: Mapping[str, Device],
+    window: int | None,
 ) -> int:
-    """Room the execution device needs for the atoms kept on ``cpu``/``disk``: the largest,
-    plus the prefetch window (``None``: one more such block), never more than the rest."""
-    streamed = [size for name, size in blocks if device_of(name, placed) in ("cpu", "disk")]
-    largest = max(streamed, default=0)
-    ahead = largest if window is None else window
-    return largest + min(ahead, sum(streamed) - largest)
+    """Room the execution device needs for what is kept on ``cpu``/``disk``, streamed as the
+    offload hooks materialise it (:mod:`bigmodel.execution.offload`): each repeated block
+    alone, the other tensors of a device-map entry together for the entry's forward, which
+    holds them while its blocks come and go. So: the most held at once (an entry's own
+    tensors plus its largest block), plus the prefetch window (``None``: the largest unit
+    read ahead), never more than the rest of what is streamed."""
+    entries = _merge(tree, placed)
+    outside: dict[str, list[PlanTensor]] = {}  # entry -> its tensors outside blocks
+    inner: dict[str, int] = {}  # entry -> its largest block
+    units: list[int] = []
+    for atom, size in blocks:
+        if device_of(atom.name, placed) not in ("cpu", "disk"):
+            continue
+        entry = _entry_of(atom.name, entries)
+        if atom.children:  # a repeated block (or a module never split): a unit of its own
+            inner[entry] = max(inner.get(entry, 0), size)
+            units.append(size)
+        else:
+            outside.setdefault(entry, []).extend(atom.all_tensors())
+    own = {entry: _unique_bytes(tensors, {}) for entry, tensors in outside.items()}
+    units.extend(own.values())
+    held = max((own.get(e, 0) + inner.get(e, 0) for e in own.keys() | inner.keys()), default=0)
+    ahead = max(units, default=0) if window is None else window
+    return held + min(ahead, sum(units) - held) if held else 0
+
+
+def _entry_of(name: str, entries: Mapping[str, Device]) -> str:
+    while name not in entries and name:
+        name = name.rpartition(".")[0]
+    return name
 
 
 def _strategy_budgets(
