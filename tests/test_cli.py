@@ -243,7 +243,7 @@ def test_estimate_places_blocks_in_order_and_says_whether_they_fit(capsys, llama
     )
     assert cpu["used"] <= 40_000
     assert cpu["used"] + disk["used"] == data["total_bytes"]
-    code, out, _ = run(capsys, "estimate", folder, "--max-memory", "cpu=40KB")
+    code, out, _ = run(capsys, "estimate", folder, "--max-memory", "cpu=40KB,disk=0")
     assert code == 1
     assert "fits: no" in out and "Next:" in out
     code, out, _ = run(capsys, "estimate", folder, "--dtype", "bf16", "--json")
