@@ -30,10 +30,14 @@ scope:
 
 Hence a module that reads a child's weight without calling the child (Mamba's mixer reads
 ``dt_proj.weight``; a head computing ``hidden @ self.embed.weight.T``) finds it in place as
-long as both are in one unit. What stays unsupported: a module reading, outside its own
-scope, the weight of a module of another unit that it does not call (``self.embed.weight``
-read by the root when ``embed`` is its own ``disk`` entry and the root is not) — keep such
-modules in one entry.
+long as both are in one unit. Outside its unit's forward an offloaded tensor is a
+placeholder that refuses to compute (:mod:`bigmodel.execution.placeholders`): using it —
+a submodule called directly (``model.layers[3].attn(x)`` while ``layers.3`` is a unit), a
+module reading the weight of another unit that it neither calls nor contains
+(``self.embed.weight`` read by the root when ``embed`` is its own ``disk`` entry and the root
+is not) — raises :class:`~bigmodel.foundations.errors.MetaTensorError` naming the tensor and
+its unit, never uninitialised numbers. The fix: call the unit's module, or keep such modules
+in one entry, or in one block (``block_classes``, from ``no_split_module_classes``).
 
 Units nest (the root's unit holds while each block's unit comes and goes) and are counted:
 a unit entered again while materialised (a module called twice within one forward, a
@@ -66,6 +70,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bigmodel.execution.hooks import attach_placement_hooks, has_forward
 from bigmodel.execution.offload_sources import OffloadedTensor, keep_resident, resident_sources
+from bigmodel.execution.placeholders import make_placeholder
 from bigmodel.execution.residency import tensor_roles
 from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.types import OffloadOptions
@@ -173,14 +178,20 @@ def _units(
     return units
 
 
-def _slot(model: nn.Module, name: str, spec: OffloadedTensor) -> _Slot:
+def _slot(model: nn.Module, name: str, spec: OffloadedTensor, scope: str) -> _Slot:
+    """The slot of ``name``, its ``meta`` stand-in replaced by a placeholder that refuses to
+    compute outside the unit's forward (:mod:`bigmodel.execution.placeholders`)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     current = module._parameters.get(leaf) if spec.is_parameter else module._buffers.get(leaf)
     assert current is not None, name
-    placeholder = current
-    if spec.is_parameter and not isinstance(current, nn.Parameter):  # pragma: no cover
-        placeholder = nn.Parameter(current, requires_grad=spec.requires_grad)
+    placeholder = make_placeholder(
+        current, name, scope, is_parameter=spec.is_parameter, grad=spec.requires_grad
+    )
+    if spec.is_parameter:
+        module._parameters[leaf] = placeholder  # type: ignore[assignment]
+    else:
+        module._buffers[leaf] = placeholder
     return _Slot(name, module, leaf, spec.is_parameter, spec.requires_grad, placeholder)
 
 
@@ -210,7 +221,9 @@ class Offloader:
         self._lock = threading.Lock()
         scopes = unit_scopes(model, self.tensors, device_map, block_classes)
         self.units = _units(model, self.tensors, scopes)
-        self._slots = [[_slot(model, n, self.tensors[n]) for n in u.names] for u in self.units]
+        self._slots = [
+            [_slot(model, n, self.tensors[n], u.scope) for n in u.names] for u in self.units
+        ]
         self.entry_bytes = [unit.nbytes for unit in self.units]  # per unit, in unit order
         self.prefetch_bytes = self._bound(prefetch)
         self._pool = (
