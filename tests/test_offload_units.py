@@ -455,3 +455,81 @@ def test_disk_weights_are_read_before_their_block_computes_not_page_by_page_duri
     assert all(t.startswith(expected) for t in threads[1:]), threads
     # each weight spans 1024 pages of the file mapping; computing on it faults none in
     assert max(faults) < 16, faults
+
+
+# -- no_split_module_classes names the blocks ---------------------------------------------------
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Fused(nn.Module):
+    """A block that appears once (so not a repeated block class) and reads a grandchild's
+    weight without calling its module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Inner()
+        self.gate = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.linear(x, self.inner.proj.weight) * torch.sigmoid(self.gate(x))
+
+
+class Solo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.fused = Fused()
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fused(self.embed(ids)))
+
+
+@pytest.fixture
+def solo(tmp_path):
+    torch.manual_seed(0)
+    model = Solo().eval()
+    bigmodel.save_checkpoint(model, tmp_path / "solo")
+    with torch.no_grad():
+        expected = model(IDS)
+    return tmp_path / "solo", expected
+
+
+def _load_solo(folder, **kwargs) -> Solo:
+    with bigmodel.init_empty_weights():
+        model = Solo().eval()
+    bigmodel.load_checkpoint(model, folder, **kwargs)
+    return model
+
+
+@pytest.mark.parametrize("block", [Fused, "Fused"], ids=["class", "name"])
+def test_a_class_named_in_no_split_module_classes_is_one_unit_under_whole_model_disk_offload(
+    solo, block
+):
+    folder, expected = solo
+    model = _load_solo(folder, device_map={"": "disk"}, no_split_module_classes=[block])
+    offloader = model._bigmodel_offloader
+    assert [unit.scope for unit in offloader.units] == ["", "fused"]
+    assert torch.equal(_run(model), expected)
+    assert offloader.resident_bytes == 0 and model.fused.inner.proj.weight.is_meta
+
+
+def test_a_no_split_block_holds_a_child_entry_so_its_parent_reads_the_child_weight(solo):
+    folder, expected = solo
+    device_map = {"": "cpu", "fused.inner": "disk"}
+    plain = _load_solo(folder, device_map=device_map)  # inner is a unit of its own
+    with pytest.raises(bigmodel.MetaTensorError, match=r"'fused\.inner\.proj\.weight'"):
+        _run(plain)
+    model = _load_solo(
+        folder, device_map=device_map, no_split_module_classes=(c for c in [Fused])
+    )  # any iterable: a generator is read by the planner and by the hooks
+    assert [unit.scope for unit in model._bigmodel_offloader.units] == ["fused"]
+    assert torch.equal(_run(model), expected)

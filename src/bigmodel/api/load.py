@@ -81,6 +81,8 @@ class _Options:
     progress: bool | None = None
     offload_folder: str | os.PathLike[str] | None = None
     offload: OffloadOptions = field(default_factory=OffloadOptions)
+    # the blocks offload materialises whole (None: the repeated block classes, as the planner)
+    no_split_module_classes: Iterable[type[nn.Module] | str] | None = None
     distributed: DistributedOptions = field(default_factory=DistributedOptions)
     io: IOOptions = field(default_factory=IOOptions)
 
@@ -168,6 +170,7 @@ def _finish(
             placement.device_map,
             execution_device=execution_device(placement.device_map, opts.offload.main_device),
             prefetch=opts.offload.prefetch,
+            block_classes=opts.no_split_module_classes,
         )
         set_hf_device_map(model, placement.device_map)
 
@@ -311,7 +314,11 @@ def load_checkpoint(
       before they run (from the original shards, or from converted copies written once into
       ``offload_folder``); ``offload`` (:class:`~bigmodel.OffloadOptions`) sets where they run
       and how far reads run ahead, and a planned map keeps room for that on the accelerator
-      that runs them.
+      that runs them. Offloaded tensors are read by *unit*: each instance of a class in
+      ``no_split_module_classes`` (default: the repeated block classes) is one unit, read
+      whole for its forward, so a block whose modules read each other's weights runs under
+      any map; an offloaded tensor used outside its unit's forward raises
+      :class:`~bigmodel.MetaTensorError` naming it (never uninitialised numbers).
     * ``io``: ``"auto"``, ``"mmap"``, ``"pread"``, or :class:`~bigmodel.IOOptions`.
     * Under ``torch.distributed`` every rank calls this with the same arguments; DTensor
       parameters get only this rank's slice, an error on any rank raises
@@ -321,6 +328,8 @@ def load_checkpoint(
     """
     dtype = parse_dtype(dtype, auto=_auto_dtype(checkpoint) if is_auto(dtype) else None)
     offload = offload or OffloadOptions()
+    if no_split_module_classes is not None:  # read twice: by the planner and by the hooks
+        no_split_module_classes = tuple(no_split_module_classes)
     resolved = _resolve_device_map(
         model,
         device_map,
@@ -354,6 +363,7 @@ def load_checkpoint(
         progress=progress,
         offload_folder=offload_folder,
         offload=offload,
+        no_split_module_classes=no_split_module_classes,
         distributed=distributed or DistributedOptions(),
         io=IOOptions.of(io),
     )
