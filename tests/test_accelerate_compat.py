@@ -1,6 +1,7 @@
 """bigmodel.accelerate against accelerate itself: the same device maps (accelerator indexes as
-integers), the same outputs, the same return shapes, on small pure-torch models; and each
-documented difference shown where it is one."""
+integers) but for the room accelerate keeps on ``cpu`` for ``disk`` blocks (bigmodel keeps
+none: compared with accelerate given that room back), the same outputs, the same return
+shapes, on small pure-torch models; and each documented difference shown where it is one."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import bigmodel
 import bigmodel.accelerate as bma
 
 accelerate = pytest.importorskip("accelerate")
@@ -138,6 +140,26 @@ def test_compute_module_sizes_sizes_an_upcast_at_the_dtype_the_load_produces():
 
 
 LINEAR = (HIDDEN * HIDDEN + HIDDEN) * 4
+EMBED = 50 * HIDDEN * 4  # Net's largest layers: embed, head
+
+
+def _with_cpu_room(max_memory: dict, room: int) -> dict:
+    """``max_memory`` with the room accelerate keeps on ``cpu`` for the largest layer added
+    back: bigmodel keeps none there (``disk`` blocks are read from the file mapping, outside
+    the CPU budget), so its maps are accelerate's maps for these budgets."""
+    return {**max_memory, "cpu": max_memory["cpu"] + room}
+
+
+def test_infer_auto_device_map_keeps_no_cpu_room_for_disk_blocks_where_accelerate_keeps_one():
+    model = _mlp()
+    max_memory = {"cpu": 3 * LINEAR + 10, "disk": None}
+    ours = bma.infer_auto_device_map(model, max_memory=dict(max_memory))
+    theirs = accelerate_utils.infer_auto_device_map(model, max_memory=dict(max_memory))
+    assert [ours[str(i)] for i in range(8)].count("cpu") == 3  # the whole budget, kept
+    assert list(theirs.values()).count("cpu") == 2  # one layer's room left on the cpu
+    assert dict(ours) == dict(
+        accelerate_utils.infer_auto_device_map(model, max_memory=_with_cpu_room(max_memory, LINEAR))
+    )
 
 
 @pytest.mark.parametrize(
@@ -149,9 +171,13 @@ LINEAR = (HIDDEN * HIDDEN + HIDDEN) * 4
         {0: 2 * LINEAR, "cpu": 2 * LINEAR + 10, "disk": None},
     ],
 )
-def test_infer_auto_device_map_splitting_anything_equals_accelerates_map(max_memory):
+def test_infer_auto_device_map_splitting_anything_equals_accelerates_map_but_its_cpu_room(
+    max_memory,
+):
     model = _mlp()
-    theirs = accelerate_utils.infer_auto_device_map(model, max_memory=dict(max_memory))
+    theirs = accelerate_utils.infer_auto_device_map(
+        model, max_memory=_with_cpu_room(max_memory, LINEAR)
+    )
     ours = _quiet(lambda: bma.infer_auto_device_map(model, max_memory=dict(max_memory)))
     assert isinstance(ours, OrderedDict)
     assert dict(ours) == dict(theirs)
@@ -166,11 +192,15 @@ def test_infer_auto_device_map_splitting_anything_equals_accelerates_map(max_mem
         {0: 4 * BLOCK, "cpu": 20 * BLOCK},
     ],
 )
-def test_infer_auto_device_map_with_no_split_blocks_equals_accelerates_map(max_memory):
+def test_infer_auto_device_map_with_no_split_blocks_equals_accelerates_map_but_its_cpu_room(
+    max_memory,
+):
     model = _net()
-    kwargs = {"max_memory": dict(max_memory), "no_split_module_classes": ["Block"]}
-    theirs = accelerate_utils.infer_auto_device_map(model, **kwargs)
-    ours = _quiet(lambda: bma.infer_auto_device_map(model, **kwargs))
+    kwargs = {"no_split_module_classes": ["Block"]}
+    theirs = accelerate_utils.infer_auto_device_map(
+        model, max_memory=_with_cpu_room(max_memory, EMBED), **kwargs
+    )
+    ours = _quiet(lambda: bma.infer_auto_device_map(model, max_memory=dict(max_memory), **kwargs))
     assert dict(ours) == dict(theirs)
 
 
@@ -185,26 +215,32 @@ def test_infer_auto_device_map_keeps_tied_modules_on_one_device_as_accelerate_do
 
 def test_infer_auto_device_map_sizes_special_dtypes_as_accelerate_does():
     model = _mlp()
+    max_memory = {"cpu": 3 * LINEAR, "disk": None}
     kwargs = {
-        "max_memory": {"cpu": 3 * LINEAR, "disk": None},
         "dtype": torch.float16,
         "special_dtypes": {f"{i}.weight": torch.float32 for i in range(8)},
     }
-    assert dict(bma.infer_auto_device_map(model, **kwargs)) == dict(
-        accelerate_utils.infer_auto_device_map(model, **kwargs)
+    layer = HIDDEN * HIDDEN * 4 + HIDDEN * 2  # a float32 weight and a float16 bias
+    assert dict(bma.infer_auto_device_map(model, max_memory=max_memory, **kwargs)) == dict(
+        accelerate_utils.infer_auto_device_map(
+            model, max_memory=_with_cpu_room(max_memory, layer), **kwargs
+        )
     )
 
 
 def test_infer_auto_device_map_fills_a_device_that_accelerate_leaves_half_empty():
     model = _net()  # a block's norm still fits on the cpu after its fc did not
-    kwargs = {"max_memory": {"cpu": 2 * BLOCK + 6400, "disk": None}}
-    ours = bma.infer_auto_device_map(model, **kwargs)
-    theirs = accelerate_utils.infer_auto_device_map(model, **kwargs)
-    assert ours != theirs
-    assert ours["blocks.2.norm"] == "cpu"
-    assert theirs["blocks"] == "disk"
+    max_memory = {"cpu": 2 * BLOCK + EMBED + 300, "disk": None}
+    ours = bma.infer_auto_device_map(model, max_memory=dict(max_memory))
+    theirs = accelerate_utils.infer_auto_device_map(
+        model, max_memory=_with_cpu_room(max_memory, EMBED)
+    )
+    assert dict(ours) != dict(theirs)
+    assert ours["blocks.2.norm"] == "cpu" and ours["blocks.2.fc"] == "disk"
+    assert theirs["blocks.2"] == "disk"
     # with fallback_allocation, accelerate fills too; the answer is bigmodel's either way
-    assert bma.infer_auto_device_map(model, **kwargs, fallback_allocation=True) == ours
+    kwargs = {"max_memory": dict(max_memory), "fallback_allocation": True}
+    assert bma.infer_auto_device_map(model, **kwargs) == ours
 
 
 def test_infer_auto_device_map_warns_the_bytes_sent_to_a_disk_max_memory_did_not_name():
@@ -346,6 +382,44 @@ def test_dispatch_model_on_one_device_moves_the_model_and_sets_hf_device_map():
     assert torch.equal(model(IDS), _net()(IDS))
 
 
+def test_dispatch_model_writes_hf_device_map_in_one_spelling_whatever_the_map_says():
+    model = bma.dispatch_model(_net(), {"": torch.device("cpu")}, force_hooks=True)
+    assert model.hf_device_map == {"": "cpu"}  # accelerate keeps torch.device("cpu")
+
+
+def test_dispatch_model_refuses_an_unknown_device_naming_its_key():
+    with pytest.raises(bigmodel.PlanError, match=r"device_map\['head'\].*'gpu'"):
+        bma.dispatch_model(_net(), {**MIXED, "head": "gpu"})
+
+
+def _prefetch_of_dispatch(monkeypatch, main_device: str) -> object:
+    """The read-ahead dispatch_model gives the offload hooks for an mlp kept on ``cpu``/``disk``
+    that runs on ``main_device`` (the hooks are not attached: no accelerator is needed)."""
+    import bigmodel.accelerate.dispatching as dispatching
+
+    seen: dict[str, object] = {}
+
+    def record(model, specs, device_map, *, execution_device, prefetch):
+        seen.update(execution=execution_device, prefetch=prefetch)
+
+    monkeypatch.setattr(dispatching, "attach_offload_hooks", record)
+    device_map = {str(i): "cpu" if i % 2 else "disk" for i in range(4)}
+    bma.dispatch_model(_mlp(4), device_map, main_device=main_device)
+    assert seen["execution"] == main_device
+    return seen["prefetch"]
+
+
+def test_dispatch_model_reads_ahead_when_the_cpu_runs_the_offloaded_blocks(monkeypatch):
+    assert _prefetch_of_dispatch(monkeypatch, "cpu") is True
+
+
+def test_dispatch_model_reads_no_block_ahead_on_an_accelerator_its_plan_kept_one_block_of_room(
+    monkeypatch,
+):
+    # infer_auto_device_map keeps room on the accelerator for one streamed block, as accelerate
+    assert _prefetch_of_dispatch(monkeypatch, "cuda:0") is False
+
+
 def test_dispatch_model_keeps_buffers_resident_unless_offload_buffers(tmp_path):
     resident = bma.dispatch_model(_net(), {"": "disk"}, offload_dir=tmp_path / "a")
     assert not resident.blocks[0].gain.is_meta
@@ -480,11 +554,11 @@ def test_load_checkpoint_and_dispatch_gives_accelerates_outputs(tmp_path, device
     reference = _net(2)
     folder = _save(reference, tmp_path / "ckpt")
     # no "disk" named: accelerate's get_balanced_memory fails on it (torch.device("disk"))
-    max_memory = {"cpu": 3 * BLOCK + 6400}
+    max_memory = {"cpu": 3 * BLOCK + EMBED}
     models = []
-    for load, name in (
-        (bma.load_checkpoint_and_dispatch, "b"),
-        (accelerate.load_checkpoint_and_dispatch, "a"),
+    for load, name, budgets in (
+        (bma.load_checkpoint_and_dispatch, "b", max_memory),
+        (accelerate.load_checkpoint_and_dispatch, "a", _with_cpu_room(max_memory, EMBED)),
     ):
         with bma.init_empty_weights():
             model = Net()
@@ -495,7 +569,7 @@ def test_load_checkpoint_and_dispatch_gives_accelerates_outputs(tmp_path, device
                     model,
                     folder,
                     device_map=device_map,
-                    max_memory=dict(max_memory),
+                    max_memory=dict(budgets),
                     no_split_module_classes=["Block"],
                     offload_folder=tmp_path / name,
                 )

@@ -3,6 +3,12 @@ hooks (:mod:`bigmodel.execution.offload`): the device map is accelerate's, the m
 moves the weights is bigmodel's (reads from the file mapping, prefetch of the next entries, one
 pass over tied weights).
 
+The hooks read the next blocks ahead (``OffloadOptions.prefetch``) where that costs no budget:
+when the CPU runs the streamed blocks (their pages come from the file mapping). On an
+accelerator each block is read when it runs, since the plans of :func:`infer_auto_device_map`
+keep room there for one streamed block, as accelerate's do
+(:data:`~bigmodel.accelerate.planning.PLANNED_PREFETCH`).
+
 A model that already carries bigmodel's hooks (loaded with a device map, or dispatched before)
 is taken over: tensors already offloaded stay where they are read from if the new map keeps
 them on disk, and are read back onto their new device otherwise; nothing is written twice.
@@ -18,11 +24,18 @@ import torch
 from torch import nn
 
 from bigmodel.accelerate.hooks import materialize, register, take_over
+from bigmodel.accelerate.planning import PLANNED_PREFETCH
 from bigmodel.accelerate.tensors import owner
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_state
-from bigmodel.foundations.devices import Device, normalize_device
-from bigmodel.placement.device_map import device_for, execution_device
+from bigmodel.foundations.devices import Device, is_accelerator
+from bigmodel.placement.device_map import (
+    covering_key,
+    device_for,
+    execution_device,
+    normalize_device_map,
+    set_hf_device_map,
+)
 from bigmodel.placement.planner import PlanNode, repeated_block_classes, tree_from_module
 
 __all__ = ["cpu_offload", "disk_offload", "dispatch_model", "dispatch_resolved"]
@@ -30,7 +43,7 @@ __all__ = ["cpu_offload", "disk_offload", "dispatch_model", "dispatch_resolved"]
 DeviceMap = Mapping[str, int | str | torch.device]
 
 
-def _check_device_map(model: nn.Module, device_map: DeviceMap) -> None:
+def _check_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> None:
     """accelerate's checks: keys naming no module are warned about; a tensor no key covers is
     a ``ValueError`` naming it."""
     modules = dict(model.named_modules())
@@ -41,8 +54,7 @@ def _check_device_map(model: nn.Module, device_map: DeviceMap) -> None:
             UserWarning,
             stacklevel=3,
         )
-    keys = {k: "" for k in device_map}
-    uncovered = [n for n in model.state_dict() if device_for(n, keys) is None]
+    uncovered = [n for n in model.state_dict() if covering_key(n, device_map) is None]
     if uncovered:
         raise ValueError(
             f"The device_map provided does not give any device for the following parameters: "
@@ -137,9 +149,14 @@ def dispatch_resolved(
     main_device: int | str | torch.device | None,
     offload_dir: str | os.PathLike[str] | None,
     offload_buffers: bool,
+    prefetch: bool | None = None,
 ) -> None:
-    """Hook ``model`` up to a normalised device map (see the module docstring)."""
+    """Hook ``model`` up to a normalised device map (see the module docstring). ``prefetch``
+    as :class:`~bigmodel.OffloadOptions` takes it; None: read ahead only where the CPU runs
+    the streamed blocks (a map planned with room for one streamed block)."""
     execution = execution_device(device_map, main_device)
+    if prefetch is None:
+        prefetch = PLANNED_PREFETCH or not is_accelerator(execution)
     before = take_over(model)
     kept, back = _split_kept(before, device_map, offload_buffers, execution)
     materialize(model, {name: before[name] for name in back}, back)
@@ -156,7 +173,7 @@ def dispatch_resolved(
     }
     _buffers_to(model, device_map, execution, set(disk) | set(kept))
     specs = kept | (offload_state(disk, offload_dir) if disk else {})
-    attach_offload_hooks(model, specs, device_map, execution_device=execution)
+    attach_offload_hooks(model, specs, device_map, execution_device=execution, prefetch=prefetch)
     register(model)
 
 
@@ -184,7 +201,8 @@ def dispatch_model(
     ``offload_dir`` and read back just for their forward; with an accelerator, ``cpu``
     modules are copied to it for theirs; inputs follow each module and outputs come back to
     the caller's device. A map on one device without ``disk`` just moves the model there
-    (unless ``force_hooks``). Sets ``model.hf_device_map``; returns the model.
+    (unless ``force_hooks``). Sets ``model.hf_device_map`` (accelerator indexes as integers,
+    see :func:`bigmodel.placement.device_map.set_hf_device_map`); returns the model.
 
     accelerate's checks are kept: a map key naming no module is warned about, a tensor no key
     covers is a ``ValueError``. ``state_dict`` gives values for tensors still on ``meta``.
@@ -204,10 +222,10 @@ def dispatch_model(
             "offload index; pass the loaded model (or load it with load_checkpoint_in_model / "
             "load_checkpoint_and_dispatch, whose offloaded tensors are read from the checkpoint)."
         )
-    _check_device_map(model, device_map)
+    resolved = normalize_device_map(device_map)
+    _check_device_map(model, resolved)
     if state_dict is not None:
         _fill_from_state_dict(model, state_dict)
-    resolved = {k: normalize_device(v) for k, v in device_map.items()}
     devices = set(resolved.values())
     if len(devices) == 1 and "disk" not in devices and not force_hooks:
         _single_device(model, devices.pop())
@@ -219,7 +237,7 @@ def dispatch_model(
             offload_dir=offload_dir,
             offload_buffers=offload_buffers,
         )
-    model.hf_device_map = dict(device_map)  # type: ignore[assignment]
+    set_hf_device_map(model, resolved)
     return model
 
 

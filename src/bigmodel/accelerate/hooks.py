@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bigmodel.accelerate.tensors import owner
 from bigmodel.execution.hooks import move_to
+from bigmodel.execution.offload import Offloader
 from bigmodel.execution.offload_sources import OffloadedTensor
 from bigmodel.foundations.devices import normalize_device
 
@@ -55,10 +56,16 @@ def register(model: nn.Module) -> None:
         _ROOTS[module] = (root, name)
 
 
+def _offloader(model: nn.Module) -> Offloader | None:
+    """The :class:`~bigmodel.execution.offload.Offloader` the engine keeps on ``model``."""
+    offloader = model.__dict__.get("_bigmodel_offloader")
+    return offloader if isinstance(offloader, Offloader) else None
+
+
 def take_over(model: nn.Module) -> dict[str, OffloadedTensor]:
     """Remove bigmodel's hooks from ``model`` and return its offloaded tensors (still ``meta``
     in the model), so that they can be re-hooked or put back."""
-    offloader = getattr(model, "_bigmodel_offloader", None)
+    offloader = _offloader(model)
     for handle in getattr(model, "_bigmodel_placement_hooks", None) or []:
         handle.remove()
     specs: dict[str, OffloadedTensor] = {}
@@ -138,17 +145,16 @@ def remove_hook_from_submodules(module: nn.Module) -> None:
 # -- reading offloaded tensors --------------------------------------------------------------
 
 
-def _offloaded(module: nn.Module) -> tuple[Any, dict[str, OffloadedTensor]]:
+def _offloaded(module: nn.Module) -> tuple[Offloader | None, dict[str, OffloadedTensor]]:
     """The Offloader responsible for ``module`` and ``{leaf: spec}`` of its own tensors."""
-    if getattr(module, "_bigmodel_offloader", None) is not None:
-        root, prefix = module, ""
-    else:
+    offloader, prefix = _offloader(module), ""
+    if offloader is None:
         entry = _ROOTS.get(module)
-        found = entry[0]() if entry is not None else None
-        if found is None or getattr(found, "_bigmodel_offloader", None) is None:
+        root = entry[0]() if entry is not None else None
+        offloader = None if root is None else _offloader(root)
+        if offloader is None or entry is None:
             return None, {}
-        root, prefix = found, entry[1] if entry is not None else ""
-    offloader: Any = getattr(root, "_bigmodel_offloader")  # noqa: B009 - set by the engine
+        prefix = entry[1]
     dotted = f"{prefix}." if prefix else ""
     own = {
         name[len(dotted) :]: spec
@@ -167,7 +173,7 @@ def align_module_device(
     module that is not offloaded has its parameters moved to ``execution_device`` and back
     (nothing happens without one), as accelerate's context manager does."""
     offloader, own = _offloaded(module)
-    if own:
+    if offloader is not None and own:
         device = (
             offloader.execution_device
             if execution_device is None
@@ -216,7 +222,7 @@ def get_state_dict_offloaded_model(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Differs from accelerate: the root module's own tensors are included (accelerate skips
     them)."""
-    offloader = getattr(model, "_bigmodel_offloader", None)
+    offloader = _offloader(model)
     specs: Mapping[str, OffloadedTensor] = {} if offloader is None else offloader.tensors
     made: dict[tuple[str, torch.dtype], torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}

@@ -19,10 +19,10 @@ from bigmodel.accelerate.dispatching import DeviceMap, dispatch_model
 from bigmodel.accelerate.hooks import register
 from bigmodel.accelerate.planning import get_balanced_memory, infer_auto_device_map
 from bigmodel.api.load import load_checkpoint
-from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.foundations.errors import KeyMismatchError, LoadStateDictError
 from bigmodel.foundations.types import LoadReport
+from bigmodel.placement.device_map import normalize_device_map
 
 __all__ = ["load_checkpoint_and_dispatch", "load_checkpoint_in_model"]
 
@@ -98,9 +98,7 @@ def load_checkpoint_in_model(
             "supported by bigmodel.accelerate; use accelerate itself for quantized weights."
         )
     target = parse_dtype(dtype)
-    resolved = (
-        None if device_map is None else {k: normalize_device(v) for k, v in device_map.items()}
-    )
+    resolved = None if device_map is None else normalize_device_map(device_map)
     try:
         report = load_checkpoint(
             model,

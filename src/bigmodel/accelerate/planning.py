@@ -3,16 +3,19 @@
 
 What is accelerate's here: names, parameters, defaults (``no_split_module_classes=None`` splits
 anything), device values (integers for accelerators), ``"disk"`` planned last even when
-``max_memory`` does not name it, and room kept on the main devices (the first accelerator and
-``cpu``, or ``cpu`` alone) for the largest block that is streamed to them. What stays
-bigmodel's, on purpose (see the package docstring): budgets are filled (a block that does not
-fit does not close a device to later blocks that do), tied tensors are charged once and every
+``max_memory`` does not name it, and room for one streamed block kept on the device that runs
+the blocks kept on ``cpu``/``disk`` (the planner's headroom with ``prefetch=False``:
+:data:`PLANNED_PREFETCH`; the dispatch in :mod:`bigmodel.accelerate.dispatching` reads ahead
+only where that costs no budget). What stays bigmodel's, on purpose (see the package
+docstring): the room is the largest block actually streamed (accelerate: the largest block not
+yet placed) and none is kept on ``cpu`` for ``disk`` blocks (they are read from the file
+mapping, not the CPU budget's private memory); budgets are filled (a block that does not fit
+does not close a device to later blocks that do), tied tensors are charged once and every
 budget is kept or :class:`~bigmodel.PlanError` is raised.
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,16 +24,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel.foundations.devices import Device, default_max_memory, parse_max_memory
+from bigmodel.foundations.devices import (
+    Device,
+    accelerate_device,
+    is_accelerator,
+    planning_budgets,
+)
 from bigmodel.foundations.dtypes import parse_dtype
-from bigmodel.foundations.errors import PlanError
 from bigmodel.foundations.log import logger
-from bigmodel.foundations.units import format_size
+from bigmodel.placement.device_map import check_placement, warn_implicit_disk
 from bigmodel.placement.planner import (
     Placement,
     PlanNode,
     PlanTensor,
-    atoms,
     device_of,
     plan,
     tree_from_module,
@@ -38,7 +44,7 @@ from bigmodel.placement.planner import (
 from bigmodel.storage.dtypes import stored_nbytes
 
 __all__ = [
-    "accelerate_device",
+    "PLANNED_PREFETCH",
     "compute_module_sizes",
     "get_balanced_memory",
     "infer_auto_device_map",
@@ -47,13 +53,9 @@ __all__ = [
 MaxMemory = Mapping[Any, int | str | None]
 DtypeLike = str | torch.dtype | None
 
-
-def accelerate_device(device: Device) -> int | str:
-    """A normalised bigmodel device as accelerate writes it: ``"cuda:1"`` -> ``1``."""
-    if device in ("cpu", "disk"):
-        return device
-    index = device.partition(":")[2]
-    return int(index) if index.isdigit() else device
+#: The read-ahead the plans here keep room for: none, as accelerate keeps room for one streamed
+#: block only. Dispatching a map planned here reads ahead on an accelerator only within it.
+PLANNED_PREFETCH = False
 
 
 def _named_tensors(model: nn.Module, buffers_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -90,15 +92,6 @@ def compute_module_sizes(
 
 
 # -- budgets ------------------------------------------------------------------------------
-
-
-def _budgets(max_memory: MaxMemory | None) -> tuple[dict[Device, int | None], bool]:
-    """Budgets in plan order, and whether ``disk`` was added because the caller named none."""
-    budgets = default_max_memory() if max_memory is None else parse_max_memory(max_memory)
-    implicit_disk = "disk" not in budgets
-    if implicit_disk:
-        budgets["disk"] = None
-    return budgets, implicit_disk
 
 
 def _accelerate_budgets(budgets: Mapping[Device, int | None]) -> dict[int | str, int]:
@@ -156,8 +149,7 @@ def get_balanced_memory(
     minus 10% on every device, see :func:`bigmodel.infer_device_map`) rather than all free
     memory with 10% off a single accelerator only; ``disk`` is returned only if named.
     """
-    parsed = default_max_memory() if max_memory is None else parse_max_memory(max_memory)
-    budgets = _accelerate_budgets(parsed)
+    budgets = _accelerate_budgets(planning_budgets(max_memory)[0])
     gpus = sorted(k for k, v in budgets.items() if isinstance(k, int) and v > 0)
     if not gpus:
         return budgets
@@ -208,76 +200,10 @@ def _tree(
     return tree
 
 
-#: This module keeps accelerate's room itself; a planner that keeps its own headroom is told
-#: not to (``plan(headroom=False)``), so the room is not kept twice.
-_OWN_ROOM: dict[str, Any] = (
-    {"headroom": False} if "headroom" in inspect.signature(plan).parameters else {}
-)
-
-
-def _rooms_needed(
-    blocks: list[tuple[str, int]], device_map: Mapping[str, Device], accelerators: list[Device]
-) -> dict[Device, int]:
-    """Room each main device needs for the blocks streamed through it: the first accelerator
-    runs every block kept on ``cpu`` or ``disk``; ``cpu`` reads every block kept on ``disk``."""
-
-    def largest(devices: set[Device]) -> int:
-        return max((s for n, s in blocks if device_of(n, device_map) in devices), default=0)
-
-    rooms = {"cpu": largest({"disk"})}
-    if accelerators:
-        rooms[accelerators[0]] = largest({"cpu", "disk"})
-    return rooms
-
-
-def _plan_with_room(
-    tree: PlanNode, budgets: dict[Device, int | None]
-) -> tuple[Placement, dict[Device, int]]:
-    """Plan with room kept on the main devices for the largest block streamed through them
-    (see :func:`_rooms_needed`), and return the rooms kept.
-
-    Rooms start empty and grow to what the plan needs until the plan keeps what it needs:
-    each round only raises a room to the size of a block, so the rounds end."""
-    accelerators = [d for d in budgets if d not in ("cpu", "disk")]
-    blocks = [(atom.name, atom.nbytes) for atom in atoms(tree)]
-    rooms: dict[Device, int] = {}
-    for _ in range(4 * len(blocks) + 1):
-        reduced = {
-            d: None if b is None else max(0, b - rooms.get(d, 0)) for d, b in budgets.items()
-        }
-        placement = plan(tree, reduced, **_OWN_ROOM)
-        needed = _rooms_needed(blocks, placement.device_map, accelerators)
-        if all(need <= rooms.get(d, 0) for d, need in needed.items()):
-            break
-        rooms = {d: max(rooms.get(d, 0), need) for d, need in needed.items()}
-    placement.budgets = dict(budgets)
-    return placement, rooms
-
-
-def _check(placement: Placement) -> None:
-    if placement.unplaced:
-        first = placement.unplaced[0]
-        listed = ", ".join(
-            f"{d}={'unlimited' if b is None else format_size(b)}"
-            for d, b in placement.budgets.items()
-        )
-        raise PlanError(
-            f"Module {first.name!r} needs {format_size(first.nbytes)} (with the modules tied "
-            f"to it) and cannot be split, but no device has that much room once room for the "
-            f"largest streamed block is kept (budgets: {listed}) [{PlanError.code}]. Fix: "
-            "raise max_memory, or leave its class out of no_split_module_classes."
-        )
-
-
-def _warn_buffers(
-    model: nn.Module,
-    placement: Placement,
-    budgets: Mapping[Device, int | None],
-    rooms: Mapping[Device, int],
-) -> None:
+def _warn_buffers(model: nn.Module, placement: Placement) -> None:
     """accelerate's warning: buffers of modules kept on cpu/disk run on an accelerator, and
-    no accelerator has room left for them."""
-    accelerators = [d for d in budgets if d not in ("cpu", "disk")]
+    no accelerator has room left for them beside its blocks and its reserve."""
+    accelerators = [d for d in placement.budgets if is_accelerator(d)]
     if not accelerators:
         return
     offloaded = sum(
@@ -285,23 +211,15 @@ def _warn_buffers(
         for name, b in model.named_buffers()
         if device_of(name, placement.device_map) in ("cpu", "disk")
     )
-    room = [(budgets[d] or 0) - placement.used.get(d, 0) - rooms.get(d, 0) for d in accelerators]
+    room = [
+        (placement.budgets[d] or 0) - placement.used.get(d, 0) - placement.reserved.get(d, 0)
+        for d in accelerators
+    ]
     if offloaded and max(room) < offloaded:
         warnings.warn(
             f"The buffers of the modules kept on cpu/disk need {offloaded} bytes on the "
             "execution device, which no accelerator has left after this plan. If you run out "
             "of memory, pass offload_buffers=True.",
-            stacklevel=3,
-        )
-
-
-def _warn_implicit_disk(placement: Placement) -> None:
-    on_disk = placement.used.get("disk", 0)
-    if on_disk:
-        warnings.warn(
-            f"max_memory names no 'disk': {format_size(on_disk)} that fit nowhere else go to "
-            "disk (accelerate's convention). Add 'disk' to max_memory to say so, or raise the "
-            "other budgets to keep them in memory.",
             stacklevel=3,
         )
 
@@ -320,26 +238,31 @@ def infer_auto_device_map(
     """Plan ``{module name: device}`` for ``model`` (``meta`` is fine), accelerate's way round:
     accelerators (as integers), then ``cpu``, then ``disk`` (planned last even when
     ``max_memory`` does not name it: a warning gives the bytes sent there);
-    ``no_split_module_classes=None`` lets any module be split; room for the largest block
-    streamed from ``cpu``/``disk`` is kept on the main devices; ``special_dtypes`` sizes the
+    ``no_split_module_classes=None`` lets any module be split; room for one streamed block is
+    kept on the accelerator that runs the blocks kept on ``cpu``/``disk`` (the first one the
+    plan uses, as :func:`dispatch_model` picks it); ``special_dtypes`` sizes the
     tensors it names at their own dtype; without ``offload_buffers``, accelerate's warning when
     the buffers of offloaded modules fit on no accelerator.
 
-    Differs from accelerate: the plan is bigmodel's planner's. Every device is filled (what
+    Differs from accelerate: the plan is bigmodel's planner's. The room kept is the largest
+    block actually streamed (accelerate: the largest block not yet placed), and none is kept
+    on ``cpu`` for ``disk`` blocks (bigmodel reads them from the file mapping, outside the CPU
+    budget), so a ``cpu`` budget holds one block more than accelerate's. Every device is filled (what
     ``fallback_allocation=True`` asks of accelerate is always done), tied tensors are charged
     once, the result is always cleaned (``clean_result`` is accepted), ``verbose`` logs the plan
     instead of printing, and a block that fits nowhere raises :class:`~bigmodel.PlanError`
     where accelerate returns a map that overruns a budget.
     """
     del clean_result, fallback_allocation  # always cleaned; always filled
-    budgets, implicit_disk = _budgets(max_memory)
+    budgets, implicit_disk = planning_budgets(max_memory)
     tree = _tree(model, dtype, special_dtypes, _no_split_names(no_split_module_classes))
-    placement, rooms = _plan_with_room(tree, budgets)
-    _check(placement)
+    # the execution device is the plan's first accelerator, as dispatch_model picks it
+    placement = plan(tree, budgets, prefetch=PLANNED_PREFETCH)
+    check_placement(placement)
     if implicit_disk:
-        _warn_implicit_disk(placement)
+        warn_implicit_disk(placement)
     if not offload_buffers:
-        _warn_buffers(model, placement, budgets, rooms)
+        _warn_buffers(model, placement)
     result: OrderedDict[str, int | str] = OrderedDict(
         (name, accelerate_device(device)) for name, device in placement.device_map.items()
     )
