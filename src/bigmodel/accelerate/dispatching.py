@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from bigmodel.accelerate.hooks import materialize, register, take_over
+from bigmodel.accelerate.hooks import first_device, materialize, register, take_over
 from bigmodel.accelerate.planning import PLANNED_PREFETCH
 from bigmodel.accelerate.tensors import owner
 from bigmodel.execution.offload import attach_offload_hooks
@@ -269,9 +269,24 @@ def _offload_map(
     return dict.fromkeys(keys, device)
 
 
-def _first_device(model: nn.Module) -> torch.device:
-    first = next(iter(model.parameters()), None)
-    return torch.device("cpu") if first is None or first.is_meta else first.device
+def _offload_whole(
+    model: nn.Module,
+    device: Device,
+    execution_device: int | str | torch.device | None,
+    offload_dir: str | os.PathLike[str] | None,
+    offload_buffers: bool,
+    preload_module_classes: Iterable[str] | None,
+) -> nn.Module:
+    """Keep every block on ``device`` (``cpu``/``disk``) and run it on ``execution_device``
+    (default: the device of the model's first parameter)."""
+    dispatch_resolved(
+        model,
+        _offload_map(model, device, preload_module_classes),
+        main_device=first_device(model) if execution_device is None else execution_device,
+        offload_dir=offload_dir,
+        offload_buffers=offload_buffers,
+    )
+    return model
 
 
 def cpu_offload(
@@ -286,18 +301,12 @@ def cpu_offload(
     weights are already where they run, so nothing is copied.
 
     Differs from accelerate: blocks (repeated layers, ``preload_module_classes``) are the
-    unit, not each leaf module, and the next block is read ahead."""
+    unit, not each leaf module (so an accelerator holds one block at a time)."""
     if state_dict is not None:
         _fill_from_state_dict(model, state_dict)
-    device = execution_device if execution_device is not None else _first_device(model)
-    dispatch_resolved(
-        model,
-        _offload_map(model, "cpu", preload_module_classes),
-        main_device=device,
-        offload_dir=None,
-        offload_buffers=offload_buffers,
+    return _offload_whole(
+        model, "cpu", execution_device, None, offload_buffers, preload_module_classes
     )
-    return model
 
 
 def disk_offload(
@@ -313,13 +322,7 @@ def disk_offload(
 
     Differs from accelerate: weights already offloaded by accelerate into ``offload_dir`` are
     not reused (bigmodel writes its own files there); blocks are the unit, and the next block
-    is read ahead."""
-    device = execution_device if execution_device is not None else _first_device(model)
-    dispatch_resolved(
-        model,
-        _offload_map(model, "disk", preload_module_classes),
-        main_device=device,
-        offload_dir=offload_dir,
-        offload_buffers=offload_buffers,
+    is read ahead when the CPU runs them (see the module docstring)."""
+    return _offload_whole(
+        model, "disk", execution_device, offload_dir, offload_buffers, preload_module_classes
     )
-    return model

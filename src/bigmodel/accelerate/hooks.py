@@ -34,6 +34,7 @@ __all__ = [
     "UserCpuOffloadHook",
     "align_module_device",
     "cpu_offload_with_hook",
+    "first_device",
     "get_state_dict_offloaded_model",
     "materialize",
     "register",
@@ -281,16 +282,17 @@ class _CpuOffload:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         previous = self.prev_module_hook
-        if previous is not None and _device(previous.model) != torch.device("cpu"):
+        if previous is not None and first_device(previous.model) != torch.device("cpu"):
             previous.offload()
-        if _device(module) != self.execution_device:
+        if first_device(module) != self.execution_device:
             module.to(self.execution_device)
         return move_to(args, self.execution_device), move_to(kwargs, self.execution_device)
 
 
-def _device(module: nn.Module) -> torch.device:
+def first_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (``cpu`` without one, or on ``meta``)."""
     first = next(iter(module.parameters()), None)
-    return torch.device("cpu") if first is None else first.device
+    return torch.device("cpu") if first is None or first.is_meta else first.device
 
 
 class UserCpuOffloadHook:
