@@ -140,8 +140,10 @@ def test_a_placeholder_answers_metadata_questions_and_walks_like_a_meta_paramete
         lambda p: F.embedding(torch.tensor([1]), p),
         lambda p: p.to("cpu"),
         lambda p: p.detach().T @ torch.randn(4, 1),
+        lambda p: torch.cat([p, torch.randn(1, 3)]),
+        lambda p: p.sum().item(),
     ],
-    ids=["linear", "matmul", "in-place", "embedding", "copy-out", "view"],
+    ids=["linear", "matmul", "in-place", "embedding", "copy-out", "view", "list-argument", "item"],
 )
 def test_every_computation_with_real_data_raises_naming_the_tensor(compute):
     p = make_placeholder(torch.empty(4, 3), "lin.weight", "", is_parameter=True)

@@ -84,22 +84,26 @@ class OffloadedPlaceholder(torch.Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
-            inputs = list(_tensors((args, kwargs)))
+            unary = not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+            inputs = [args[0]] if unary else list(_tensors((args, kwargs)))  # unary: fast
             source = next((t for t in inputs if _is_placeholder(t)), None)
-            if source is None:  # its data was replaced (``.data = real``): an ordinary tensor
-                return func(*args, **kwargs)
             name = getattr(func, "__name__", "")
-            if name in _FACTORIES:  # reads only shape, dtype and device
+            # no placeholder (its data was replaced: ``.data = real``), or a factory that
+            # reads only shape, dtype and device
+            if source is None or name in _FACTORIES:
                 return func(*args, **kwargs)
             if name != "__set__" and any(not t.is_meta for t in inputs):
                 raise _error(source, func)
             try:
                 out = func(*args, **kwargs)
-            except NotImplementedError as error:  # torch's "Cannot copy out of meta tensor"
+            except (NotImplementedError, RuntimeError, TypeError) as error:
+                if "meta" not in str(error):  # "Cannot copy out of meta tensor", item(), numpy()
+                    raise
                 raise _error(source, func) from error
-            if any(not t.is_meta for t in _tensors(out)):
+            produced = list(_tensors(out)) if isinstance(out, (torch.Tensor, tuple, list)) else []
+            if any(not t.is_meta for t in produced):
                 raise _error(source, func)
-            return _wrap(out, source)
+            return _wrap(out, source) if produced else out
 
 
 def make_placeholder(
