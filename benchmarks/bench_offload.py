@@ -532,6 +532,7 @@ Notes on the accelerate runs (facts from `/work/shared/INTEROP.md`, checked by t
   rest goes to disk. bigmodel is given `"disk": None`, which means the same.
 - `load_checkpoint_and_dispatch` re-saves every disk-offloaded weight as a `.dat` memmap in
   `offload_folder` during the load (column "offload folder GB"; the time is in "to dispatched"),
+  in the checkpoint's float32 even for a bf16 load (twice the "on disk GB" it computes with),
   then copies each weight synchronously when its module runs, with no read-ahead.
 - accelerate's `infer_auto_device_map` reserves room for the largest offloaded layer on the
   execution device (here the CPU, inside the CPU budget), so with a small budget it keeps less
@@ -566,7 +567,9 @@ def _machine() -> str:
 
 
 def header(args: Any, ckpt_bytes: int) -> list[str]:
-    command = shlex.join(["python", "benchmarks/bench_offload.py", *sys.argv[1:]])
+    argv = sys.argv[1:]
+    shown = [a for i, a in enumerate(argv) if "--note" not in (a, argv[i - 1] if i else "")]
+    command = shlex.join(["python", "benchmarks/bench_offload.py", *shown])  # the note is below
     note = f" {args.note}" if args.note else ""
     return [
         f"# Offload — {args.size} Llama-style checkpoint, {ckpt_bytes / GB:.2f} GB of fp32",
