@@ -17,7 +17,17 @@ import grimp
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "bigmodel"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-LAYERS = ["cli", "accelerate", "api", "execution", "placement", "checkpoint", "storage", "foundations", "models"]
+LAYERS = [
+    "cli",
+    "accelerate",
+    "api",
+    "execution",
+    "placement",
+    "checkpoint",
+    "storage",
+    "foundations",
+    "models",
+]
 #: Functions allowed above the length limit, each with the reason.
 LONG_FUNCTIONS: dict[str, str] = {}
 MAX_FUNCTION_LINES = 60

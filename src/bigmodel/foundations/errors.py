@@ -10,7 +10,8 @@ without knowing bigmodel (``ValueError``, ``FileNotFoundError``, ``OSError``...)
     ├── KeyMismatchError (ValueError)            strict load: missing/unexpected/mis-shaped keys
     │   └── LoadStateDictError (RuntimeError)    the same, from load_sharded_checkpoint (torch's type)
     ├── KeyMappingError (ValueError)             two checkpoint keys renamed to one module key
-    ├── MetaTensorError (ValueError)             a load would leave a tensor on meta
+    ├── MetaTensorError (ValueError)             a tensor on meta (no data): left by a load, or an
+    │                                            offloaded tensor used outside its unit
     ├── MissingInitializerError (ValueError)     a missing tensor nobody can initialise
     ├── PlanError (ValueError)                   no device placement fits the budgets
     ├── UnsupportedTensorError (ValueError)      a state-dict entry that cannot be saved
@@ -224,7 +225,10 @@ class UnsupportedTensorError(BigModelError, ValueError):
 
 
 class MetaTensorError(BigModelError, ValueError):
-    """A load would leave a parameter or buffer on the ``meta`` device (no data)."""
+    """A tensor on the ``meta`` device (no data) where data is needed: a load would leave a
+    parameter or buffer there (``[left-on-meta]``), or an offloaded tensor was used outside
+    the forward of its unit (``[offloaded-outside-unit]``, see
+    :mod:`bigmodel.execution.placeholders`)."""
 
     code = "left-on-meta"
 
