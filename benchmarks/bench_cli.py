@@ -11,31 +11,21 @@ Run: python benchmarks/bench_cli.py [FOLDER] [--repeats 5] [--verify]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_load import evict_page_cache
+
 DEFAULT = Path.home() / ".cache" / "bigmodel-bench" / "llama-large"
-
-
-def evict(folder: Path) -> None:
-    """Drop every file of ``folder`` from the page cache (clean pages; no root needed)."""
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def timed(argv: list[str], *, cold: bool, folder: Path) -> float:
     if cold:
-        evict(folder)
+        evict_page_cache(folder)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bigmodel", *argv], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start

@@ -103,10 +103,13 @@ def publish_table(lines: list[str], out: Path, data: dict | None = None) -> None
 
 
 def evict_page_cache(folder: Path) -> None:
-    """Drop the checkpoint's pages from the page cache (posix_fadvise DONTNEED), so the next
-    load reads from the disk. Works without root for clean pages."""
-    for shard in folder.glob("*.safetensors"):
-        fd = os.open(shard, os.O_RDONLY)
+    """Drop every file of the checkpoint folder (shards, index, config) from the page cache
+    (posix_fadvise DONTNEED), so the next load reads from the disk. Works without root for
+    clean pages."""
+    for path in folder.iterdir():
+        if not path.is_file():
+            continue
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
