@@ -62,3 +62,28 @@ def test_an_accelerate_script_ported_by_changing_its_import_gives_the_same_logit
     assert set(ours["model"].hf_device_map) >= {"model.embed_tokens", "lm_head"}
     assert torch.equal(ours["logits"], theirs["logits"])
     torch.testing.assert_close(ours["logits"], expected.detach(), rtol=0, atol=1e-5)
+
+
+def _readme_porting_section() -> str:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("### Porting from accelerate")
+    return readme[start : readme.index("\n### ", start + 1)]
+
+
+def test_the_readme_porting_section_shows_the_one_line_change_and_lists_every_drop_in_name():
+    import re
+
+    import bigmodel.accelerate
+
+    section = _readme_porting_section()
+    removed = re.search(r"^- (from accelerate import .+)$", section, re.MULTILINE)
+    added = re.search(r"^\+ (from bigmodel\.accelerate import .+)$", section, re.MULTILINE)
+    assert removed and added
+    assert added.group(1) == removed.group(1).replace("accelerate", "bigmodel.accelerate", 1)
+    assert SCRIPT.lstrip().startswith(removed.group(1))  # the script above is the README's
+    exec(added.group(1), {})  # the ported import line works as written
+    listed = set(re.findall(r"`([a-z_]+)`", section)) & set(bigmodel.accelerate.__all__)
+    public_functions = {n for n in bigmodel.accelerate.__all__ if n[0].islower()}
+    assert listed == public_functions
