@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bigmodel.api.checkpoints import CheckpointManager
     from bigmodel.api.dcp import dcp_to_hf, hf_to_dcp
     from bigmodel.api.dispatch import dispatch_model
     from bigmodel.api.estimate import Estimate, estimate_memory
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from bigmodel.api.save import save_checkpoint
     from bigmodel.checkpoint.handle import Checkpoint, TensorInfo, TensorSlice
     from bigmodel.checkpoint.open import open_checkpoint
+    from bigmodel.execution.background import SaveHandle
     from bigmodel.foundations.errors import (
         BigModelError,
         CheckpointConflictError,
@@ -59,6 +61,7 @@ __version__ = "0.1.0"
 
 #: Where each public name lives; imported by ``__getattr__`` on first access.
 _LAZY: dict[str, str] = {
+    "CheckpointManager": "bigmodel.api.checkpoints",
     "dcp_to_hf": "bigmodel.api.dcp",
     "hf_to_dcp": "bigmodel.api.dcp",
     "dispatch_model": "bigmodel.api.dispatch",
@@ -73,6 +76,7 @@ _LAZY: dict[str, str] = {
     "TensorInfo": "bigmodel.checkpoint.handle",
     "TensorSlice": "bigmodel.checkpoint.handle",
     "open_checkpoint": "bigmodel.checkpoint.open",
+    "SaveHandle": "bigmodel.execution.background",
     "BigModelError": "bigmodel.foundations.errors",
     "CheckpointConflictError": "bigmodel.foundations.errors",
     "CheckpointNotFoundError": "bigmodel.foundations.errors",
@@ -108,6 +112,7 @@ __all__ = [
     "BigModelError",
     "Checkpoint",
     "CheckpointConflictError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
     "CheckpointWriteError",
@@ -127,6 +132,7 @@ __all__ = [
     "PlanError",
     "PretrainedMixin",
     "Problem",
+    "SaveHandle",
     "SaveResult",
     "ShardedLoadReport",
     "TensorInfo",

@@ -218,6 +218,7 @@ class PretrainedMixin:
             save_directory,
             max_shard_size=max_shard_size,
             safe_serialization=safe_serialization,
+            background=False,  # config.json is written after the weights are durable
             **save_options,
         )
         if config is not None:

@@ -7,16 +7,16 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 
 from bigmodel.checkpoint.index import RESERVED_METADATA
-from bigmodel.checkpoint.sharding import (
-    find_aliases,
-)
+from bigmodel.checkpoint.sharding import ShardPlan, find_aliases
+from bigmodel.execution.background import SaveHandle, submit
 from bigmodel.execution.distributed import resolve_group
 from bigmodel.execution.writing import WriteOptions, plan_files, write_planned
 from bigmodel.foundations.dtypes import parse_dtype
@@ -28,7 +28,7 @@ from bigmodel.storage.digest import DEFAULT_ALGORITHM, new_hasher
 from bigmodel.storage.dtypes import stored_dtype
 from bigmodel.storage.safetensors import NAME_FROM_DTYPE, shape_problem, tensor_name_problem
 
-__all__ = ["save_checkpoint"]
+__all__ = ["PlannedSave", "plan_state", "save_checkpoint"]
 
 
 #: Sub-byte integer dtypes: neither format has a way to store them (torch.save refuses them).
@@ -115,6 +115,46 @@ def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return dict(metadata)
 
 
+@overload
+def save_checkpoint(
+    obj: nn.Module | Mapping[str, torch.Tensor],
+    save_directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = ...,
+    safe_serialization: bool = ...,
+    metadata: Mapping[str, str] | None = ...,
+    durable: bool = ...,
+    digest: str | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    process_group: Any = ...,
+    workers: int | None = ...,
+    progress: bool | None = ...,
+    original_layout: bool = ...,
+    background: Literal[False] = ...,
+    staging_memory: int | str | None = ...,
+) -> SaveResult: ...
+
+
+@overload
+def save_checkpoint(
+    obj: nn.Module | Mapping[str, torch.Tensor],
+    save_directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = ...,
+    safe_serialization: bool = ...,
+    metadata: Mapping[str, str] | None = ...,
+    durable: bool = ...,
+    digest: str | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    process_group: Any = ...,
+    workers: int | None = ...,
+    progress: bool | None = ...,
+    original_layout: bool = ...,
+    background: Literal[True],
+    staging_memory: int | str | None = ...,
+) -> SaveHandle[SaveResult]: ...
+
+
 def save_checkpoint(
     obj: nn.Module | Mapping[str, torch.Tensor],
     save_directory: str | os.PathLike[str],
@@ -129,7 +169,9 @@ def save_checkpoint(
     workers: int | None = None,
     progress: bool | None = None,
     original_layout: bool = False,
-) -> SaveResult:
+    background: bool = False,
+    staging_memory: int | str | None = None,
+) -> SaveResult | SaveHandle[SaveResult]:
     """Save ``obj`` (a module or state dict) into ``save_directory`` in the Hugging Face layout.
 
     One shard gives ``model.safetensors`` (``pytorch_model.bin`` with
@@ -169,6 +211,18 @@ def save_checkpoint(
     experts split per expert, renamed keys back to their old names). Loading such a
     checkpoint converts it again (:func:`bigmodel.load_checkpoint`).
 
+    ``background=True`` returns a :class:`~bigmodel.SaveHandle` as soon as the tensors are
+    copied into staging memory (the caller may change them from then on); a worker thread
+    writes, hashes, fsyncs and commits them as above. ``handle.wait()`` returns this
+    :class:`~bigmodel.SaveResult` or re-raises the worker's error; ``handle.done()`` says
+    whether it is durable. One background save runs at a time: a new one first waits for
+    the previous. Staging memory is one buffer per process, reused between saves, of the
+    size of what is written (tied tensors once; a cast to a smaller ``dtype`` applied while
+    staging); ``staging_memory`` caps it: a larger state is not staged but written before
+    the call returns (with a warning). A process that exits normally finishes the save in
+    flight; one killed mid-save leaves the previous checkpoint. Tensors on CUDA are staged
+    in pinned memory on a side stream. Collective saves cannot run in the background yet.
+
     A model with DTensor parameters (``fully_shard`` / ``parallelize_module``), or an explicit
     ``process_group``, makes the save collective: every rank calls this, shards are assigned
     to ranks, each rank gathers and writes its own, and rank 0 publishes the index once all
@@ -179,6 +233,7 @@ def save_checkpoint(
     dtype = parse_dtype(dtype)
     safe = bool(safe_serialization)
     limit = parse_size(max_shard_size)
+    bound = None if staging_memory is None else parse_size(staging_memory)
     if digest is not None:
         new_hasher(digest)  # an unknown algorithm fails before anything is written
     user_meta = _user_metadata(metadata)
@@ -196,21 +251,56 @@ def save_checkpoint(
     sharded = any(is_dtensor(t) for t in state.values())
     group = resolve_group(process_group) if sharded or process_group is not None else None
     if group is not None:
+        if background:
+            raise NotImplementedError(
+                "save_checkpoint(background=True) of a collective save (DTensor parameters or a "
+                "process_group) is not supported yet. Fix: pass background=False."
+            )
         from bigmodel.execution.distributed_save import save_distributed
 
         return save_distributed(state, Path(save_directory), opts, group=group, limit=limit)
-    aliases = find_aliases(state) if safe else {}
+    planned = plan_state(state, limit, opts)
+    directory = Path(save_directory)
+    count = _save_workers(workers)
+    if not background:
+        return planned.write(directory, planned.stored, count)
+    return submit(
+        directory,
+        planned.stored,
+        lambda staged: planned.write(directory, staged, count),
+        cast=dtype,
+        staging_memory=bound,
+    )
+
+
+@dataclass(frozen=True)
+class PlannedSave:
+    """A single-process save, planned: the tensors to store and how they are packed."""
+
+    stored: dict[str, torch.Tensor]
+    plan: ShardPlan
+    opts: WriteOptions
+
+    def write(
+        self, directory: Path, tensors: Mapping[str, torch.Tensor], workers: int
+    ) -> SaveResult:
+        """Write ``tensors`` (the stored tensors, or their staged copies) with the commit protocol."""
+        return write_planned(
+            directory,
+            self.plan,
+            lambda keys: {k: tensors[k] for k in keys},
+            self.opts,
+            workers=workers,
+        )
+
+
+def plan_state(state: dict[str, torch.Tensor], limit: int, opts: WriteOptions) -> PlannedSave:
+    """Deduplicate tied tensors (safetensors only) and pack the rest into shards."""
+    aliases = find_aliases(state) if opts.safe else {}
     stored = {k: v for k, v in state.items() if k not in aliases}
     opts = dataclasses.replace(opts, aliases=aliases)
     specs = {k: (v.dtype, tuple(v.shape)) for k, v in stored.items()}
-    plan = plan_files(specs, limit, opts)
-    return write_planned(
-        Path(save_directory),
-        plan,
-        lambda keys: {k: stored[k] for k in keys},
-        opts,
-        workers=_save_workers(workers),
-    )
+    return PlannedSave(stored, plan_files(specs, limit, opts), opts)
 
 
 def _save_workers(workers: int | None) -> int:
