@@ -249,13 +249,13 @@ def save_checkpoint(
     # Only a sharded model or an explicit group makes the save collective: a replicated model
     # is commonly saved by rank 0 alone, and that call must not wait for the other ranks.
     sharded = any(is_dtensor(t) for t in state.values())
+    if background and (sharded or process_group is not None):
+        raise NotImplementedError(
+            "save_checkpoint(background=True) of a collective save (DTensor parameters or a "
+            "process_group) is not supported yet. Fix: pass background=False."
+        )
     group = resolve_group(process_group) if sharded or process_group is not None else None
     if group is not None:
-        if background:
-            raise NotImplementedError(
-                "save_checkpoint(background=True) of a collective save (DTensor parameters or a "
-                "process_group) is not supported yet. Fix: pass background=False."
-            )
         from bigmodel.execution.distributed_save import save_distributed
 
         return save_distributed(state, Path(save_directory), opts, group=group, limit=limit)

@@ -254,6 +254,24 @@ def staging_peak_bytes() -> int:
     return _STAGING.peak_bytes
 
 
+def _register_exit_hook() -> None:
+    """Finish a save in flight at interpreter exit, before ``concurrent.futures`` shuts down.
+
+    Exit joins non-daemon threads only after the ``threading`` exit hooks have run, and one of
+    those makes every ``ThreadPoolExecutor`` refuse new work (the parallel shard writers).
+    Those hooks run last-registered first: registered after ``concurrent.futures.thread`` is
+    imported, this one waits for the save while the executors still accept work.
+    """
+    import concurrent.futures.thread  # noqa: F401 - registers its hook first
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(wait_for_saves)
+
+
+_register_exit_hook()
+
+
 def _run(handle: SaveHandle[T], job: Callable[[], T]) -> None:
     try:
         result = job()
