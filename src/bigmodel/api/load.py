@@ -213,9 +213,10 @@ def _auto_dtype(checkpoint: str | os.PathLike[str] | Checkpoint) -> torch.dtype 
     checkpoint's first floating-point tensor (None, keep every dtype, when it has none).
     A model built from a config no longer says which dtype it was saved in."""
     if isinstance(checkpoint, Checkpoint):
-        return config_dtype(checkpoint.directory) or first_floating_dtype(checkpoint)
+        folder = checkpoint.remote or checkpoint.directory
+        return config_dtype(folder) or first_floating_dtype(checkpoint)
     with open_checkpoint(checkpoint) as ckpt:
-        return config_dtype(ckpt.directory) or first_floating_dtype(ckpt)
+        return config_dtype(ckpt.remote or ckpt.directory) or first_floating_dtype(ckpt)
 
 
 def _resolve_device_map(

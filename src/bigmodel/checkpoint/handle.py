@@ -10,16 +10,21 @@ tensor or a :class:`TensorInfo` does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from bigmodel.checkpoint.verify import recorded_digests, verify_files
 from bigmodel.foundations import strict_json
+from bigmodel.foundations.errors import Problem
+from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.dtypes import ITEMSIZE
 from bigmodel.storage.files import read_bounded
+from bigmodel.storage.remote import RemoteError, RemoteFolder, RemotePath
+from bigmodel.storage.remote_safetensors import RemoteSafetensorsFile
 from bigmodel.storage.safetensors import SafetensorsFile
 
 if TYPE_CHECKING:
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 
     from bigmodel.checkpoint.index import Reader
     from bigmodel.storage.pread import ByteRange
+    from bigmodel.storage.remote_read import RemoteRange
 
 Format = Literal["safetensors", "bin"]
 
@@ -80,21 +86,27 @@ class Checkpoint:
 
     Use as a context manager or call :meth:`close`. Tensors returned by :meth:`get_tensor` are
     CPU views of a private file mapping: zero-copy, and writing to them never changes the file.
+
+    A checkpoint opened from a URL (``https://``, ``s3://``...) has a :attr:`remote` folder
+    and :class:`~bigmodel.storage.remote.RemotePath` locations; its tensors are read by range
+    into private memory, and it has no local :attr:`directory`.
     """
 
     def __init__(
         self,
         *,
-        path: Path,
+        path: Path | RemotePath,
         format: Format,
-        index_file: Path | None,
+        index_file: Path | RemotePath | None,
         weight_map: dict[str, str],
         metadata: dict[str, Any],
         aliases: dict[str, str],
         readers: dict[str, Reader],
+        remote: RemoteFolder | None = None,
     ) -> None:
         self.path = path
-        self.directory = path.parent
+        #: The remote folder the files are read from (None for a local checkpoint).
+        self.remote = remote
         self.format: Format = format
         self.index_file = index_file
         self.metadata = metadata
@@ -103,6 +115,28 @@ class Checkpoint:
         self._readers = readers
 
     # -- structure -----------------------------------------------------------------------
+    @property
+    def is_remote(self) -> bool:
+        """True for a checkpoint read from a URL."""
+        return self.remote is not None
+
+    @property
+    def location(self) -> Path | RemotePath:
+        """The folder holding the files: a local path, or a URL for a remote checkpoint."""
+        return self.path.parent
+
+    @property
+    def directory(self) -> Path:
+        """The local folder holding the files; a remote checkpoint has none (see :attr:`location`)."""
+        if isinstance(self.path, RemotePath):
+            raise RemoteError(
+                str(self.path),
+                None,
+                f"{self.path} is a remote checkpoint: it has no local folder. Fix: use "
+                "Checkpoint.location, or download the checkpoint first for this operation.",
+            )
+        return self.path.parent
+
     @property
     def is_sharded(self) -> bool:
         return self.index_file is not None
@@ -199,10 +233,21 @@ class Checkpoint:
 
         stored = self._resolve(name)
         reader = self._readers[self._weight_map[stored]]
-        if not isinstance(reader, SafetensorsFile):
+        if not isinstance(reader, SafetensorsFile) or isinstance(reader, RemoteSafetensorsFile):
             return None
         entry = reader.entries[stored]
         return ByteRange(name, reader.path, entry.begin, entry.nbytes, entry.dtype, entry.shape)
+
+    def remote_range(self, name: str) -> RemoteRange:
+        """Where ``name``'s bytes are in its remote file (a remote checkpoint only)."""
+        from bigmodel.storage.remote_read import RemoteRange
+
+        stored = self._resolve(name)
+        file = self._weight_map[stored]
+        reader = self._readers[file]
+        assert isinstance(reader, RemoteSafetensorsFile), f"{self.path} is not remote"
+        entry = reader.entries[stored]
+        return RemoteRange(name, file, entry.begin, entry.nbytes, entry.dtype, entry.shape)
 
     def readahead(self, names: Iterable[str]) -> int:
         """Ask the kernel to start reading these tensors' bytes into the page cache, in the
@@ -216,7 +261,9 @@ class Checkpoint:
         for name in names:
             stored = self._resolve(name)
             reader = self._readers[self._weight_map[stored]]
-            if isinstance(reader, SafetensorsFile):
+            if isinstance(reader, SafetensorsFile) and not isinstance(
+                reader, RemoteSafetensorsFile
+            ):
                 entry = reader.entries[stored]
                 if entry.nbytes:
                     spans.setdefault(reader.path, []).append((entry.begin, entry.end))
@@ -237,8 +284,11 @@ class Checkpoint:
         """Re-hash every file that has a recorded digest and compare (files in parallel).
 
         A file without a recorded digest is listed in ``unverified``; the structural checks
-        done when the checkpoint was opened (sizes, offsets, keys) still apply to it.
+        done when the checkpoint was opened (sizes, offsets, keys) still apply to it. A remote
+        checkpoint's files are read by range, in order, one chunk in memory.
         """
+        if self.remote is not None:
+            return verify_remote(self._readers, self.digests(), progress=progress)
         return verify_files(
             self.directory,
             self._readers,
@@ -273,17 +323,17 @@ def first_floating_dtype(ckpt: Checkpoint) -> torch.dtype | None:
     return None
 
 
-def config_dtype(directory: Path) -> torch.dtype | None:
+def config_dtype(directory: Path | RemoteFolder) -> torch.dtype | None:
     """The floating-point dtype a Hugging Face ``config.json`` beside the weights records
     (``dtype``, or the older ``torch_dtype``); None when there is no such file or field. The
-    file is untrusted: read bounded, and anything unreadable counts as no record."""
+    file is untrusted: read bounded, and anything unreadable counts as no record. ``directory``
+    is a local folder or a remote one (a checkpoint's :attr:`Checkpoint.remote`)."""
     from bigmodel.foundations.dtypes import parse_dtype
 
-    path = directory / "config.json"
-    if not path.is_file():
-        return None
     try:
-        raw = read_bounded(path, 16 * 2**20, code="config-too-large", what="config.json", hint="")
+        raw = _read_config(directory)
+        if raw is None:
+            return None
         config = strict_json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError, OSError):
         return None
@@ -297,3 +347,59 @@ def config_dtype(directory: Path) -> torch.dtype | None:
             except ValueError:
                 return None
     return None
+
+
+_MAX_CONFIG = 16 * 2**20
+
+
+def _read_config(directory: Path | RemoteFolder) -> bytes | None:
+    """The bytes of ``config.json`` in ``directory`` (bounded), or None when there is none."""
+    if isinstance(directory, RemoteFolder):
+        size = directory.size("config.json")
+        if size is None or size > _MAX_CONFIG:
+            return None
+        return bytes(directory.read("config.json", 0, size))
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    return read_bounded(path, _MAX_CONFIG, code="config-too-large", what="config.json", hint="")
+
+
+def verify_remote(
+    readers: Mapping[str, Reader], expected: Mapping[str, str], *, progress: bool | None = None
+) -> VerifyResult:
+    """:meth:`Checkpoint.verify` for remote files: each file with a recorded digest is read by
+    range in order and hashed (files in parallel, one chunk each in memory)."""
+    files = [f for f in readers if f in expected]
+
+    def check(file: str) -> Problem | None:
+        reader = readers[file]
+        assert isinstance(reader, RemoteSafetensorsFile)
+        actual = reader.digest(expected[file])
+        if actual == expected[file]:
+            return None
+        return Problem(
+            str(reader.path),
+            "digest-unverifiable" if actual is None else "digest-mismatch",
+            f"the recorded digest {expected[file]!r} is malformed or cannot be located in the file."
+            if actual is None
+            else f"the file's contents do not match the digest recorded when it was written "
+            f"(expected {expected[file]}, got {actual}): it is corrupt.",
+            hint="re-upload or re-save this file.",
+        )
+
+    verified: list[str] = []
+    problems: list[Problem] = []
+    total = sum(readers[f].identity[2] for f in files)
+    with (
+        ThreadPoolExecutor(max_workers=4) as pool,
+        progress_bar(total=total, desc="Verifying", progress=progress) as bar,
+    ):
+        for file, problem in zip(files, pool.map(check, files), strict=True):
+            bar.update(readers[file].identity[2])
+            if problem is None:
+                verified.append(file)
+            else:
+                problems.append(problem)
+    unverified = [f for f in readers if f not in expected]
+    return VerifyResult(verified=verified, unverified=unverified, problems=problems)

@@ -5,6 +5,9 @@ a read-only :class:`~bigmodel.Checkpoint` (see :mod:`bigmodel.checkpoint.handle`
 and every header are untrusted input: the rules live in :mod:`bigmodel.checkpoint.index`, and
 every problem found is reported in one :class:`~bigmodel.InvalidCheckpointError`. A save that
 replaces the checkpoint while it is being opened makes the open start over.
+
+A URL (``https://...``, ``s3://bucket/prefix``...) is opened by :mod:`bigmodel.checkpoint.remote`
+under the same rules; its files are read by range, never downloaded first.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bigmodel.checkpoint.index import (
     read_index,
 )
 from bigmodel.checkpoint.naming import discovery_order
+from bigmodel.checkpoint.remote import open_remote
 from bigmodel.checkpoint.verify import recorded_digests, verify_files
 from bigmodel.foundations.errors import (
     CheckpointNotFoundError,
@@ -37,6 +41,7 @@ from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.atomic import file_identity
 from bigmodel.storage.digest import DIGESTS_KEY
+from bigmodel.storage.remote import RemoteOptions, is_remote
 
 __all__ = ["discover", "open_checkpoint", "verify_checkpoint"]
 
@@ -89,7 +94,11 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str], *, prefer_safe: bool = True, verify: bool = False
+    path: str | os.PathLike[str],
+    *,
+    prefer_safe: bool = True,
+    verify: bool = False,
+    remote: RemoteOptions | None = None,
 ) -> Checkpoint:
     """Open and validate the checkpoint at ``path`` (folder, index file or weights file).
 
@@ -97,7 +106,15 @@ def open_checkpoint(
     into the folder replaces the checkpoint while it is being opened, the open starts over, so
     the result is one complete version. With ``verify=True`` every file that has a recorded
     digest is also re-hashed (:meth:`Checkpoint.verify`) and a mismatch raises.
+
+    ``path`` may be a URL (``https://host/model``, ``s3://bucket/model``, or such a URL's
+    index or ``.safetensors`` file; needs ``pip install 'bigmodel[remote]'``): the same rules
+    apply, only headers are fetched, and ``remote`` (:class:`~bigmodel.storage.remote.RemoteOptions`)
+    sets retries, timeouts and concurrency.
     """
+    if is_remote(path):
+        ckpt = open_remote(str(path), prefer_safe=prefer_safe, options=remote)
+        return _verified(ckpt) if verify else ckpt
     for attempt in range(_OPEN_ATTEMPTS):
         target = discover(path, prefer_safe=prefer_safe)
         before = _identity(target)
@@ -118,12 +135,17 @@ def open_checkpoint(
                 time.sleep(0.01 * (attempt + 1))
                 continue
             raise
-        if verify:
-            result = ckpt.verify()
-            if result.problems:
-                _raise_problems(result.problems)
-        return ckpt
+        return _verified(ckpt) if verify else ckpt
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _verified(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` once every file with a recorded digest matches it; else the problems raise."""
+    result = ckpt.verify()
+    if result.problems:
+        ckpt.close()
+        _raise_problems(result.problems)
+    return ckpt
 
 
 _OPEN_ATTEMPTS = 5
@@ -175,14 +197,18 @@ def verify_checkpoint(
     prefer_safe: bool = True,
     max_workers: int | None = None,
     progress: bool | None = None,
+    remote: RemoteOptions | None = None,
 ) -> VerifyResult:
     """Every problem of the checkpoint at ``path``, reported at once: the structural ones
     :func:`open_checkpoint` finds, and the digest check of every file (:meth:`Checkpoint.verify`)
     -- even when other files are broken, each file that can be read is still hashed, so a
-    truncated shard does not hide a corrupt one."""
+    truncated shard does not hide a corrupt one. (A URL whose checkpoint does not open reports
+    the structural problems only.)"""
     try:
-        ckpt = open_checkpoint(path, prefer_safe=prefer_safe)
+        ckpt = open_checkpoint(path, prefer_safe=prefer_safe, remote=remote)
     except InvalidCheckpointError as exc:
+        if is_remote(path):
+            return VerifyResult(verified=[], unverified=[], problems=list(exc.problems))
         return _verify_what_opens(path, prefer_safe, list(exc.problems), max_workers, progress)
     with ckpt:
         return ckpt.verify(max_workers=max_workers, progress=progress)

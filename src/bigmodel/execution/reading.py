@@ -19,7 +19,7 @@ tensor is in flight beyond the final model (``io="pread"``: the in-flight bound)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from bigmodel.placement.conversions import DerivedGroup
 from bigmodel.placement.load_plan import Plan, tie_groups
 from bigmodel.placement.policy import Placement, like, place
 from bigmodel.storage.pread import pick_io, pread_tensors
+from bigmodel.storage.remote_read import remote_tensors
 
 __all__ = ["PlanReader"]
 
@@ -73,7 +74,7 @@ class PlanReader:
         replicated = [(k, g) for k, g in todo if not is_dtensor(self.targets[g[0]])]
         total = sum(self.ckpt.tensor_info(k).nbytes for k, _ in todo)
         with progress_bar(
-            total=total, desc=f"Loading {self.ckpt.directory.name}", progress=self.progress
+            total=total, desc=f"Loading {self.ckpt.location.name}", progress=self.progress
         ) as self.bar:
             if sharded:
                 run_step(
@@ -92,9 +93,18 @@ class PlanReader:
         mmap: views of the mapping, after asking the kernel to read every planned tensor ahead
         in the background (views then do not fault page by page in the first forward pass,
         and conversions find their input cached). pread: parallel reads scheduled by bytes in
-        flight (see ``bigmodel.storage.pread``).
+        flight (see ``bigmodel.storage.pread``). A remote checkpoint: concurrent range
+        requests under the same bound (see ``bigmodel.storage.remote_read``).
         """
         ckpt = self.ckpt
+        stream: Iterator[tuple[str, torch.Tensor]]
+        if ckpt.remote is not None:
+            stream = remote_tensors(
+                ckpt.remote,
+                [ckpt.remote_range(key) for key, _ in items],
+                max_inflight_bytes=self.io.inflight,
+            )
+            return _in_order(stream)
         ranges = [ckpt.byte_range(key) for key, _ in items]
         io = pick_io(self.io.mode, ckpt.directory) if ranges and all(ranges) else "mmap"
         if io == "mmap":
@@ -103,13 +113,7 @@ class PlanReader:
         stream = pread_tensors(
             [r for r in ranges if r is not None], max_inflight_bytes=self.io.inflight
         )
-
-        def fetch(key: str) -> torch.Tensor:
-            got, tensor = next(stream)
-            assert got == key, (got, key)  # the stream follows the plan's order
-            return tensor
-
-        return fetch
+        return _in_order(stream)
 
     def read_local(
         self,
@@ -139,6 +143,17 @@ class PlanReader:
                 self.report.bytes_read += nbytes
             self.report.loaded_keys.append(key)
             self.bar.update(nbytes)
+
+
+def _in_order(stream: Iterator[tuple[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:
+    """A fetch function over a stream that yields the plan's tensors in the plan's order."""
+
+    def fetch(key: str) -> torch.Tensor:
+        got, tensor = next(stream)
+        assert got == key, (got, key)  # the stream follows the plan's order
+        return tensor
+
+    return fetch
 
 
 def read_derived(
