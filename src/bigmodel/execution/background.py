@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ class SaveHandle(Generic[T]):
         self._done = threading.Event()
         self._result: T | None = None
         self._error: BaseException | None = None
+        #: ``time.monotonic()`` when the handle was made and when the save finished (None: running)
+        self.started_at = time.monotonic()
+        self.finished_at: float | None = None
 
     @classmethod
     def completed(cls, directory: Path, result: T) -> SaveHandle[T]:
@@ -122,6 +126,7 @@ class SaveHandle(Generic[T]):
         if error is not None:
             error.add_note(f"(raised by the background save into {self.directory})")
         self._result, self._error = result, error
+        self.finished_at = time.monotonic()
         self._staged.set()
         self._done.set()
 
