@@ -76,7 +76,8 @@ from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.types import OffloadOptions
 from bigmodel.placement.device_map import covering_key
 from bigmodel.placement.planner import repeated_block_classes
-from bigmodel.storage.readahead import prefault
+from bigmodel.storage.page_cache import page_cache_room
+from bigmodel.storage.readahead import FileMappings, drop_pages, prefault
 
 __all__ = ["Offloader", "attach_offload_hooks", "unit_scopes"]
 
@@ -90,6 +91,7 @@ class _Batch:
     tensors: dict[str, torch.Tensor]
     events: list[Any] = field(default_factory=list)  # torch.cuda.Event per async copy
     staging: list[torch.Tensor] = field(default_factory=list)  # pinned buffers kept alive
+    mapped: list[torch.Tensor] = field(default_factory=list)  # file views to drop after use
 
     def wait(self, device: torch.device) -> None:
         if not self.events:
@@ -232,6 +234,9 @@ class Offloader:
             else None
         )
         self._pending: dict[int, Future[_Batch]] = {}
+        self.streaming = self._streams_from_disk()
+        self._mappings: FileMappings | None = None
+        self._views: dict[int, list[torch.Tensor]] = {}  # per unit held: file pages to drop
         self._count = [0] * len(self.units)
         self._set_order(list(range(len(self.units))))
         self._cursor = -1
@@ -244,6 +249,16 @@ class Offloader:
     def _bound(self, prefetch: bool | int | str) -> int:
         bound = OffloadOptions(prefetch=prefetch).prefetch_bytes
         return max(self.entry_bytes, default=0) or 1 if bound is None else bound
+
+    def _streams_from_disk(self) -> bool:
+        """Whether the units cannot all stay in the page cache (decided once, here): what
+        streams per forward, plus the read-ahead, is more than the page cache this process may
+        fill (:func:`~bigmodel.storage.page_cache.page_cache_room`: ``MemAvailable``, memory
+        cgroup limits). Then every forward reads the units from the file again, so the pages of
+        a unit that ran are given back at once and prefetch reads across forwards; otherwise
+        the pages stay mapped, and a warm forward reads nothing."""
+        room = page_cache_room()
+        return room is not None and sum(self.entry_bytes) + self.prefetch_bytes > room
 
     def _attach(self) -> None:
         root = self.model
@@ -298,7 +313,17 @@ class Offloader:
             batch.tensors[name] = made[ident]
         if mapped:
             prefault(mapped)  # views of a file: read them now, not page by page in compute
+            if self.streaming:
+                batch.mapped = self._file_views(mapped)
         return batch
+
+    def _file_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Those of ``tensors`` that are views of a file mapping (private memory must never be
+        dropped: it would read back as zeros). The map of mappings is re-read on a miss."""
+        mappings = self._mappings
+        if mappings is None or not all(mappings.holds(t) for t in tensors):
+            mappings = self._mappings = FileMappings()
+        return [t for t in tensors if mappings.holds(t)]
 
     def _copy(
         self, spec: OffloadedTensor, batch: _Batch, mapped: list[torch.Tensor]
@@ -333,7 +358,10 @@ class Offloader:
         """The units after the cursor to hold read ahead: as many as the bound allows."""
         window: list[int] = []
         total = 0
-        for unit in self._order[self._cursor + 1 :]:
+        following = self._order[self._cursor + 1 :]
+        if self.streaming:  # the next forward follows: read its first units at this one's end
+            following += self._order[: max(self._cursor, 0)]
+        for unit in following:
             if unit in window or self._count[unit]:
                 continue
             if total + self.entry_bytes[unit] > self.prefetch_bytes:
@@ -387,6 +415,8 @@ class Offloader:
                 slot.module._parameters[slot.leaf] = param
             else:
                 slot.module._buffers[slot.leaf] = tensor
+        if batch.mapped:
+            self._views[unit] = batch.mapped
         self._count[unit] = 1
         self._schedule()
 
@@ -402,6 +432,11 @@ class Offloader:
             else:
                 slot.module._buffers[slot.leaf] = slot.placeholder
         self._charge(-self.entry_bytes[unit])
+        views = self._views.pop(unit, None)
+        if views:
+            drop_pages(views)  # streaming: the kernel reclaims unmapped pages far faster
+        if self.streaming:
+            self._schedule()  # the window moved on: e.g. a unit held for the whole forward
 
     def _enter_hook(self, unit: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:

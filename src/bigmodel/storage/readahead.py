@@ -6,7 +6,9 @@ without ``posix_fadvise`` do nothing. Called "readahead" throughout bigmodel; "p
 reserved for the offload hooks reading the next device-map entries ahead of the forward pass.
 
 The offload hooks also use :func:`prefault` (their prefetch thread reads a file-backed tensor
-into memory ahead of use) and :class:`FileMappings` (which tensors are views of a file).
+into memory ahead of use), :func:`drop_pages` (a unit that ran gives its mapped pages back
+when the streamed part cannot stay cached) and :class:`FileMappings` (which tensors are views
+of a file).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FileMappings", "merge_ranges", "prefault", "readahead"]
+__all__ = ["FileMappings", "drop_pages", "merge_ranges", "prefault", "readahead"]
 
 
 def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -68,6 +70,7 @@ def readahead(spans: dict[Path, list[tuple[int, int]]]) -> int:
 # -- populating a mapping now, and telling mappings from private memory ---------------------------
 
 _MADV_WILLNEED = 3
+_MADV_DONTNEED = 4
 _MADV_POPULATE_READ = 22  # Linux 5.14+
 _PAGE = mmap.PAGESIZE
 
@@ -101,21 +104,50 @@ def prefault(tensors: Iterable[torch.Tensor]) -> int:
     the bytes covered (0 where nothing can be done: not Linux)."""
     if _madvise_fn is None:  # pragma: no cover - not Linux
         return 0
-    spans = []
-    for tensor in tensors:
-        length = tensor.numel() * tensor.element_size()
-        if length and tensor.device.type == "cpu":
-            address = tensor.data_ptr()
-            begin = address - address % _PAGE
-            spans.append((begin, -(-(address + length) // _PAGE) * _PAGE))
     covered = 0
-    for begin, end in merge_ranges(spans):
+    for begin, end in _page_spans(tensors, outward=True):
         size = ctypes.c_size_t(end - begin)
         _madvise_fn(ctypes.c_void_p(begin), size, _MADV_WILLNEED)
         if _madvise_fn(ctypes.c_void_p(begin), size, _MADV_POPULATE_READ) != 0:
             _touch(begin, end - begin)
         covered += end - begin
     return covered
+
+
+def drop_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Unmap from this process the pages of file-backed CPU tensors that are done with
+    (``MADV_DONTNEED``), so that the kernel reclaims them as plain clean page cache.
+
+    Meant for streaming more than memory holds: pages still mapped are expensive to reclaim
+    (the kernel must walk the mappings and gives referenced pages a second round), so when the
+    streamed bytes must be evicted anyway, reading the next unit is faster once the last one
+    is unmapped. The pages stay in the page cache (nothing is evicted here, other processes
+    are not affected); a later access to the tensors maps them again from the cache, or reads
+    them from the file. Only pages lying wholly within the merged spans of ``tensors`` are
+    dropped, never a page shared with a neighbouring tensor. Only for read-only views of a
+    file: private (copy-on-write) changes to those pages would be discarded. Returns the bytes
+    dropped (0 where nothing can be done: not Linux)."""
+    if _madvise_fn is None:  # pragma: no cover - not Linux
+        return 0
+    dropped = 0
+    for begin, end in _page_spans(tensors, outward=False):
+        if _madvise_fn(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), _MADV_DONTNEED) == 0:
+            dropped += end - begin
+    return dropped
+
+
+def _page_spans(tensors: Iterable[torch.Tensor], *, outward: bool) -> list[tuple[int, int]]:
+    """Merged page-aligned address spans of CPU tensors' data: rounded outward (every page
+    the data touches) or inward (only the pages it covers whole); empty spans are left out."""
+    spans = []
+    for tensor in tensors:
+        length = tensor.numel() * tensor.element_size()
+        if length and tensor.device.type == "cpu":
+            spans.append((tensor.data_ptr(), tensor.data_ptr() + length))
+    if outward:
+        return merge_ranges((b - b % _PAGE, -(-e // _PAGE) * _PAGE) for b, e in spans)
+    inward = ((-(-b // _PAGE) * _PAGE, e - e % _PAGE) for b, e in merge_ranges(spans))
+    return [(begin, end) for begin, end in inward if begin < end]
 
 
 def _touch(begin: int, size: int) -> None:

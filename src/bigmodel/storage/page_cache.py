@@ -1,0 +1,95 @@
+"""How much page cache this process can fill before the kernel must reclaim some.
+
+Streaming weights from a file mapping costs one read per use when the streamed bytes cannot
+stay cached, and nothing after the first use when they can. Which case holds decides how the
+offload hooks treat the pages of a unit that ran (:mod:`bigmodel.execution.offload`): kept
+mapped for the next forward to find them, or given back at once
+(:func:`bigmodel.storage.readahead.drop_pages`) because they will be evicted anyway.
+
+:func:`page_cache_room` is that room: the smaller of the machine's ``MemAvailable`` and, for
+each memory cgroup holding this process (v2, this group and its ancestors; v1, its
+hierarchical limit), the limit minus what is charged to it and is not page cache (page cache
+charged there is reclaimable, so it counts as room). Linux only; ``None`` elsewhere or when
+nothing can be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+__all__ = ["page_cache_room"]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_UNLIMITED = 1 << 60  # v1 writes "no limit" as a number near 2**63
+
+
+def page_cache_room(*, proc: Path = Path("/proc"), cgroup_root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes of page cache this process may hold (see the module docstring), or ``None``.
+
+    ``proc`` and ``cgroup_root`` are where ``/proc`` and the cgroup hierarchy are mounted
+    (parameters for tests)."""
+    rooms = [_mem_available(proc / "meminfo")]
+    with contextlib.suppress(OSError, ValueError):
+        rooms.append(_cgroup_room((proc / "self" / "cgroup").read_text(), cgroup_root))
+    known = [room for room in rooms if room is not None]
+    return max(0, min(known)) if known else None
+
+
+def _mem_available(meminfo: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _cgroup_room(membership: str, root: Path) -> int | None:
+    """The room left by the memory cgroups listed in ``membership`` (/proc/self/cgroup)."""
+    for line in membership.splitlines():
+        number, controllers, path = line.split(":", 2)
+        if number == "0" and not controllers and (root / "cgroup.controllers").exists():
+            return _v2_room(root, path)
+        if "memory" in controllers.split(","):
+            return _v1_room(root / "memory", path)
+    return None
+
+
+def _stat(folder: Path) -> dict[str, int]:
+    out = {}
+    for line in (folder / "memory.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _v2_room(root: Path, path: str) -> int | None:
+    """cgroup v2: ``memory.max - memory.current + file`` for the group and each ancestor."""
+    folder = root / path.strip("/")
+    rooms = []
+    while folder != root and root in folder.parents:
+        limit = folder / "memory.max"
+        if limit.exists() and limit.read_text().strip() != "max":
+            current = int((folder / "memory.current").read_text())
+            cache = _stat(folder).get("file", 0)
+            rooms.append(int(limit.read_text()) - current + cache)
+        folder = folder.parent
+    return min(rooms, default=None)
+
+
+def _v1_room(hierarchy: Path, path: str) -> int | None:
+    """cgroup v1: the hierarchical limit minus the usage that is not page cache. A group path
+    that is not visible here (another mount namespace) falls back to the hierarchy's root."""
+    folder = hierarchy / path.strip("/")
+    if not (folder / "memory.stat").exists():
+        folder = hierarchy
+    stat = _stat(folder)
+    limit = stat.get("hierarchical_memory_limit")
+    if limit is None:
+        limit = int((folder / "memory.limit_in_bytes").read_text())
+    if limit >= _UNLIMITED:
+        return None
+    usage = int((folder / "memory.usage_in_bytes").read_text())
+    cache = stat.get("total_cache", stat.get("cache", 0))
+    return limit - usage + cache
