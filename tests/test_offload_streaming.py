@@ -227,3 +227,19 @@ def test_page_cache_room_without_a_limit_is_mem_available(tmp_path):
     assert page_cache_room(proc=proc, cgroup_root=root) == 2_048_000_000
     assert page_cache_room(proc=tmp_path / "nowhere", cgroup_root=root) is None
     assert page_cache_room() is not None  # this machine: Linux, /proc/meminfo
+
+
+def test_the_first_offloaded_unit_is_read_while_the_resident_modules_before_it_compute(stack):
+    folder, expected = stack
+    with bigmodel.init_empty_weights():
+        model = Stack().eval()
+    device_map = {"blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "disk"}
+    bigmodel.load_checkpoint(model, folder, device_map=device_map)
+    offloader = model._bigmodel_offloader
+    seen: list[list[str]] = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(offloader.in_flight()))
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(X), expected)
+    assert seen == [["blocks.1"], ["blocks.1"]]  # from the first forward on
+    assert offloader.in_flight() == []

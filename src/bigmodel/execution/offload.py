@@ -49,7 +49,21 @@ their scopes in the module tree). When a unit is entered, the units that follow 
 a background thread while the bytes read ahead stay within the prefetch bound (by default the
 largest unit, i.e. one unit ahead), so reads overlap compute with a fixed amount of memory in
 flight; read-ahead units that are no longer next (their module was skipped) are dropped.
-``peak_bytes`` records the most bytes materialised at once (units held plus read ahead).
+When a forward starts, its first units are read while the modules before them (resident ones)
+compute. ``peak_bytes`` records the most bytes materialised at once (units held plus read
+ahead).
+
+**Larger than memory.** Whether the units can stay in the page cache is decided once, when the
+hooks are attached (``streaming``): the bytes they hold plus the read-ahead bound against the
+room the page cache has (:func:`bigmodel.storage.page_cache.page_cache_room`: ``MemAvailable``
+and the memory cgroup's limit). When they can, a unit's file pages stay mapped after it ran,
+and a warm forward reads nothing. When they cannot, every forward reads every unit from the
+file again, so (1) the pages of a unit that ran are unmapped at once
+(:func:`bigmodel.storage.readahead.drop_pages`; they stay clean page cache, which the kernel
+reclaims far more cheaply than pages still mapped: the reads of the next units get the memory
+sooner) — only views of a file, never private memory — and (2) the window is cyclic: during
+the last units of a forward, the first units of the next one are read (a generation loop
+calls forward again at once), so the disk does not idle between forwards.
 
 The placement hooks (inputs to each entry's device, outputs back to the caller's) are
 attached alongside, see :mod:`bigmodel.execution.hooks`.
@@ -281,6 +295,7 @@ class Offloader:
     def _pass_start(self, mod: nn.Module, args: tuple[Any, ...]) -> None:
         if self._depth == 0:
             self._trace, self._cursor = [], -1
+            self._schedule()  # the first units read while what is resident computes
         self._depth += 1
 
     def _pass_end(self, mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
