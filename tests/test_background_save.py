@@ -146,6 +146,8 @@ def test_staging_memory_is_reused_between_saves_and_its_bound_blocks_a_larger_st
     for i in range(3):
         bigmodel.save_checkpoint(net, tmp_path / f"s{i}", background=True).wait()
     assert background._STAGING.capacity == used  # one buffer, one copy of the state
+    bigmodel.release_staging_memory()  # public: a loop done with saving gets the memory back
+    assert background._STAGING.capacity == 0
     with pytest.warns(UserWarning, match="written synchronously"):
         handle = bigmodel.save_checkpoint(
             net, tmp_path / "big", background=True, staging_memory=used - 1

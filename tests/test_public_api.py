@@ -48,6 +48,7 @@ EXPECTED = [
     "load_sharded_checkpoint",
     "open_checkpoint",
     "parse_size",
+    "release_staging_memory",
     "save_checkpoint",
 ]
 

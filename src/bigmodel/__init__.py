@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from bigmodel.api.save import save_checkpoint
     from bigmodel.checkpoint.handle import Checkpoint, TensorInfo, TensorSlice
     from bigmodel.checkpoint.open import open_checkpoint
-    from bigmodel.execution.background import SaveHandle
+    from bigmodel.execution.background import SaveHandle, release_staging_memory
     from bigmodel.foundations.errors import (
         BigModelError,
         CheckpointConflictError,
@@ -77,6 +77,7 @@ _LAZY: dict[str, str] = {
     "TensorSlice": "bigmodel.checkpoint.handle",
     "open_checkpoint": "bigmodel.checkpoint.open",
     "SaveHandle": "bigmodel.execution.background",
+    "release_staging_memory": "bigmodel.execution.background",
     "BigModelError": "bigmodel.foundations.errors",
     "CheckpointConflictError": "bigmodel.foundations.errors",
     "CheckpointNotFoundError": "bigmodel.foundations.errors",
@@ -154,6 +155,7 @@ __all__ = [
     "load_sharded_checkpoint",
     "open_checkpoint",
     "parse_size",
+    "release_staging_memory",
     "save_checkpoint",
 ]
 
