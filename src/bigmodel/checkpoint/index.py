@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import (
@@ -42,7 +42,13 @@ __all__ = [
     "INDEX_FIX",
     "MAX_INDEX_SIZE",
     "Reader",
+    "IndexLocation",
+    "check_index_size",
     "check_recorded_digests",
+    "cross_check",
+    "parse_index",
+    "shard_name_problem",
+    "usable_shards",
     "parse_aliases",
     "read_index",
     "unsafe_shard_name",
@@ -125,11 +131,33 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, Any], list[Proble
     A file that is not an index at all raises; problems in its entries are collected. A flat
     index has no metadata (``{}`` is returned).
     """
-    file = str(index)
-    raw_map, metadata, fields = _layout(file, _load_index(index))
+    raw = read_bounded(
+        index, MAX_INDEX_SIZE, code="index-too-large", what="the index", hint=INDEX_FIX
+    )
+    return parse_index(str(index), raw)
+
+
+def parse_index(file: str, raw: bytes) -> tuple[dict[str, str], dict[str, Any], list[Problem]]:
+    """The weight map, the metadata and the problems of an index whose bytes are ``raw`` (read
+    bounded by :data:`MAX_INDEX_SIZE`); ``file`` names it in errors (a path or a URL). The one
+    set of index rules, for a local index (:func:`read_index`) and a remote one: bytes that
+    are not an index at all raise; problems in its entries are collected."""
+    raw_map, metadata, fields = _layout(file, _decode_index(file, raw))
     problems = _repeated_key_problems(file, raw_map, fields)
     weight_map = _shard_names(file, raw_map, problems)
     return weight_map, metadata, problems
+
+
+def check_index_size(file: str, size: int) -> None:
+    """Refuse an index above :data:`MAX_INDEX_SIZE` before it is read (a remote index's size
+    comes from the server; a local one is read by ``read_bounded`` under the same limit)."""
+    if size > MAX_INDEX_SIZE:
+        raise InvalidCheckpointError.one(
+            file,
+            "index-too-large",
+            f"the index is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
+            hint=INDEX_FIX,
+        )
 
 
 def _is_flat_index(obj: object) -> bool:
@@ -145,12 +173,8 @@ def _is_flat_index(obj: object) -> bool:
     )
 
 
-def _load_index(index: Path) -> dict[str, Any]:
-    """The parsed index, refused if too large, not JSON, or neither layout of an index."""
-    file = str(index)
-    raw = read_bounded(
-        index, MAX_INDEX_SIZE, code="index-too-large", what="the index", hint=INDEX_FIX
-    )
+def _decode_index(file: str, raw: bytes) -> dict[str, Any]:
+    """The parsed index, refused if not JSON, or neither layout of an index."""
     try:
         obj = strict_json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -336,15 +360,25 @@ def open_weight_file(path: Path, fmt: Literal["safetensors", "bin"]) -> Reader:
     return BinFile(path)
 
 
-def _shard_problem(file: str, shard: str, key: str, fmt: str, directory: Path) -> Problem | None:
-    """Why the shard an index names cannot be opened: an unsafe name, another format, absent."""
+def shard_name_problem(file: str, shard: str, key: str, fmt: str) -> Problem | None:
+    """Why the index ``file`` may not name ``shard`` for ``key``: not a plain file name inside
+    the checkpoint's folder or prefix (:func:`unsafe_shard_name`), or not of the index's
+    format. The rule for a local index and a remote one; None when the name is acceptable."""
     reason = unsafe_shard_name(shard)
     if reason is None and file_format(shard) != fmt:
         reason = f"is not a {fmt} file, but the index is a {fmt} index"
-    if reason is not None:
-        return Problem(
-            file, "unsafe-shard-name", f"shard name {shard!r} {reason}.", key=key, hint=INDEX_FIX
-        )
+    if reason is None:
+        return None
+    return Problem(
+        file, "unsafe-shard-name", f"shard name {shard!r} {reason}.", key=key, hint=INDEX_FIX
+    )
+
+
+def _shard_problem(file: str, shard: str, key: str, fmt: str, directory: Path) -> Problem | None:
+    """Why the shard an index names cannot be opened: an unsafe name, another format, absent."""
+    problem = shard_name_problem(file, shard, key, fmt)
+    if problem is not None:
+        return problem
     try:
         mode = (directory / shard).stat().st_mode
     except FileNotFoundError:
@@ -366,26 +400,44 @@ def _shard_problem(file: str, shard: str, key: str, fmt: str, directory: Path) -
     return None
 
 
-def _usable_shards(
-    index: Path, weight_map: Mapping[str, str], fmt: str, problems: list[Problem]
+def usable_shards(
+    weight_map: Mapping[str, str],
+    problem: Callable[[str, str], Problem | None],
+    problems: list[Problem],
 ) -> list[str]:
-    """Shard names of the index that are safe plain names of this format, present in the folder."""
+    """The distinct shard names of ``weight_map``, in order, for which ``problem(shard, key)``
+    (asked once per shard, with the first key naming it) finds nothing; each problem found is
+    added to ``problems``."""
     shards: list[str] = []
     bad: set[str] = set()
     for key, shard in weight_map.items():
         if shard in shards or shard in bad:
             continue
-        problem = _shard_problem(str(index), shard, key, fmt, index.parent)
-        if problem is None:
+        found = problem(shard, key)
+        if found is None:
             shards.append(shard)
         else:
-            problems.append(problem)
+            problems.append(found)
             bad.add(shard)
     return shards
 
 
-def _cross_check(
-    index: Path,
+class IndexLocation(Protocol):
+    """Where an index is, as :func:`cross_check` uses it: a local :class:`~pathlib.Path`, or a
+    remote path (:class:`~bigmodel.storage.remote.RemotePath`). ``str()`` shows it, ``name`` is
+    its file name, and ``parent / shard`` is where a shard beside it is."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def parent(self) -> IndexLocation: ...
+
+    def __truediv__(self, name: str) -> IndexLocation: ...
+
+
+def cross_check(
+    index: IndexLocation,
     weight_map: Mapping[str, str],
     readers: Mapping[str, Reader],
     problems: list[Problem],
@@ -447,13 +499,18 @@ def open_shards(
     names for it; every key the index lists is in that shard. Each broken rule adds a
     :class:`~bigmodel.Problem`; the shards that could be opened are returned.
     """
+    file, folder = str(index), index.parent
     readers: dict[str, Reader] = {}
-    for shard in _usable_shards(index, weight_map, fmt, problems):
+
+    def problem(shard: str, key: str) -> Problem | None:
+        return _shard_problem(file, shard, key, fmt, folder)
+
+    for shard in usable_shards(weight_map, problem, problems):
         try:
             readers[shard] = open_weight_file(index.parent / shard, fmt)
         except InvalidCheckpointError as exc:
             problems.extend(exc.problems)
             if isinstance(problems, ProblemList):
                 problems.dropped += exc.total - len(exc.problems)
-    _cross_check(index, weight_map, readers, problems)
+    cross_check(index, weight_map, readers, problems)
     return readers

@@ -4,7 +4,7 @@ The same checkpoint, the same rules as in a folder: discovery tries the entry po
 :func:`~bigmodel.checkpoint.naming.discovery_order` in order (a ``HEAD`` each: a URL prefix
 has no listing one can rely on); the index is untrusted input, bounded in size and checked by
 :mod:`bigmodel.checkpoint.index`'s rules; a shard name must be a plain file name
-(:func:`~bigmodel.checkpoint.index.unsafe_shard_name`), so it can never leave the prefix; every
+(:func:`~bigmodel.checkpoint.index.shard_name_problem`), so it can never leave the prefix; every
 header is parsed by the local parser; the index is cross-checked against the headers. All
 problems are reported together in one :class:`~bigmodel.InvalidCheckpointError`.
 
@@ -16,27 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.checkpoint.index import (
     ALIASES_KEY,
-    INDEX_FIX,
-    MAX_INDEX_SIZE,
     Reader,
-    _cross_check,
-    _is_flat_index,
-    _layout,
-    _repeated_key_problems,
-    _shard_names,
+    check_index_size,
     check_recorded_digests,
+    cross_check,
     file_format,
     parse_aliases,
-    unsafe_shard_name,
+    parse_index,
+    shard_name_problem,
+    usable_shards,
 )
 from bigmodel.checkpoint.naming import discovery_order
-from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import (
     CheckpointNotFoundError,
     InvalidCheckpointError,
@@ -127,48 +122,14 @@ def _refuse_bin(folder: RemoteFolder, name: str) -> None:
 def _read_remote_index(
     folder: RemoteFolder, name: str, size: int, problems: list[Problem]
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """The weight map and metadata of the remote index, by the rules of a local one."""
+    """The weight map and metadata of the remote index, by the rules of a local one
+    (:func:`~bigmodel.checkpoint.index.parse_index`), its size bounded before it is fetched."""
     file = str(folder.path(name))
     _refuse_bin(folder, name.removesuffix(".index.json"))
-    if size > MAX_INDEX_SIZE:
-        raise InvalidCheckpointError.one(
-            file,
-            "index-too-large",
-            f"the index is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
-            hint=INDEX_FIX,
-        )
-    raw = bytes(folder.read(name, 0, size))
-    try:
-        obj = strict_json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidCheckpointError.one(
-            file, "index-not-json", f"the index is not valid UTF-8 JSON ({exc}).", hint=INDEX_FIX
-        ) from None
-    if not isinstance(obj, dict) or not (
-        isinstance(obj.get("weight_map"), dict) or _is_flat_index(obj)
-    ):
-        raise InvalidCheckpointError.one(
-            file,
-            "index-no-weight-map",
-            'the index must be a JSON object with a "weight_map" object, or a flat JSON object '
-            "mapping each tensor name to its shard file.",
-            hint=INDEX_FIX,
-        )
-    raw_map, metadata, fields = _layout(file, obj)
-    problems.extend(_repeated_key_problems(file, raw_map, fields))
-    return _shard_names(file, raw_map, problems), metadata
-
-
-def _shard_problem(file: str, shard: str, key: str) -> Problem | None:
-    """Why the index may not name ``shard``: the local rules of a shard name, and safetensors."""
-    reason = unsafe_shard_name(shard)
-    if reason is None and file_format(shard) != "safetensors":
-        reason = "is not a safetensors file, but the index is a safetensors index"
-    if reason is None:
-        return None
-    return Problem(
-        file, "unsafe-shard-name", f"shard name {shard!r} {reason}.", key=key, hint=INDEX_FIX
-    )
+    check_index_size(file, size)
+    weight_map, metadata, found = parse_index(file, bytes(folder.read(name, 0, size)))
+    problems.extend(found)
+    return weight_map, metadata
 
 
 def _open_shards(
@@ -176,17 +137,11 @@ def _open_shards(
 ) -> dict[str, Reader]:
     """Open every shard the index names (concurrently), then check the index against them."""
     file = str(folder.path(index))
-    usable: list[str] = []
-    bad: set[str] = set()
-    for key, shard in weight_map.items():
-        if shard in usable or shard in bad:
-            continue
-        problem = _shard_problem(file, shard, key)
-        if problem is None:
-            usable.append(shard)
-        else:
-            problems.append(problem)
-            bad.add(shard)
+
+    def name_problem(shard: str, key: str) -> Problem | None:
+        return shard_name_problem(file, shard, key, "safetensors")
+
+    usable = usable_shards(weight_map, name_problem, problems)
 
     def open_one(shard: str) -> RemoteSafetensorsFile | Problem | InvalidCheckpointError:
         size = folder.size(shard)
@@ -213,6 +168,5 @@ def _open_shards(
                 problems.extend(got.problems)
             else:
                 readers[shard] = got
-    # _cross_check reads only str(), .name and .parent / shard of the index's location.
-    _cross_check(cast(Path, folder.path(index)), weight_map, readers, problems)
+    cross_check(folder.path(index), weight_map, readers, problems)
     return readers

@@ -12,17 +12,15 @@ bulk through :mod:`bigmodel.storage.remote_read`.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, NoReturn
 
-from bigmodel.foundations.errors import InvalidCheckpointError
 from bigmodel.storage.digest import DIGEST_KEY, new_hasher, split_digest
 from bigmodel.storage.remote import RemoteError, RemoteFolder, RemotePath
 from bigmodel.storage.safetensors import (
-    MAX_HEADER_SIZE,
     SafetensorsFile,
     SafetensorsHeader,
-    _parse_header,
+    header_length,
+    parse_header,
 )
 
 if TYPE_CHECKING:
@@ -111,32 +109,11 @@ class RemoteSafetensorsFile(SafetensorsFile):
 
 
 def _read_header(folder: RemoteFolder, name: str, size: int) -> SafetensorsHeader:
-    """Fetch the header and parse it with the local parser's rules."""
+    """Fetch the header (one request when it fits in the first read) and parse it with the
+    local parser: the length prefix is checked before the rest of a long header is fetched."""
     file = str(folder.path(name))
-    if size < 8:
-        raise InvalidCheckpointError.one(
-            file,
-            "header-too-short",
-            f"the file is {size} bytes; a safetensors file starts with an 8-byte header length.",
-            hint="re-create the file with a correct writer.",
-        )
     first = bytes(folder.read(name, 0, min(size, _FIRST_READ)))
-    (header_len,) = struct.unpack("<Q", first[:8])
-    if header_len > MAX_HEADER_SIZE:
-        raise InvalidCheckpointError.one(
-            file,
-            "header-too-large",
-            f"the header claims {header_len} bytes, above the {MAX_HEADER_SIZE}-byte limit.",
-            hint="re-create the file with a correct writer.",
-        )
-    if 8 + header_len > size:
-        raise InvalidCheckpointError.one(
-            file,
-            "header-past-eof",
-            f"the header claims {header_len} bytes but the file has only {size - 8} after the length prefix (truncated file?).",
-            hint="re-upload or re-save the file.",
-        )
-    raw = first[8 : 8 + header_len]
-    if len(raw) < header_len:
-        raw += bytes(folder.read(name, len(first), 8 + header_len))
-    return _parse_header(file, raw, size)
+    need = 8 + header_length(file, first[:8], size)
+    if len(first) < need:
+        first += bytes(folder.read(name, len(first), need))
+    return parse_header(file, first, size)

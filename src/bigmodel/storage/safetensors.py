@@ -55,6 +55,8 @@ __all__ = [
     "NAME_FROM_DTYPE",
     "SafetensorsFile",
     "TensorEntry",
+    "header_length",
+    "parse_header",
     "read_header",
     "write_safetensors",
 ]
@@ -221,14 +223,25 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
             return read_header(path, own)
     file_size = os.fstat(fh.fileno()).st_size
     prefix = fh.read(8)
-    if len(prefix) < 8:
+    raw = bytearray(8 + header_length(file, prefix, file_size))  # one buffer: no copy of it
+    raw[:8] = prefix
+    got = os.preadv(fh.fileno(), [memoryview(raw)[8:]], 8)
+    return parse_header(file, raw if got == len(raw) - 8 else raw[: 8 + got], file_size)
+
+
+def header_length(file: str, prefix: bytes | bytearray, file_size: int) -> int:
+    """The header length that the file's first 8 bytes (``prefix``) announce, checked against
+    the format's limit and the file's size before the header is read: a hostile prefix cannot
+    make a reader allocate or fetch more than :data:`MAX_HEADER_SIZE` bytes. ``file`` names the
+    file in errors (a path or a URL)."""
+    if len(prefix) < 8 or file_size < 8:
         raise InvalidCheckpointError.one(
             file,
             "header-too-short",
             f"the file is {file_size} bytes; a safetensors file starts with an 8-byte header length.",
             hint=_FIX_REWRITE,
         )
-    (header_len,) = struct.unpack("<Q", prefix)
+    (header_len,) = struct.unpack("<Q", prefix[:8])
     if header_len > MAX_HEADER_SIZE:
         raise InvalidCheckpointError.one(
             file,
@@ -243,16 +256,34 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> SafetensorsHeader:
             f"the header claims {header_len} bytes but the file has only {file_size - 8} after the length prefix (truncated file?).",
             hint="re-download or re-save the file.",
         )
-    raw = fh.read(header_len)
-    return _parse_header(file, raw, file_size)
+    return int(header_len)
 
 
-def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
-    """Validate the header bytes ``raw``: a header that cannot be read at all raises at once;
-    problems in its entries and metadata are collected and raised together."""
-    _check_tensor_count(file, raw)
-    obj = _decode_header(file, raw)
-    data_start = 8 + len(raw)
+def parse_header(file: str, raw: bytes | bytearray, file_size: int) -> SafetensorsHeader:
+    """Validate a safetensors header from the file's first bytes ``raw`` (the length prefix,
+    then at least the whole header; bytes past it are ignored) and its size. The one parser
+    of every header, local or remote (:mod:`bigmodel.storage.remote_safetensors`): the length
+    prefix is checked by :func:`header_length`, a header that cannot be read at all raises at
+    once, and problems in its entries and metadata are collected and raised together."""
+    header_len = header_length(file, raw[:8], file_size)
+    if len(raw) < 8 + header_len:
+        raise InvalidCheckpointError.one(
+            file,
+            "header-past-eof",
+            f"the header claims {header_len} bytes but only {len(raw) - 8} could be read "
+            "(the file was truncated while it was read?).",
+            hint="re-download or re-save the file.",
+        )
+    return _parse_header_json(file, raw, 8 + header_len, file_size)
+
+
+def _parse_header_json(
+    file: str, raw: bytes | bytearray, data_start: int, file_size: int
+) -> SafetensorsHeader:
+    """The header JSON ``raw[8:data_start]`` (its length already checked), parsed and
+    validated without copying it."""
+    _check_tensor_count(file, raw, data_start)
+    obj = _decode_header(file, memoryview(raw)[8:data_start])
     if len(obj) - ("__metadata__" in obj) > MAX_TENSORS:  # one entry past: the metadata's place
         _too_many_tensors(file, MAX_TENSORS, more=True)
     problems = ProblemList(
@@ -282,10 +313,11 @@ def _parse_header(file: str, raw: bytes, file_size: int) -> SafetensorsHeader:
     )
 
 
-def _check_tensor_count(file: str, raw: bytes) -> None:
-    """Refuse a header with too many tensors before parsing it (parsing costs memory per entry)."""
+def _check_tensor_count(file: str, raw: bytes | bytearray, end: int) -> None:
+    """Refuse a header (``raw[8:end]``) with too many tensors before parsing it (parsing costs
+    memory per entry)."""
     # Every entry names "data_offsets" once: an upper bound on the entry count, without parsing.
-    approx_count = raw.count(b'"data_offsets"')
+    approx_count = raw.count(b'"data_offsets"', 8, end)
     if approx_count > MAX_TENSORS:
         _too_many_tensors(file, approx_count, about=True)
 
@@ -302,10 +334,10 @@ def _too_many_tensors(
     )
 
 
-def _decode_header(file: str, raw: bytes) -> dict[str, Any]:
+def _decode_header(file: str, raw: memoryview) -> dict[str, Any]:
     """The header as a JSON object (a :class:`strict_json.JsonObject`, which remembers repeats)."""
     try:
-        text = raw.decode("utf-8")
+        text = str(raw, "utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidCheckpointError.one(
             file,
