@@ -30,6 +30,7 @@ from bigmodel.placement.planner import (
     tree_from_checkpoint,
     tree_from_module,
 )
+from bigmodel.storage.remote import RemoteOptions
 
 __all__ = [
     "Block",
@@ -129,6 +130,7 @@ def estimate_memory(
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None,
     offload: OffloadOptions | None = None,
+    remote: RemoteOptions | None = None,
 ) -> Estimate:
     """Bytes needed per device for a plan within ``max_memory``, the largest block, and whether
     it all fits — the numbers ``bigmodel estimate`` prints.
@@ -143,7 +145,9 @@ def estimate_memory(
     defaults to free memory minus a reserve, then disk. :attr:`DevicePlan.blocks` are the
     units never split (see :class:`Block`) on each device; :attr:`DevicePlan.reserved` the room
     kept on the execution device for blocks streamed from cpu/disk (``offload``'s
-    ``prefetch`` and ``main_device`` size it, as for a load).
+    ``prefetch`` and ``main_device`` size it, as for a load). A checkpoint path may be a URL
+    (``https://``, ``s3://``...): only its index and headers are fetched, read as ``remote``
+    (:class:`~bigmodel.storage.remote.RemoteOptions`) says.
     """
     dtype = parse_dtype(dtype)
     budgets = planning_budgets(max_memory)
@@ -154,5 +158,5 @@ def estimate_memory(
         return _estimate(tree, budgets, offload)
     if isinstance(model_or_checkpoint, Checkpoint):
         return _estimate(tree_from_checkpoint(model_or_checkpoint, dtype=dtype), budgets, offload)
-    with open_checkpoint(model_or_checkpoint) as ckpt:
+    with open_checkpoint(model_or_checkpoint, remote=remote) as ckpt:
         return _estimate(tree_from_checkpoint(ckpt, dtype=dtype), budgets, offload)

@@ -63,6 +63,7 @@ from bigmodel.placement.device_map import (
 from bigmodel.placement.initialize import InitFn, check_nothing_on_meta, materialize_missing
 from bigmodel.placement.load_plan import LoadPlan, MatchRules, ignore_rules, plan_load
 from bigmodel.placement.policy import DtypeOverrides, Placement, keep_in_fp32
+from bigmodel.storage.remote import RemoteOptions
 
 __all__ = ["DtypeOverrides", "load_checkpoint", "load_sharded_checkpoint"]
 
@@ -85,6 +86,7 @@ class _Options:
     no_split_module_classes: Iterable[type[nn.Module] | str] | None = None
     distributed: DistributedOptions = field(default_factory=DistributedOptions)
     io: IOOptions = field(default_factory=IOOptions)
+    remote: RemoteOptions | None = None
 
 
 def _open(
@@ -97,7 +99,10 @@ def _open(
             if result.problems:
                 raise InvalidCheckpointError(result.problems)
         return checkpoint, False
-    return open_checkpoint(checkpoint, prefer_safe=opts.prefer_safe, verify=opts.verify), True
+    ckpt = open_checkpoint(
+        checkpoint, prefer_safe=opts.prefer_safe, verify=opts.verify, remote=opts.remote
+    )
+    return ckpt, True
 
 
 def _read(
@@ -207,7 +212,9 @@ def _load(
     return report
 
 
-def _auto_dtype(checkpoint: str | os.PathLike[str] | Checkpoint) -> torch.dtype | None:
+def _auto_dtype(
+    checkpoint: str | os.PathLike[str] | Checkpoint, remote: RemoteOptions | None = None
+) -> torch.dtype | None:
     """``dtype="auto"``, as transformers resolves it: the dtype the checkpoint folder's
     config.json records (``dtype``, or the older ``torch_dtype``), else the dtype of the
     checkpoint's first floating-point tensor (None, keep every dtype, when it has none).
@@ -215,7 +222,7 @@ def _auto_dtype(checkpoint: str | os.PathLike[str] | Checkpoint) -> torch.dtype 
     if isinstance(checkpoint, Checkpoint):
         folder = checkpoint.remote or checkpoint.directory
         return config_dtype(folder) or first_floating_dtype(checkpoint)
-    with open_checkpoint(checkpoint) as ckpt:
+    with open_checkpoint(checkpoint, remote=remote) as ckpt:
         return config_dtype(ckpt.remote or ckpt.directory) or first_floating_dtype(ckpt)
 
 
@@ -281,6 +288,7 @@ def load_checkpoint(
     offload: OffloadOptions | None = None,
     distributed: DistributedOptions | None = None,
     io: str | IOOptions = "auto",
+    remote: RemoteOptions | None = None,
     progress: bool | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` (folder, index or weights file, or an open :class:`Checkpoint`) into ``model``.
@@ -321,13 +329,18 @@ def load_checkpoint(
       any map; an offloaded tensor used outside its unit's forward raises
       :class:`~bigmodel.MetaTensorError` naming it (never uninitialised numbers).
     * ``io``: ``"auto"``, ``"mmap"``, ``"pread"``, or :class:`~bigmodel.IOOptions`.
+    * ``checkpoint`` may be a URL (``https://host/model``, ``s3://bucket/model``; ``pip install
+      'bigmodel[remote]'``): the same rules apply, tensors are read by concurrent range
+      requests within ``io``'s in-flight bytes, and ``remote``
+      (:class:`~bigmodel.storage.remote.RemoteOptions`) sets retries, timeouts, concurrency
+      and a local ``cache_dir``.
     * Under ``torch.distributed`` every rank calls this with the same arguments; DTensor
       parameters get only this rank's slice, an error on any rank raises
       :class:`~bigmodel.DistributedError` on every rank, and ``distributed``
       (:class:`~bigmodel.DistributedOptions`) chooses the group and how replicated tensors
       are shared.
     """
-    dtype = parse_dtype(dtype, auto=_auto_dtype(checkpoint) if is_auto(dtype) else None)
+    dtype = parse_dtype(dtype, auto=_auto_dtype(checkpoint, remote) if is_auto(dtype) else None)
     offload = offload or OffloadOptions()
     if no_split_module_classes is not None:  # read twice: by the planner and by the hooks
         no_split_module_classes = tuple(no_split_module_classes)
@@ -367,6 +380,7 @@ def load_checkpoint(
         no_split_module_classes=no_split_module_classes,
         distributed=distributed or DistributedOptions(),
         io=IOOptions.of(io),
+        remote=remote,
     )
     return _load(model, checkpoint, placement, opts)
 

@@ -26,6 +26,7 @@ from bigmodel.foundations.types import SaveResult
 from bigmodel.placement.empty import init_empty_weights
 from bigmodel.storage.commit import Commit
 from bigmodel.storage.files import read_bounded
+from bigmodel.storage.remote import RemoteOptions
 
 __all__ = ["CONFIG_CLASS_KEY", "CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
 
@@ -39,6 +40,8 @@ M = TypeVar("M", bound=nn.Module)
 def from_pretrained(
     model_factory: Callable[[], M],
     checkpoint: str | os.PathLike[str] | Checkpoint,
+    *,
+    remote: RemoteOptions | None = None,
     **load_options: Any,
 ) -> M:
     """Build ``model_factory()`` without weights, then load ``checkpoint`` into it.
@@ -48,13 +51,14 @@ def from_pretrained(
     :func:`bigmodel.init_empty_weights` (no memory, no random init); ``load_options`` go to
     :func:`bigmodel.load_checkpoint`. The model is returned in eval mode, as transformers does,
     and, as transformers does, has ``hf_device_map`` only when its ``device_map`` spans more
-    than one device or uses disk.
+    than one device or uses disk. ``checkpoint`` may be a URL (``https://``, ``s3://``...);
+    ``remote`` (:class:`~bigmodel.storage.remote.RemoteOptions`) sets how it is read.
     """
     with init_empty_weights():
         model = model_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module.")
-    load_checkpoint(model, checkpoint, **load_options)
+    load_checkpoint(model, checkpoint, remote=remote, **load_options)
     devices = set(getattr(model, "hf_device_map", {}).values())
     if len(devices) == 1 and "disk" not in devices:
         del model.hf_device_map  # transformers dispatches (and sets it) for several devices only

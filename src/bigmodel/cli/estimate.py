@@ -26,6 +26,7 @@ examples:
   bigmodel estimate ./llama                               # budget: available RAM, then disk
   bigmodel estimate ./llama --max-memory 0=20GB,cpu=8GB --dtype bf16
   bigmodel estimate ./llama --max-memory cpu=8GB,disk --json
+  bigmodel estimate s3://bucket/llama                      # reads the index and headers only
 Planned as load_checkpoint(device_map="auto") plans the model, from the tensor names
 alone: devices are filled in order (accelerators, cpu, disk); a name prefix that
 does not fit is split into its parts, except repeated blocks (the numbered children of a
@@ -41,7 +42,9 @@ Leave room for activations: the budget is for weights only.
 
 def register(sub: Subparsers) -> None:
     p = add_command(sub, "estimate", help=HELP, example=EXAMPLE)
-    p.add_argument("path", help="checkpoint folder, index file or weights file")
+    p.add_argument(
+        "path", help="checkpoint folder, index file or weights file, or its URL (https://, s3://)"
+    )
     p.add_argument(
         "--max-memory",
         metavar="BUDGET",
