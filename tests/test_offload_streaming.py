@@ -16,7 +16,7 @@ import bigmodel.execution.offload as offload_module
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import resident_sources
 from bigmodel.storage.page_cache import page_cache_room
-from bigmodel.storage.readahead import drop_pages, prefault
+from bigmodel.storage.readahead import FileMappings, drop_pages, prefault
 
 PAGE = mmap.PAGESIZE
 
@@ -41,9 +41,15 @@ def _touched(tensor: torch.Tensor) -> int:
 
 
 class Big(nn.Module):
+    """A block whose weight is followed in the file by a 4 MiB ``pad`` that stays on the CPU:
+    the page cache may hold a file in large folios (128 KiB and more), and mapping a page maps
+    its whole folio, so reading a unit maps the pages of a folio it shares with its neighbour;
+    the pad keeps every folio from straddling two units."""
+
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(256, 256, bias=False)  # 256 KiB: 64 pages
+        self.pad = nn.Linear(1024, 1024, bias=False)  # never called
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.lin(x))
@@ -73,11 +79,14 @@ def stack(tmp_path):
     return tmp_path / "ckpt", expected
 
 
+PADS_ON_CPU = {"": "disk", **{f"blocks.{i}.pad": "cpu" for i in range(3)}}
+
+
 def _load(folder: Path, monkeypatch, room: int | None) -> Stack:
     monkeypatch.setattr(offload_module, "page_cache_room", lambda: room)
     with bigmodel.init_empty_weights():
         model = Stack().eval()
-    bigmodel.load_checkpoint(model, folder, device_map={"": "disk"})
+    bigmodel.load_checkpoint(model, folder, device_map=PADS_ON_CPU)
     return model
 
 
@@ -93,6 +102,7 @@ def test_the_pages_of_a_unit_that_ran_are_dropped_when_the_streamed_part_cannot_
     model = _load(folder, monkeypatch, room=0)
     offloader = model._bigmodel_offloader
     assert offloader.streaming
+    assert all(FileMappings().holds(_file_view(model, b)) for b in range(3))  # the premise
     for _ in range(3):
         with torch.no_grad():
             assert torch.equal(model(X), expected)
@@ -138,9 +148,15 @@ def test_private_memory_streamed_under_the_constrained_rule_is_never_dropped(mon
         expected = reference(X)
     with bigmodel.init_empty_weights():
         model = Stack().eval()
-    private = {k: nn.Parameter(v.detach().clone(), False) for k, v in reference.named_parameters()}
+    private = {
+        k: nn.Parameter(v.detach().clone(), False)
+        for k, v in reference.named_parameters()
+        if ".lin." in k
+    }
     specs = resident_sources(private)  # private memory as the source, as for an accelerator
-    offloader = attach_offload_hooks(model, specs, {"": "disk"})
+    for i in range(3):
+        model.blocks[i].pad = reference.blocks[i].pad
+    offloader = attach_offload_hooks(model, specs, PADS_ON_CPU)
     assert offloader is not None and offloader.streaming
     with torch.no_grad():
         for _ in range(2):
@@ -233,7 +249,7 @@ def test_the_first_offloaded_unit_is_read_while_the_resident_modules_before_it_c
     folder, expected = stack
     with bigmodel.init_empty_weights():
         model = Stack().eval()
-    device_map = {"blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "disk"}
+    device_map = {**PADS_ON_CPU, "": "cpu", "blocks.1.lin": "disk", "blocks.2.lin": "disk"}
     bigmodel.load_checkpoint(model, folder, device_map=device_map)
     offloader = model._bigmodel_offloader
     seen: list[list[str]] = []
