@@ -259,3 +259,19 @@ def test_the_first_offloaded_unit_is_read_while_the_resident_modules_before_it_c
             assert torch.equal(model(X), expected)
     assert seen == [["blocks.1"], ["blocks.1"]]  # from the first forward on
     assert offloader.in_flight() == []
+
+
+def test_the_cpu_budget_copied_into_private_memory_leaves_its_file_pages_unmapped(stack):
+    """The pages read to copy the resident part are not kept mapped: mapped pages are costly
+    for the kernel to reclaim when the streamed units need the memory."""
+    folder, expected = stack
+    with bigmodel.init_empty_weights():
+        model = Stack().eval()
+    bigmodel.load_checkpoint(model, folder, device_map=PADS_ON_CPU)
+    checkpoint = model._bigmodel_offloader.tensors["blocks.0.lin.weight"].load.func.__self__
+    source = checkpoint.get_tensor("blocks.1.pad.weight")  # the file view the copy was made from
+    assert FileMappings().holds(source) and not FileMappings().holds(model.blocks[1].pad.weight)
+    assert _pages(source) <= 2  # but the pages shared with its neighbours
+    assert torch.equal(model.blocks[1].pad.weight, source)
+    with torch.no_grad():
+        assert torch.equal(model(X), expected)

@@ -9,7 +9,9 @@ name can never reach the filesystem; see :mod:`bigmodel.storage.scratch`), and r
 When a device map sends modules to disk, the tensors of its ``cpu`` entries are given private
 memory (:func:`keep_resident`): left as views of the file mapping they would be page cache,
 which the kernel evicts to make room for the disk modules streamed on every forward, so the
-CPU budget would be streamed too.
+CPU budget would be streamed too. The file pages read for the copy are unmapped right after it
+(:func:`~bigmodel.storage.readahead.drop_pages`): they stay clean page cache, which the kernel
+reclaims far more cheaply than mapped pages when the streamed units need the memory.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.placement.device_map import device_for
-from bigmodel.storage.readahead import FileMappings
+from bigmodel.storage.readahead import FileMappings, drop_pages
 from bigmodel.storage.scratch import write_converted
 
 __all__ = [
@@ -201,7 +203,8 @@ def keep_resident(model: nn.Module, device_map: Mapping[str, str]) -> int:
     """Copy into private memory the tensors of ``cpu`` entries that are views of a file mapping,
     when ``device_map`` sends something to disk (only then: a same-dtype CPU load without disk
     offload stays zero copy). Tied tensors are copied once and stay tied (a parameter keeps its
-    identity; only its data is replaced). Returns the bytes copied."""
+    identity; only its data is replaced); the file pages of each copied view are unmapped.
+    Returns the bytes copied."""
     if "disk" not in device_map.values():
         return 0
     mappings = FileMappings()
@@ -216,6 +219,8 @@ def keep_resident(model: nn.Module, device_map: Mapping[str, str]) -> int:
                 if device_for(prefix + leaf, device_map) != "cpu" or not mappings.holds(tensor):
                     continue
                 done.add(id(tensor))
-                tensor.data = tensor.data.clone()
+                view = tensor.data
+                tensor.data = view.clone()
+                drop_pages([view])  # unmapped, the pages read for the copy are cheap to reclaim
                 copied += tensor.numel() * tensor.element_size()
     return copied
