@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from bigmodel.checkpoint.verify import recorded_digests, verify_files
+from bigmodel.checkpoint.verify import check_file, recorded_digests, verify_files
 from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import Problem
 from bigmodel.foundations.progress import progress_bar
@@ -239,15 +239,19 @@ class Checkpoint:
         return ByteRange(name, reader.path, entry.begin, entry.nbytes, entry.dtype, entry.shape)
 
     def remote_range(self, name: str) -> RemoteRange:
-        """Where ``name``'s bytes are in its remote file (a remote checkpoint only)."""
+        """Where ``name``'s bytes are in its remote file (a remote checkpoint only), or in the
+        local cache's copy of that file (``local``) when the cache held it."""
         from bigmodel.storage.remote_read import RemoteRange
 
         stored = self._resolve(name)
         file = self._weight_map[stored]
         reader = self._readers[file]
-        assert isinstance(reader, RemoteSafetensorsFile), f"{self.path} is not remote"
+        assert isinstance(reader, SafetensorsFile), f"{self.path} is not remote"
+        local = None if isinstance(reader, RemoteSafetensorsFile) else reader.path
         entry = reader.entries[stored]
-        return RemoteRange(name, file, entry.begin, entry.nbytes, entry.dtype, entry.shape)
+        return RemoteRange(
+            name, file, entry.begin, entry.nbytes, entry.dtype, entry.shape, local=local
+        )
 
     def readahead(self, names: Iterable[str]) -> int:
         """Ask the kernel to start reading these tensors' bytes into the page cache, in the
@@ -301,6 +305,8 @@ class Checkpoint:
         """Release the file mappings held by this object; tensors already returned stay valid."""
         for reader in self._readers.values():
             reader.close()
+        if self.remote is not None:
+            self.remote.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -374,7 +380,9 @@ def verify_remote(
 
     def check(file: str) -> Problem | None:
         reader = readers[file]
-        assert isinstance(reader, RemoteSafetensorsFile)
+        if not isinstance(reader, RemoteSafetensorsFile):  # a copy in the local cache
+            assert isinstance(reader.path, Path)
+            return check_file(reader.path.parent, file, reader, expected[file])
         actual = reader.digest(expected[file])
         if actual == expected[file]:
             return None

@@ -32,6 +32,7 @@ from bigmodel.checkpoint.index import (
     usable_shards,
 )
 from bigmodel.checkpoint.naming import discovery_order
+from bigmodel.foundations import strict_json
 from bigmodel.foundations.errors import (
     CheckpointNotFoundError,
     InvalidCheckpointError,
@@ -56,12 +57,14 @@ def open_remote(
     problems = ProblemList()
     if name.endswith(".index.json"):
         weight_map, metadata = _read_remote_index(folder, name, size, problems)
-        readers = _open_shards(folder, name, weight_map, problems)
+        recorded = metadata.get(DIGESTS_KEY)
+        digests = recorded if strict_json.is_str_map(recorded) else {}
+        readers = _open_shards(folder, name, weight_map, digests, problems)
         index_file: Any = folder.path(name)
         problems.extend(check_recorded_digests(str(index_file), metadata.get(DIGESTS_KEY), readers))
     else:
         _refuse_bin(folder, name)
-        readers = {name: RemoteSafetensorsFile(folder, name, size)}
+        readers = {name: _open_file(folder, name, size, None)}
         metadata = dict(readers[name].metadata)
         weight_map = dict.fromkeys(readers[name].names(), name)
         index_file = None
@@ -132,8 +135,22 @@ def _read_remote_index(
     return weight_map, metadata
 
 
+def _open_file(folder: RemoteFolder, name: str, size: int, digest: str | None) -> Reader:
+    """The file ``name``: from the local cache when it holds it whole and valid (see
+    :mod:`bigmodel.storage.remote_cache`), else read by range from the server."""
+    if folder.cache is not None:
+        cached = folder.cache.lookup(name, size, digest)
+        if cached is not None:
+            return cached
+    return RemoteSafetensorsFile(folder, name, size, digest)
+
+
 def _open_shards(
-    folder: RemoteFolder, index: str, weight_map: Mapping[str, str], problems: list[Problem]
+    folder: RemoteFolder,
+    index: str,
+    weight_map: Mapping[str, str],
+    digests: Mapping[str, str],
+    problems: list[Problem],
 ) -> dict[str, Reader]:
     """Open every shard the index names (concurrently), then check the index against them."""
     file = str(folder.path(index))
@@ -143,7 +160,7 @@ def _open_shards(
 
     usable = usable_shards(weight_map, name_problem, problems)
 
-    def open_one(shard: str) -> RemoteSafetensorsFile | Problem | InvalidCheckpointError:
+    def open_one(shard: str) -> Reader | Problem | InvalidCheckpointError:
         size = folder.size(shard)
         if size is None:
             key = next(k for k, s in weight_map.items() if s == shard)
@@ -155,7 +172,7 @@ def _open_shards(
                 hint="upload the missing shard or re-save the checkpoint.",
             )
         try:
-            return RemoteSafetensorsFile(folder, shard, size)
+            return _open_file(folder, shard, size, digests.get(shard))
         except InvalidCheckpointError as exc:
             return exc
 

@@ -20,12 +20,13 @@ removed) and the HTTP status: :class:`~bigmodel.CheckpointNotFoundError` (404),
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bigmodel.foundations.errors import (
     BigModelError,
@@ -33,6 +34,9 @@ from bigmodel.foundations.errors import (
     CheckpointPermissionError,
 )
 from bigmodel.foundations.log import logger
+
+if TYPE_CHECKING:
+    from bigmodel.storage.remote_cache import RemoteCache
 
 __all__ = [
     "REMOTE_SCHEMES",
@@ -115,7 +119,10 @@ class RemoteOptions:
       throttling, a body cut short), with exponential backoff from ``backoff`` seconds (up to
       ``max_backoff``) and jitter.
     * ``timeout``: seconds one request may take.
-    * ``threads`` and ``chunk_bytes``: concurrent range requests, and the size of each.
+    * ``threads`` and ``chunk_bytes``: concurrent range requests, and the most bytes one
+      asks for (adjacent tensors are read together up to it; a larger tensor is split).
+    * ``cache_dir``: a local folder where the files read are kept, validated by size and
+      digest, and reused by the next load (see :mod:`bigmodel.storage.remote_cache`).
     """
 
     retries: int = 5
@@ -124,6 +131,7 @@ class RemoteOptions:
     timeout: float = 120.0
     threads: int = 16
     chunk_bytes: int = 16 * 2**20
+    cache_dir: str | os.PathLike[str] | None = None
 
 
 def _client() -> Any:
@@ -166,6 +174,17 @@ class RemoteFolder:
                 "client's environment (credentials, region, endpoint).",
             ) from None
         self._obstore = obstore
+        #: The local cache of this folder's files (None without ``cache_dir``).
+        self.cache: RemoteCache | None = None
+        if self.options.cache_dir is not None:
+            from bigmodel.storage.remote_cache import RemoteCache
+
+            self.cache = RemoteCache(self.options.cache_dir, redact(self.url))
+
+    def close(self) -> None:
+        """Drop what was kept of files that were not read whole (see the cache)."""
+        if self.cache is not None:
+            self.cache.close()
 
     def path(self, name: str) -> RemotePath:
         return RemotePath(f"{self.url}/{name}")
@@ -196,6 +215,8 @@ class RemoteFolder:
                 self._pause(name, attempt, str(exc))
                 continue
             if len(data) == want:
+                if self.cache is not None:
+                    self.cache.store(name, start, data)
                 return data
             if attempt == self.options.retries:
                 raise RemoteError(

@@ -1,25 +1,34 @@
 """Reading tensors from remote files with concurrent byte-range requests, scheduled by bytes
 in flight: the sibling of :mod:`bigmodel.storage.pread` for a URL.
 
-Each tensor is split into requests of ``chunk_bytes`` served by a pool of threads (the client
-releases the GIL for the whole request); requests are issued in the plan's order while the
-bytes requested but not yet consumed stay within ``max_inflight_bytes`` (one tensor is always
-allowed), so memory beyond the final model is the bound, not the file. Each chunk is copied
-once, from the response into the tensor that is returned; nothing touches the disk.
+The tensors' byte ranges are first cut into requests of about ``chunk_bytes``: tensors that
+lie end to end in a file are read together (a checkpoint of small tensors costs a few large
+requests, not one round trip each), and a tensor larger than that is split, so every request
+is about the same size and a pool of threads (the client releases the GIL for the whole
+request) keeps the connection busy across tensor boundaries. Requests are issued in the
+plan's order while the bytes of tensors requested but not yet handed to the caller stay
+within ``max_inflight_bytes`` (the tensors one request touches are always allowed when nothing
+else is in flight), so memory beyond the final model is that bound, not the file. Each
+response is copied once, into the tensors it covers; nothing touches the disk (except the
+optional cache, see :mod:`bigmodel.storage.remote_cache`, which also supplies files it holds:
+those ranges are read locally with ``preadv`` straight into the tensors).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from bigmodel.foundations.errors import InvalidCheckpointError
 from bigmodel.storage.remote import RemoteFolder
 
-__all__ = ["RemoteRange", "remote_tensors"]
+__all__ = ["MAX_GAP", "Part", "RemoteRange", "Request", "plan_requests", "remote_tensors"]
 
 
 @dataclass(frozen=True)
@@ -32,10 +41,117 @@ class RemoteRange:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    #: the local cache's copy of the file, read instead of the server when set
+    local: Path | None = None
 
 
-def _read_chunk(folder: RemoteFolder, file: str, out: torch.Tensor, offset: int) -> None:
-    out.numpy()[:] = folder.read(file, offset, offset + out.numel())
+#: Bytes between a request's span and a tensor that may still join it (read and dropped):
+#: tensors come in the plan's order, which is close to, not exactly, file order.
+MAX_GAP = 1 << 16
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes ``[offset, offset + length)`` of tensor ``item`` (an index into the ranges), at
+    ``at`` in the file."""
+
+    item: int
+    offset: int
+    length: int
+    at: int
+
+
+@dataclass
+class Request:
+    """One range request: bytes ``[start, end)`` of ``file`` (or of its cached copy
+    ``local``), and the parts of tensors it fills."""
+
+    file: str
+    local: Path | None
+    start: int
+    end: int
+    parts: list[Part] = field(default_factory=list)
+
+    def joins(self, item: RemoteRange, at: int, size: int, chunk_bytes: int) -> bool:
+        """Whether ``size`` bytes at ``at`` of ``item`` can be read by this request."""
+        start, end = min(self.start, at), max(self.end, at + size)
+        return (
+            (self.file, self.local) == (item.file, item.local)
+            and end - start <= chunk_bytes
+            and self.start - MAX_GAP <= at + size
+            and at <= self.end + MAX_GAP
+        )
+
+
+def plan_requests(items: list[RemoteRange], chunk_bytes: int) -> list[Request]:
+    """The requests that read ``items`` in order: nearby tensors of one file share a request
+    up to ``chunk_bytes`` of the file, and a larger tensor is split into requests of that
+    size. A request is a contiguous span; gaps of up to :data:`MAX_GAP` bytes inside it are
+    read and dropped."""
+    requests: list[Request] = []
+    for index, item in enumerate(items):
+        pos = 0
+        while pos < item.nbytes:
+            at, size = item.begin + pos, min(chunk_bytes, item.nbytes - pos)
+            last = requests[-1] if requests else None
+            if last is not None and at == last.end and last.end - last.start < chunk_bytes:
+                size = min(size, chunk_bytes - (last.end - last.start))  # fill it up
+            if last is None or not last.joins(item, at, size, chunk_bytes):
+                last = Request(item.file, item.local, at, at + size)
+                requests.append(last)
+            last.parts.append(Part(index, pos, size, at))
+            last.start, last.end = min(last.start, at), max(last.end, at + size)
+            pos += size
+    return requests
+
+
+def _fetch(
+    folder: RemoteFolder, fds: dict[Path, int], request: Request, views: list[torch.Tensor]
+) -> None:
+    """Read ``request`` into ``views`` (one per part)."""
+    if request.local is not None:
+        for part, view in zip(request.parts, views, strict=True):
+            got = os.preadv(fds[request.local], [view.numpy().data], part.at)
+            if got != part.length:
+                raise InvalidCheckpointError.one(
+                    str(request.local),
+                    "file-changed",
+                    f"the cached file gave {got} of the {part.length} bytes at {part.at}: it "
+                    "changed while it was read.",
+                    hint="load again (a cache entry is checked, and fetched again when invalid).",
+                )
+        return
+    data = folder.read(request.file, request.start, request.end)
+    for part, view in zip(request.parts, views, strict=True):
+        view.numpy()[:] = np.frombuffer(
+            data, dtype=np.uint8, count=part.length, offset=part.at - request.start
+        )
+
+
+@dataclass
+class _Schedule:
+    """The state of one :func:`remote_tensors` run."""
+
+    items: list[RemoteRange]
+    requests: list[Request]
+    outs: list[torch.Tensor | None]
+    futures: list[list[Future[None]]]
+    allocated: int = 0  # items whose memory exists (in order)
+    yielded: int = 0
+    submitted: int = 0  # requests issued
+    #: per item, the index of the last request that fills part of it (-1: none)
+    last_request: list[int] = field(default_factory=list)
+    inflight: int = 0  # bytes allocated and not yet handed out
+
+    def allocate_through(self, last: int) -> None:
+        for index in range(self.allocated, last + 1):
+            self.outs[index] = torch.empty(self.items[index].nbytes, dtype=torch.uint8)
+            self.inflight += self.items[index].nbytes
+        self.allocated = max(self.allocated, last + 1)
+
+    def need(self, request: Request) -> int:
+        last = max(part.item for part in request.parts)
+        return sum(self.items[i].nbytes for i in range(self.allocated, last + 1))
 
 
 def remote_tensors(
@@ -47,46 +163,72 @@ def remote_tensors(
     """Yield ``(key, tensor)`` for each range, in order, read with concurrent range requests.
 
     At most ``max_inflight_bytes`` of tensors are requested ahead of the one the caller holds
-    (one tensor is always allowed, whatever its size).
+    (the tensors of one request are always allowed, whatever their size).
     """
     items = list(ranges)
-    chunk = folder.options.chunk_bytes
+    requests = plan_requests(items, max(1, folder.options.chunk_bytes))
+    state = _Schedule(items, requests, [None] * len(items), [[] for _ in items])
+    state.last_request = [-1] * len(items)
+    for number, request in enumerate(requests):
+        for part in request.parts:
+            state.last_request[part.item] = max(state.last_request[part.item], number)
     pool = ThreadPoolExecutor(
         max_workers=max(1, folder.options.threads), thread_name_prefix="bigmodel-remote"
     )
-    pending: deque[tuple[RemoteRange, torch.Tensor, list[Future[None]]]] = deque()
-    inflight = 0
+    fds: dict[Path, int] = {}
     try:
-        position = 0
-        while position < len(items) or pending:
-            while position < len(items) and (
-                not pending or inflight + items[position].nbytes <= max_inflight_bytes
-            ):
-                item = items[position]
-                out = torch.empty(item.nbytes, dtype=torch.uint8)
-                futures = [
-                    pool.submit(
-                        _read_chunk,
-                        folder,
-                        item.file,
-                        out[start : start + chunk],
-                        item.begin + start,
-                    )
-                    for start in range(0, item.nbytes, chunk)
-                ]
-                pending.append((item, out, futures))
-                inflight += item.nbytes
-                position += 1
-            item, out, futures = pending.popleft()
-            for future in futures:
-                future.result()
-            inflight -= item.nbytes
-            tensor = (
-                out.view(item.dtype).view(item.shape)
-                if item.nbytes
-                else torch.empty(item.shape, dtype=item.dtype)
-            )
-            yield item.key, tensor
-            del tensor, out
+        for path in {item.local for item in items if item.local is not None}:
+            fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        while state.yielded < len(items):
+            _submit(folder, fds, pool, state, max_inflight_bytes)
+            yield _take(state)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _submit(
+    folder: RemoteFolder,
+    fds: dict[Path, int],
+    pool: ThreadPoolExecutor,
+    state: _Schedule,
+    limit: int,
+) -> None:
+    """Issue the requests the next tensor needs, then more while their tensors fit the
+    in-flight bound."""
+    while state.submitted < len(state.requests):
+        request = state.requests[state.submitted]
+        pending = state.yielded < state.allocated
+        needed = state.submitted <= state.last_request[state.yielded]
+        if not needed and pending and state.inflight + state.need(request) > limit:
+            return
+        state.allocate_through(max(part.item for part in request.parts))
+        views = [
+            state.outs[p.item][p.offset : p.offset + p.length]  # type: ignore[index]
+            for p in request.parts
+        ]
+        future = pool.submit(_fetch, folder, fds, request, views)
+        for part in request.parts:
+            state.futures[part.item].append(future)
+        state.submitted += 1
+
+
+def _take(state: _Schedule) -> tuple[str, torch.Tensor]:
+    """The next tensor in order, once every request filling it has completed."""
+    index = state.yielded
+    state.allocate_through(index)  # a tensor no request covers (empty) is allocated here
+    for future in state.futures[index]:
+        future.result()
+    item, out = state.items[index], state.outs[index]
+    assert out is not None
+    state.outs[index] = None
+    state.futures[index] = []
+    state.inflight -= item.nbytes
+    state.yielded += 1
+    tensor = (
+        out.view(item.dtype).view(item.shape)
+        if item.nbytes
+        else torch.empty(item.shape, dtype=item.dtype)
+    )
+    return item.key, tensor

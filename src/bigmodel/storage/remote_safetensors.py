@@ -41,10 +41,14 @@ class RemoteSafetensorsFile(SafetensorsFile):
     ``path`` is a :class:`~bigmodel.storage.remote.RemotePath` and it has no mapping: tensors
     are read by range."""
 
-    def __init__(self, folder: RemoteFolder, name: str, size: int) -> None:
+    def __init__(
+        self, folder: RemoteFolder, name: str, size: int, digest: str | None = None
+    ) -> None:
         # The local constructor opens and maps a file: nothing of it applies here.
         self.folder = folder
         self.name = name
+        if folder.cache is not None:  # what is read from here on is kept (``digest`` checks it)
+            folder.cache.expect(name, size, digest)
         self.path = folder.path(name)  # type: ignore[assignment]  # a URL, shown like a path
         header = _read_header(folder, name, size)
         self.entries = header.entries

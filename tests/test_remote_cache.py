@@ -1,0 +1,164 @@
+"""``RemoteOptions(cache_dir=...)``: what a load reads from a URL is kept, validated by size and
+digest, and reused by the next load. A real threaded HTTP server (tests/_remote_servers.py)
+counts the requests, so "reused" means no byte-range request for a cached shard."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import bigmodel
+from _remote_servers import http_server
+from bigmodel.storage.remote import RemoteOptions
+
+pytest.importorskip(
+    "obstore", reason="the optional remote client is not installed: pip install 'bigmodel[remote]'"
+)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40_000, 16)  # 2.5 MB: past the first read of its shard
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(16, 40)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    bigmodel.save_checkpoint(model, tmp_path / "ckpt", max_shard_size=2500)
+    return model, tmp_path
+
+
+@pytest.fixture
+def server(saved):
+    with http_server(saved[1]) as srv:
+        yield srv
+
+
+def _options(tmp_path):
+    return RemoteOptions(
+        retries=2, backoff=0.01, timeout=10, chunk_bytes=2**18, cache_dir=tmp_path / "cache"
+    )
+
+
+def _shards(root):
+    return sorted(p.name for p in (root / "ckpt").glob("model-*.safetensors"))
+
+
+def _shard_gets(server):
+    return [p.rsplit("/", 1)[-1] for p in server.faults.paths("GET") if p.endswith(".safetensors")]
+
+
+def _cached(tmp_path):
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+def _load(url, options):
+    model = Net()
+    bigmodel.load_checkpoint(model, url, remote=options)
+    return model
+
+
+def _same(a, b):
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+
+
+def test_a_second_load_reads_cached_shards_without_a_range_request(saved, server, tmp_path):
+    model, root = saved
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert _cached(tmp_path) == _shards(root)  # every shard kept whole, no temporary left
+    server.faults.requests.clear()
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert _shard_gets(server) == []
+
+
+def test_a_corrupted_cache_entry_is_detected_and_fetched_again(saved, server, tmp_path):
+    model, root = saved
+    _load(server.url("ckpt"), _options(tmp_path))
+    victim = _shards(root)[1]
+    (entry,) = (tmp_path / "cache").rglob(victim)
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the digest can tell
+    entry.write_bytes(bytes(data))
+    server.faults.requests.clear()
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert set(_shard_gets(server)) == {victim}
+    server.faults.requests.clear()
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)  # and the entry was replaced
+    assert _shard_gets(server) == []
+
+
+def test_a_cache_entry_of_another_size_is_fetched_again(saved, server, tmp_path):
+    model, root = saved
+    _load(server.url("ckpt"), _options(tmp_path))
+    victim = _shards(root)[0]
+    (entry,) = (tmp_path / "cache").rglob(victim)
+    entry.write_bytes(entry.read_bytes()[:-3])
+    server.faults.requests.clear()
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert set(_shard_gets(server)) == {victim}
+
+
+def test_a_load_that_reads_part_of_a_shard_leaves_no_entry_and_no_temporary_file(
+    saved, server, tmp_path
+):
+    class Part(nn.Module):  # no embedding: its shard is read only as far as its header
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(16, 40)
+
+    bigmodel.load_checkpoint(Part(), server.url("ckpt"), strict=False, remote=_options(tmp_path))
+    index = json.loads((saved[1] / "ckpt" / "model.safetensors.index.json").read_text())
+    cached = _cached(tmp_path)
+    assert index["weight_map"]["embed.weight"] not in cached
+    assert not [n for n in cached if n.startswith(".")]  # no temporary file survives the load
+
+
+def test_concurrent_loads_sharing_a_cache_load_exact_weights_and_leave_valid_entries(
+    saved, server, tmp_path
+):
+    model, root = saved
+    results: list[nn.Module | BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(_load(server.url("ckpt"), _options(tmp_path)))
+        except BaseException as exc:  # reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for got in results:
+        assert isinstance(got, nn.Module), got
+        _same(got, model)
+    assert _cached(tmp_path) == _shards(root)
+    server.faults.requests.clear()
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert _shard_gets(server) == []
+
+
+def test_a_single_file_checkpoint_is_cached_and_checked_by_its_embedded_digest(
+    saved, server, tmp_path
+):
+    model, root = saved
+    bigmodel.save_checkpoint(model, root / "single")
+    url = server.url("single")
+    _same(_load(url, _options(tmp_path)), model)
+    (entry,) = (tmp_path / "cache").rglob("model.safetensors")
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    server.faults.requests.clear()
+    _same(_load(url, _options(tmp_path)), model)
+    assert set(_shard_gets(server)) == {"model.safetensors"}
