@@ -217,6 +217,9 @@ class Offloader:
     ``prefetch``: ``False`` reads each unit when it runs; ``True`` prefetches up to the size of
     the largest unit ahead; an int or a size string (``"512MB"``) sets that bound in bytes.
     ``block_classes``: the classes of blocks (default: the repeated ones, as the planner).
+    ``streaming`` (read once, here) says whether the units are larger than the page cache may
+    hold: then a unit's file pages are unmapped after it ran and prefetch reads across forwards
+    (see the module docstring).
     """
 
     def __init__(
