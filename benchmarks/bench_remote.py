@@ -1,10 +1,13 @@
 """Load-to-ready from a URL: bigmodel over local HTTP vs a plain parallel ranged GET of the same
 bytes (same client, same server) vs "download the folder, then load it".
 
-    python benchmarks/bench_remote.py                  # ~3 GB fp32 checkpoint, 500 MB shards
+    python benchmarks/bench_remote.py --folder ~/.cache/bigmodel-bench/llama-large  # ~3 GB
+    python benchmarks/bench_remote.py                  # ~3 GB fp32 stack of Linear layers
     python benchmarks/bench_remote.py --gb 0.5         # a quick look
 
-The checkpoint (a stack of Linear layers, fp32) is written once into ``--cache``; the test
+``--folder`` serves an existing Hugging Face checkpoint (its ``config.json`` builds the model
+with transformers, on ``meta``); without it a stack of Linear layers (fp32) is written once
+into ``--cache``. The test
 HTTP server of ``tests/_remote_servers.py`` (threaded, ``sendfile``) serves it on localhost.
 Each measurement runs in a fresh subprocess; "ready" means every parameter was summed once.
 Memory: peak RssAnon of the loading process (sampled every 5 ms), as an increase over the
@@ -67,6 +70,15 @@ class Peak:
         return max(self.peak, _rss_anon() - self.base)
 
 
+def _build(layers: int, config: str):
+    """The model to load into: from ``config`` (a folder with config.json) when given."""
+    if config:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config))
+    return _model(layers)
+
+
 def child(kind: str, url: str, layers: int, dtype: str, tmp: str) -> dict[str, float]:
     """One measurement, in this (fresh) process."""
     import obstore
@@ -98,8 +110,12 @@ def child(kind: str, url: str, layers: int, dtype: str, tmp: str) -> dict[str, f
             nbytes = sum(pool.map(get, jobs))
     else:
         with bigmodel.init_empty_weights():
-            model = _model(layers)
+            model = _build(layers, os.environ.get("BENCH_CONFIG", ""))
+        built = time.perf_counter() - start
         source = url
+        remote = None
+        if kind.startswith("cached"):  # the cache was filled by the "cache-fill" run
+            remote = RemoteOptions(cache_dir=Path(os.environ["BENCH_CACHE"]))
         if kind == "download-then-load":
             store = from_url(url, client_options={"allow_http": True})
             for name, _ in json.loads(os.environ["BENCH_FILES"]):
@@ -107,18 +123,23 @@ def child(kind: str, url: str, layers: int, dtype: str, tmp: str) -> dict[str, f
                     for chunk in obstore.get(store, name).stream(min_chunk_size=16 * 2**20):
                         fh.write(chunk)
             source = tmp
-        bigmodel.load_checkpoint(model, source, dtype=getattr(torch, dtype))
+        if kind == "cache-fill":
+            remote = RemoteOptions(cache_dir=Path(os.environ["BENCH_CACHE"]))
+        bigmodel.load_checkpoint(model, source, dtype=getattr(torch, dtype), remote=remote)
         for p in model.parameters():
             p.sum()  # ready: every parameter read once
             nbytes += p.nbytes
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "bytes": nbytes, "peak_anon": peak.stop()}
+    if kind == "ranged-get":
+        built = 0.0
+    return {"seconds": seconds, "build": built, "bytes": nbytes, "peak_anon": peak.stop()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=3.0)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "bigmodel-bench")
+    parser.add_argument("--folder", type=Path, help="serve this Hugging Face checkpoint")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,8 +154,8 @@ def main() -> None:
     from _remote_servers import http_server
 
     layers = _layers(args.gb)
-    folder = args.cache / f"remote-{layers}x{WIDTH}"
-    if not (folder / "model.safetensors.index.json").exists():
+    folder = args.folder or args.cache / f"remote-{layers}x{WIDTH}"
+    if args.folder is None and not (folder / "model.safetensors.index.json").exists():
         torch.manual_seed(0)
         bigmodel.save_checkpoint(_model(layers), folder, max_shard_size="500MB")
     files = sorted(
@@ -142,19 +163,26 @@ def main() -> None:
     )
     total = sum(s for _, s in files)
     rows = []
-    with http_server(folder) as srv:
-        env = {**os.environ, "BENCH_FILES": json.dumps(files)}
+    with http_server(folder) as srv, tempfile.TemporaryDirectory(dir=args.cache) as cache:
+        env = {
+            **os.environ,
+            "BENCH_FILES": json.dumps(files),
+            "BENCH_CONFIG": str(folder) if args.folder else "",
+            "BENCH_CACHE": cache,
+        }
         for kind, dtype in [
             ("ranged-get", "float32"),
             ("bigmodel", "float32"),
             ("bigmodel", "bfloat16"),
             ("download-then-load", "float32"),
+            ("cache-fill", "float32"),
+            ("cached", "float32"),
         ]:
             with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
                 if kind == "download-then-load":
-                    (Path(tmp) / "model.safetensors.index.json").write_bytes(
-                        (folder / "model.safetensors.index.json").read_bytes()
-                    )
+                    for name in ("model.safetensors.index.json", "config.json"):
+                        if (folder / name).exists():
+                            (Path(tmp) / name).write_bytes((folder / name).read_bytes())
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", kind, srv.url(), str(layers), dtype, tmp],
                     capture_output=True,
@@ -169,7 +197,8 @@ def main() -> None:
                     kind,
                     dtype,
                     result["seconds"],
-                    total / result["seconds"] / 2**30,
+                    result["seconds"] - result["build"],
+                    total / (result["seconds"] - result["build"]) / 2**30,
                     result["peak_anon"] / 1e9,
                     final / 1e9,
                 )
@@ -177,11 +206,14 @@ def main() -> None:
     print(
         f"\n{len(files)} shards, {total / 1e9:.2f} GB over http://127.0.0.1 (test server), {os.cpu_count()} CPUs\n"
     )
-    print("| run | dtype | seconds | GiB/s of checkpoint | peak RssAnon GB | final model GB |")
-    print("|---|---|---|---|---|---|")
-    for kind, dtype, s, gbs, anon, final in rows:
+    print(
+        "| run | dtype | seconds | seconds without building the model | GiB/s of checkpoint "
+        "(without building) | peak RssAnon GB | final model GB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for kind, dtype, s, io, gbs, anon, final in rows:
         print(
-            f"| {kind} | {dtype} | {s:.2f} | {gbs:.2f} | {anon:.2f} | {final if kind != 'ranged-get' else 0:.2f} |"
+            f"| {kind} | {dtype} | {s:.2f} | {io:.2f} | {gbs:.2f} | {anon:.2f} | {final if kind != 'ranged-get' else 0:.2f} |"
         )
 
 

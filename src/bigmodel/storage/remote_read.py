@@ -1,21 +1,28 @@
 """Reading tensors from remote files with concurrent byte-range requests, scheduled by bytes
 in flight: the sibling of :mod:`bigmodel.storage.pread` for a URL.
 
-The tensors' byte ranges are first cut into requests of about ``chunk_bytes``: tensors that
-lie end to end in a file are read together (a checkpoint of small tensors costs a few large
-requests, not one round trip each), and a tensor larger than that is split, so every request
-is about the same size and a pool of threads (the client releases the GIL for the whole
-request) keeps the connection busy across tensor boundaries. Requests are issued in the
-plan's order while the bytes of tensors requested but not yet handed to the caller stay
-within ``max_inflight_bytes`` (the tensors one request touches are always allowed when nothing
-else is in flight), so memory beyond the final model is that bound, not the file. Each
-response is copied once, into the tensors it covers; nothing touches the disk (except the
-optional cache, see :mod:`bigmodel.storage.remote_cache`, which also supplies files it holds:
-those ranges are read locally with ``preadv`` straight into the tensors).
+The tensors' byte ranges are first cut into requests of about ``chunk_bytes``
+(:func:`plan_requests`): tensors near each other in a file are read together (the plan's
+order is close to file order; gaps up to :data:`MAX_GAP` are read and dropped), so a
+checkpoint of small tensors costs a few large requests, not one round trip each; a larger
+tensor is split, so requests are about the same size and a pool of threads (the client
+releases the GIL for the whole request) keeps the connection busy across tensor boundaries.
+
+Memory: the client's response buffers (one per running request) and the tensors requested but
+not yet handed to the caller together stay within ``max_inflight_bytes``: at most half of it
+goes to running requests (fewer threads when ``chunk_bytes`` is large), the rest is the window
+of tensors read ahead (the tensors one request touches, and every request of the tensor the
+caller waits for, are always allowed). Each response is copied once, into the tensors it
+covers; large tensors get a mapping of their own, populated in one call by the worker that
+fills it and returned to the system as soon as a cast or a move frees it. Nothing touches the
+disk, except the optional cache (:mod:`bigmodel.storage.remote_cache`), which also supplies
+the files it holds: those ranges are read locally with ``preadv`` straight into the tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,12 +112,44 @@ def plan_requests(items: list[RemoteRange], chunk_bytes: int) -> list[Request]:
     return requests
 
 
+#: Tensors from this size up get memory of their own mapping (see :func:`_buffer`).
+_OWN_MAPPING = 1 << 20
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+
+
+def _buffer(nbytes: int) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """Memory for one tensor's bytes. A large one is an anonymous mapping of its own: when a
+    tensor is cast (``dtype=``) or moved, its bytes go back to the system at once (freed heap
+    memory would stay in the process, above the in-flight bound), and a worker can populate
+    its pages in one call before copying into them (see :func:`_populate`)."""
+    if nbytes < _OWN_MAPPING:
+        return torch.empty(nbytes, dtype=torch.uint8), None
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mapping, dtype=torch.uint8), mapping
+
+
+def _populate(mapping: mmap.mmap | None, offset: int, length: int) -> None:
+    """Fault in the pages of ``[offset, offset + length)`` of ``mapping`` in one call (far
+    cheaper than a fault per page while copying); a no-op where the kernel lacks it."""
+    if mapping is None or length <= 0:
+        return
+    start = offset - offset % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        mapping.madvise(_POPULATE_WRITE, start, offset + length - start)
+
+
 def _fetch(
-    folder: RemoteFolder, fds: dict[Path, int], request: Request, views: list[torch.Tensor]
+    folder: RemoteFolder,
+    fds: dict[Path, int],
+    request: Request,
+    views: list[tuple[torch.Tensor, mmap.mmap | None, int]],
 ) -> None:
-    """Read ``request`` into ``views`` (one per part)."""
+    """Read ``request`` into ``views`` (for each part: the tensor bytes it fills, their
+    mapping, and where they start in it)."""
+    for part, (_, mapping, offset) in zip(request.parts, views, strict=True):
+        _populate(mapping, offset, part.length)
     if request.local is not None:
-        for part, view in zip(request.parts, views, strict=True):
+        for part, (view, _, _) in zip(request.parts, views, strict=True):
             got = os.preadv(fds[request.local], [view.numpy().data], part.at)
             if got != part.length:
                 raise InvalidCheckpointError.one(
@@ -122,7 +161,7 @@ def _fetch(
                 )
         return
     data = folder.read(request.file, request.start, request.end)
-    for part, view in zip(request.parts, views, strict=True):
+    for part, (view, _, _) in zip(request.parts, views, strict=True):  # no GIL while copying
         view.numpy()[:] = np.frombuffer(
             data, dtype=np.uint8, count=part.length, offset=part.at - request.start
         )
@@ -135,6 +174,7 @@ class _Schedule:
     items: list[RemoteRange]
     requests: list[Request]
     outs: list[torch.Tensor | None]
+    maps: list[mmap.mmap | None]
     futures: list[list[Future[None]]]
     allocated: int = 0  # items whose memory exists (in order)
     yielded: int = 0
@@ -145,7 +185,7 @@ class _Schedule:
 
     def allocate_through(self, last: int) -> None:
         for index in range(self.allocated, last + 1):
-            self.outs[index] = torch.empty(self.items[index].nbytes, dtype=torch.uint8)
+            self.outs[index], self.maps[index] = _buffer(self.items[index].nbytes)
             self.inflight += self.items[index].nbytes
         self.allocated = max(self.allocated, last + 1)
 
@@ -166,21 +206,26 @@ def remote_tensors(
     (the tensors of one request are always allowed, whatever their size).
     """
     items = list(ranges)
-    requests = plan_requests(items, max(1, folder.options.chunk_bytes))
-    state = _Schedule(items, requests, [None] * len(items), [[] for _ in items])
+    chunk = max(1, folder.options.chunk_bytes)
+    # The client's response buffers (one per running request) are memory in flight too: the
+    # bound covers them and the tensors not yet handed out.
+    workers = max(1, min(folder.options.threads, max_inflight_bytes // (2 * chunk)))
+    window = max(0, max_inflight_bytes - workers * chunk)
+    requests = plan_requests(items, chunk)
+    state = _Schedule(
+        items, requests, [None] * len(items), [None] * len(items), [[] for _ in items]
+    )
     state.last_request = [-1] * len(items)
     for number, request in enumerate(requests):
         for part in request.parts:
             state.last_request[part.item] = max(state.last_request[part.item], number)
-    pool = ThreadPoolExecutor(
-        max_workers=max(1, folder.options.threads), thread_name_prefix="bigmodel-remote"
-    )
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigmodel-remote")
     fds: dict[Path, int] = {}
     try:
         for path in {item.local for item in items if item.local is not None}:
             fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         while state.yielded < len(items):
-            _submit(folder, fds, pool, state, max_inflight_bytes)
+            _submit(folder, fds, pool, state, window)
             yield _take(state)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -205,7 +250,11 @@ def _submit(
             return
         state.allocate_through(max(part.item for part in request.parts))
         views = [
-            state.outs[p.item][p.offset : p.offset + p.length]  # type: ignore[index]
+            (
+                state.outs[p.item][p.offset : p.offset + p.length],  # type: ignore[index]
+                state.maps[p.item],
+                p.offset,
+            )
             for p in request.parts
         ]
         future = pool.submit(_fetch, folder, fds, request, views)
@@ -222,7 +271,7 @@ def _take(state: _Schedule) -> tuple[str, torch.Tensor]:
         future.result()
     item, out = state.items[index], state.outs[index]
     assert out is not None
-    state.outs[index] = None
+    state.outs[index] = state.maps[index] = None  # the tensor keeps its mapping alive
     state.futures[index] = []
     state.inflight -= item.nbytes
     state.yielded += 1
