@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bigmodel
-from _remote_servers import http_server
+from _remote_servers import TinyNet, http_server
 from bigmodel.storage.remote import RemoteOptions
 
 pytest.importorskip(
@@ -20,12 +20,9 @@ pytest.importorskip(
 )
 
 
-class Net(nn.Module):
+class Net(TinyNet):
     def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(40_000, 16)  # 2.5 MB: past the first read of its shard
-        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-        self.head = nn.Linear(16, 40)
+        super().__init__(rows=40_000)  # 2.5 MB: past the first read of its shard
 
 
 @pytest.fixture

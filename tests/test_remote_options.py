@@ -11,10 +11,9 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import bigmodel
-from _remote_servers import http_server
+from _remote_servers import TinyNet, http_server
 from bigmodel.api.estimate import estimate_memory
 from bigmodel.storage.remote import RemoteError, RemoteOptions
 
@@ -26,12 +25,7 @@ NO_RETRY = RemoteOptions(retries=0, timeout=10)
 FAST = RemoteOptions(retries=3, backoff=0.01, max_backoff=0.05, timeout=10)
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(40, 16)
-        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-        self.head = nn.Linear(16, 40)
+Net = TinyNet
 
 
 @pytest.fixture

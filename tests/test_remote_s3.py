@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import bigmodel
-from _remote_servers import moto_s3_server, s3_environment, upload_folder
+from _remote_servers import TinyNet, moto_s3_server, s3_environment, upload_folder
 from bigmodel.foundations.errors import CheckpointNotFoundError, InvalidCheckpointError
 
 pytest.importorskip(
@@ -19,12 +18,7 @@ pytest.importorskip("moto.server", reason="the local S3 server (moto[server]) is
 pytest.importorskip("boto3", reason="boto3 (to fill the test bucket) is not installed")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(40, 16)
-        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-        self.head = nn.Linear(16, 40)
+Net = TinyNet
 
 
 @pytest.fixture(scope="module")
