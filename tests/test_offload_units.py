@@ -533,3 +533,14 @@ def test_a_no_split_block_holds_a_child_entry_so_its_parent_reads_the_child_weig
     )  # any iterable: a generator is read by the planner and by the hooks
     assert [unit.scope for unit in model._bigmodel_offloader.units] == ["fused"]
     assert torch.equal(_run(model), expected)
+
+
+def test_an_offload_source_describing_a_buffer_where_the_model_has_a_parameter_is_refused():
+    from bigmodel.execution.offload import attach_offload_hooks
+    from bigmodel.execution.offload_sources import OffloadedTensor
+
+    model = nn.Linear(2, 2)
+    wrong = OffloadedTensor(load=lambda: torch.zeros(2, 2), dtype=torch.float32, is_parameter=False)
+    with pytest.raises(ValueError, match=r"'weight'.*a parameter.*describes a buffer"):
+        attach_offload_hooks(model, {"weight": wrong}, {"": "disk"})
+    assert isinstance(model.weight, nn.Parameter) and not model.weight.is_meta

@@ -523,16 +523,32 @@ def _offloaded_state(
     return specs
 
 
-def _to_placeholders(model: nn.Module, specs: Mapping[str, OffloadedTensor]) -> None:
+def _offloaded_slots(
+    model: nn.Module, specs: Mapping[str, OffloadedTensor]
+) -> list[tuple[nn.Module, str, torch.Tensor, OffloadedTensor]]:
+    """Each spec's module, leaf name and current tensor; refuses a spec whose kind (parameter or
+    buffer) is not the model's, before anything is changed."""
+    slots = []
     for name, spec in specs.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        current = (
-            module._parameters.get(leaf)
-            if leaf in module._parameters
-            else module._buffers.get(leaf)
-        )
-        assert current is not None, name
+        is_parameter = leaf in module._parameters
+        current = module._parameters.get(leaf) if is_parameter else module._buffers.get(leaf)
+        if current is None or is_parameter != spec.is_parameter:
+            kind = (
+                "no tensor" if current is None else ("a parameter" if is_parameter else "a buffer")
+            )
+            raise ValueError(
+                f"Cannot offload {name!r}: the model has {kind} there, but the offload source "
+                f"describes {'a parameter' if spec.is_parameter else 'a buffer'}. Fix: build the "
+                "sources from this model's own state (offload_sources / offload_state)."
+            )
+        slots.append((module, leaf, current, spec))
+    return slots
+
+
+def _to_placeholders(model: nn.Module, specs: Mapping[str, OffloadedTensor]) -> None:
+    for module, leaf, current, spec in _offloaded_slots(model, specs):
         meta = torch.empty(current.shape, dtype=spec.dtype, device="meta")
         if spec.is_parameter:
             module._parameters[leaf] = nn.Parameter(meta, requires_grad=spec.requires_grad)
