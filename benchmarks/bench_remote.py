@@ -86,7 +86,7 @@ def child(kind: str, url: str, layers: int, dtype: str, tmp: str) -> dict[str, f
     from obstore.store import from_url
 
     import bigmodel
-    from bigmodel.storage.remote import RemoteOptions
+    from bigmodel import RemoteOptions
 
     peak = Peak()
     start = time.perf_counter()

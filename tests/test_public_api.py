@@ -26,6 +26,8 @@ EXPECTED = [
     "PlanError",
     "PretrainedMixin",
     "Problem",
+    "RemoteError",
+    "RemoteOptions",
     "SaveHandle",
     "SaveResult",
     "ShardedLoadReport",

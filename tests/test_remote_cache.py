@@ -13,7 +13,7 @@ from torch import nn
 
 import bigmodel
 from _remote_servers import TinyNet, http_server
-from bigmodel.storage.remote import RemoteOptions
+from bigmodel import RemoteOptions
 
 pytest.importorskip(
     "obstore", reason="the optional remote client is not installed: pip install 'bigmodel[remote]'"

@@ -15,13 +15,13 @@ from torch import nn
 
 import bigmodel
 from _remote_servers import http_server
+from bigmodel import RemoteError, RemoteOptions
 from bigmodel.checkpoint.open import verify_checkpoint
 from bigmodel.foundations.errors import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
     InvalidCheckpointError,
 )
-from bigmodel.storage.remote import RemoteError, RemoteOptions
 
 pytest.importorskip(
     "obstore", reason="the optional remote client is not installed: pip install 'bigmodel[remote]'"

@@ -14,8 +14,8 @@ import torch
 
 import bigmodel
 from _remote_servers import TinyNet, http_server
+from bigmodel import RemoteError, RemoteOptions
 from bigmodel.api.estimate import estimate_memory
-from bigmodel.storage.remote import RemoteError, RemoteOptions
 
 pytest.importorskip(
     "obstore", reason="the optional remote client is not installed: pip install 'bigmodel[remote]'"

@@ -10,7 +10,7 @@ from torch import nn
 
 import bigmodel
 from _remote_servers import http_server
-from bigmodel.storage.remote import RemoteOptions
+from bigmodel import RemoteOptions
 from bigmodel.storage.remote_read import MAX_GAP, RemoteRange, plan_requests
 
 pytest.importorskip(

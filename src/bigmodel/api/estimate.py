@@ -20,7 +20,7 @@ from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.foundations.devices import normalize_device, parse_max_memory, planning_budgets
 from bigmodel.foundations.dtypes import parse_dtype
-from bigmodel.foundations.types import OffloadOptions
+from bigmodel.foundations.types import OffloadOptions, RemoteOptions
 from bigmodel.placement.planner import (
     PlanNode,
     atoms,
@@ -30,7 +30,6 @@ from bigmodel.placement.planner import (
     tree_from_checkpoint,
     tree_from_module,
 )
-from bigmodel.storage.remote import RemoteOptions
 
 __all__ = [
     "Block",

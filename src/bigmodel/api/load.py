@@ -51,6 +51,7 @@ from bigmodel.foundations.types import (
     IOOptions,
     LoadReport,
     OffloadOptions,
+    RemoteOptions,
     ShardedLoadReport,
 )
 from bigmodel.placement.conversions import model_conversions
@@ -63,7 +64,6 @@ from bigmodel.placement.device_map import (
 from bigmodel.placement.initialize import InitFn, check_nothing_on_meta, materialize_missing
 from bigmodel.placement.load_plan import LoadPlan, MatchRules, ignore_rules, plan_load
 from bigmodel.placement.policy import DtypeOverrides, Placement, keep_in_fp32
-from bigmodel.storage.remote import RemoteOptions
 
 __all__ = ["DtypeOverrides", "load_checkpoint", "load_sharded_checkpoint"]
 

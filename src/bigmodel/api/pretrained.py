@@ -22,11 +22,10 @@ from bigmodel.checkpoint.index import MAX_INDEX_SIZE
 from bigmodel.checkpoint.naming import HF_LAYOUT
 from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError
 from bigmodel.foundations.log import logger
-from bigmodel.foundations.types import SaveResult
+from bigmodel.foundations.types import RemoteOptions, SaveResult
 from bigmodel.placement.empty import init_empty_weights
 from bigmodel.storage.commit import Commit
 from bigmodel.storage.files import read_bounded
-from bigmodel.storage.remote import RemoteOptions
 
 __all__ = ["CONFIG_CLASS_KEY", "CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
 

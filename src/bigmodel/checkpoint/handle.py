@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bigmodel.checkpoint.verify import check_file, recorded_digests, verify_files
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.errors import Problem
+from bigmodel.foundations.errors import Problem, RemoteError
 from bigmodel.foundations.progress import progress_bar
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.dtypes import ITEMSIZE
 from bigmodel.storage.files import read_bounded
-from bigmodel.storage.remote import RemoteError, RemoteFolder, RemotePath
+from bigmodel.storage.remote import RemoteFolder, RemotePath
 from bigmodel.storage.remote_safetensors import RemoteSafetensorsFile
 from bigmodel.storage.safetensors import SafetensorsFile
 

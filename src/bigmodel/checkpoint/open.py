@@ -38,10 +38,10 @@ from bigmodel.foundations.errors import (
     UnsafeCheckpointError,
 )
 from bigmodel.foundations.log import logger
-from bigmodel.foundations.types import VerifyResult
+from bigmodel.foundations.types import RemoteOptions, VerifyResult
 from bigmodel.storage.atomic import file_identity
 from bigmodel.storage.digest import DIGESTS_KEY
-from bigmodel.storage.remote import RemoteOptions, is_remote
+from bigmodel.storage.remote import is_remote
 
 __all__ = ["discover", "open_checkpoint", "verify_checkpoint"]
 

@@ -39,8 +39,9 @@ from bigmodel.foundations.errors import (
     Problem,
     ProblemList,
 )
+from bigmodel.foundations.types import RemoteOptions
 from bigmodel.storage.digest import DIGESTS_KEY
-from bigmodel.storage.remote import RemoteFolder, RemoteOptions, redact, split_url
+from bigmodel.storage.remote import RemoteFolder, redact, split_url
 from bigmodel.storage.remote_safetensors import RemoteSafetensorsFile
 
 __all__ = ["open_remote", "remote_problems"]

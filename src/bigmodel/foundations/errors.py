@@ -17,6 +17,7 @@ without knowing bigmodel (``ValueError``, ``FileNotFoundError``, ``OSError``...)
     ├── UnsupportedTensorError (ValueError)      a state-dict entry that cannot be saved
     ├── CheckpointConflictError                  another save into the folder is running
     ├── CheckpointWriteError (OSError)           a save failed; the previous checkpoint is intact
+    ├── RemoteError (OSError)                    a URL read failed after the retries; .url, .status
     └── DistributedError (RuntimeError)          a step failed on some rank; raised on every rank
 
 Messages name the file or key, state the rule that was broken (with a stable short code in
@@ -46,6 +47,7 @@ __all__ = [
     "PlanError",
     "Problem",
     "ProblemList",
+    "RemoteError",
     "UnsafeCheckpointError",
     "UnsupportedTensorError",
 ]
@@ -264,3 +266,15 @@ class PlanError(BigModelError, ValueError):
     """No placement of the model fits the budgets."""
 
     code = "no-placement"
+
+
+class RemoteError(BigModelError, OSError):
+    """Reading a remote checkpoint failed after the retries: names the URL and the HTTP status
+    (None when no answer came: connection refused, body cut short)."""
+
+    code = "remote-read-failed"
+
+    def __init__(self, url: str, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status

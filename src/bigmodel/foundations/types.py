@@ -10,6 +10,7 @@ concern is documented in one place.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -220,3 +221,26 @@ class IOOptions:
     @classmethod
     def of(cls, io: str | IOOptions) -> IOOptions:
         return io if isinstance(io, IOOptions) else cls(mode=io)
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How remote files are read.
+
+    * ``retries``: attempts after the first, for a transient failure (connection reset, 5xx,
+      throttling, a body cut short), with exponential backoff from ``backoff`` seconds (up to
+      ``max_backoff``) and jitter.
+    * ``timeout``: seconds one request may take.
+    * ``threads`` and ``chunk_bytes``: concurrent range requests, and the most bytes one
+      asks for (adjacent tensors are read together up to it; a larger tensor is split).
+    * ``cache_dir``: a local folder where the files read are kept, validated by size and
+      digest, and reused by the next load (see :mod:`bigmodel.storage.remote_cache`).
+    """
+
+    retries: int = 5
+    backoff: float = 0.1
+    max_backoff: float = 10.0
+    timeout: float = 120.0
+    threads: int = 16
+    chunk_bytes: int = 16 * 2**20
+    cache_dir: str | os.PathLike[str] | None = None

@@ -20,7 +20,6 @@ removed) and the HTTP status: :class:`~bigmodel.CheckpointNotFoundError` (404),
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import time
@@ -32,17 +31,17 @@ from bigmodel.foundations.errors import (
     BigModelError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
+    RemoteError,
 )
 from bigmodel.foundations.log import logger
+from bigmodel.foundations.types import RemoteOptions
 
 if TYPE_CHECKING:
     from bigmodel.storage.remote_cache import RemoteCache
 
 __all__ = [
     "REMOTE_SCHEMES",
-    "RemoteError",
     "RemoteFolder",
-    "RemoteOptions",
     "RemotePath",
     "is_remote",
     "redact",
@@ -77,18 +76,6 @@ def split_url(url: str) -> tuple[str, str]:
     return folder, name
 
 
-class RemoteError(BigModelError, OSError):
-    """Reading a remote checkpoint failed after the retries: names the URL and the HTTP status
-    (None when no answer came: connection refused, body cut short)."""
-
-    code = "remote-read-failed"
-
-    def __init__(self, url: str, status: int | None, message: str) -> None:
-        super().__init__(message)
-        self.url = url
-        self.status = status
-
-
 @dataclass(frozen=True)
 class RemotePath:
     """Where a remote file or folder is, as a checkpoint shows it: ``str()`` is the URL with
@@ -109,29 +96,6 @@ class RemotePath:
 
     def __str__(self) -> str:
         return redact(self.url)
-
-
-@dataclass(frozen=True)
-class RemoteOptions:
-    """How remote files are read.
-
-    * ``retries``: attempts after the first, for a transient failure (connection reset, 5xx,
-      throttling, a body cut short), with exponential backoff from ``backoff`` seconds (up to
-      ``max_backoff``) and jitter.
-    * ``timeout``: seconds one request may take.
-    * ``threads`` and ``chunk_bytes``: concurrent range requests, and the most bytes one
-      asks for (adjacent tensors are read together up to it; a larger tensor is split).
-    * ``cache_dir``: a local folder where the files read are kept, validated by size and
-      digest, and reused by the next load (see :mod:`bigmodel.storage.remote_cache`).
-    """
-
-    retries: int = 5
-    backoff: float = 0.1
-    max_backoff: float = 10.0
-    timeout: float = 120.0
-    threads: int = 16
-    chunk_bytes: int = 16 * 2**20
-    cache_dir: str | os.PathLike[str] | None = None
 
 
 def _client() -> Any:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NoReturn
 
+from bigmodel.foundations.errors import RemoteError
 from bigmodel.storage.digest import DIGEST_KEY, new_hasher, split_digest
-from bigmodel.storage.remote import RemoteError, RemoteFolder, RemotePath
+from bigmodel.storage.remote import RemoteFolder, RemotePath
 from bigmodel.storage.safetensors import (
     SafetensorsFile,
     SafetensorsHeader,
