@@ -33,6 +33,7 @@ __all__ = [
     "Hasher",
     "HashingWriter",
     "buffer_digest",
+    "hash_header_masked",
     "path_digest",
     "new_hasher",
     "placeholder",
@@ -104,6 +105,24 @@ class HashingWriter:
 _CHUNK = 64 << 20
 
 
+def hash_header_masked(hasher: Hasher, header: bytes, expected: str) -> int | None:
+    """Feed ``hasher`` a safetensors header that embeds the digest ``expected``, with that one
+    occurrence hashed as zeros (as it was when written); return the offset hashing goes on
+    from, or None when the digest does not occur exactly once in the header (or is malformed).
+    The one rule shared by every way of re-hashing a file (mapped, or read by range)."""
+    parsed = split_digest(expected)
+    if parsed is None:
+        return None
+    hexdigest = parsed[1]
+    needle = f'"{DIGEST_KEY}":"{expected}"'.encode()
+    if header.count(needle) != 1:
+        return None
+    at = header.index(needle) + len(needle) - 1 - len(hexdigest)
+    hasher.update(header[:at])
+    hasher.update(b"0" * len(hexdigest))
+    return at + len(hexdigest)
+
+
 def buffer_digest(buffer: mmap.mmap, expected: str, *, embedded: bool) -> str | None:
     """Recompute the digest of a whole mapped file with the algorithm of ``expected``.
 
@@ -115,20 +134,16 @@ def buffer_digest(buffer: mmap.mmap, expected: str, *, embedded: bool) -> str | 
     parsed = split_digest(expected)
     if parsed is None:
         return None
-    algorithm, hexdigest = parsed
+    algorithm = parsed[0]
     hasher = new_hasher(algorithm)
     size = len(buffer)
     start = 0
     if embedded:
         header_end = 8 + int.from_bytes(buffer[:8], "little") if size >= 8 else 0
-        header = buffer[:header_end]
-        needle = f'"{DIGEST_KEY}":"{expected}"'.encode()
-        if header.count(needle) != 1:
+        masked = hash_header_masked(hasher, buffer[:header_end], expected)
+        if masked is None:
             return None
-        at = header.index(needle) + len(needle) - 1 - len(hexdigest)
-        hasher.update(header[:at])
-        hasher.update(b"0" * len(hexdigest))
-        start = at + len(hexdigest)
+        start = masked
     view = memoryview(buffer)
     try:
         for offset in range(start, size, _CHUNK):

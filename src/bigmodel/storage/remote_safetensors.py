@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NoReturn
 
 from bigmodel.foundations.errors import RemoteError
-from bigmodel.storage.digest import DIGEST_KEY, new_hasher, split_digest
+from bigmodel.storage.digest import DIGEST_KEY, hash_header_masked, new_hasher, split_digest
 from bigmodel.storage.remote import RemoteFolder, RemotePath
 from bigmodel.storage.safetensors import (
     SafetensorsFile,
@@ -90,18 +90,15 @@ class RemoteSafetensorsFile(SafetensorsFile):
         parsed = split_digest(expected)
         if parsed is None:
             return None
-        algorithm, hexdigest = parsed
+        algorithm = parsed[0]
         hasher = new_hasher(algorithm)
         start = 0
         if self.metadata.get(DIGEST_KEY) == expected:
             header = bytes(self.folder.read(self.name, 0, self.data_start))
-            needle = f'"{DIGEST_KEY}":"{expected}"'.encode()
-            if header.count(needle) != 1:
+            masked = hash_header_masked(hasher, header, expected)
+            if masked is None:
                 return None
-            at = header.index(needle) + len(needle) - 1 - len(hexdigest)
-            hasher.update(header[:at])
-            hasher.update(b"0" * len(hexdigest))
-            start = at + len(hexdigest)
+            start = masked
         for offset in range(start, self.file_size, _HASH_CHUNK):
             hasher.update(
                 self.folder.read(self.name, offset, min(offset + _HASH_CHUNK, self.file_size))
