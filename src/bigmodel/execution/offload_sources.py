@@ -5,6 +5,10 @@ each time it is needed: nothing is rewritten. A tensor that needs a conversion i
 once, streamed into a safetensors file in ``offload_folder`` (one file per target dtype,
 named by bigmodel — tensor names only ever appear inside the file's header, so a hostile
 name can never reach the filesystem; see :mod:`bigmodel.storage.scratch`), and read from there.
+A checkpoint under a URL cannot be mapped: every one of its offloaded tensors takes the
+conversion's path (written once, read back by mapping), so forwards read local files and never
+the network. Its tensors are fetched into private memory, so they are written in batches of at
+most :data:`REMOTE_BATCH_BYTES` (one scratch file per batch and dtype), never all at once.
 
 When a device map sends modules to disk, the tensors of its ``cpu`` entries are given private
 memory (:func:`keep_resident`): left as views of the file mapping they would be page cache,
@@ -34,6 +38,7 @@ from bigmodel.storage.readahead import FileMappings, drop_pages
 from bigmodel.storage.scratch import write_converted
 
 __all__ = [
+    "REMOTE_BATCH_BYTES",
     "OffloadedTensor",
     "offload_built",
     "offload_folder_path",
@@ -42,6 +47,12 @@ __all__ = [
     "resident_sources",
     "keep_resident",
 ]
+
+
+#: Most bytes of a remote checkpoint's offloaded tensors held in memory at once while they are
+#: written into the offload folder (they are fetched into private memory: a file under a URL
+#: has no mapping to read them from lazily).
+REMOTE_BATCH_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -78,12 +89,15 @@ def offload_sources(
     dtype_for: Callable[[str, torch.Tensor], torch.dtype],
     offload_folder: str | os.PathLike[str] | None,
 ) -> dict[str, OffloadedTensor]:
-    """An :class:`OffloadedTensor` for every module name in ``items`` ((checkpoint key, names))."""
+    """An :class:`OffloadedTensor` for every module name in ``items`` ((checkpoint key, names)).
+
+    Same-dtype tensors of a local checkpoint are read from its mapping; the others (a new
+    dtype, or any tensor of a remote checkpoint) are written once into ``offload_folder``."""
     specs: dict[str, OffloadedTensor] = {}
-    to_convert: list[tuple[str, list[str], torch.dtype]] = []
+    to_write: list[tuple[str, list[str], torch.dtype]] = []
     for key, group in items:
         dtype = dtype_for(group[0], targets[group[0]])
-        if ckpt.tensor_info(key).dtype == dtype:
+        if ckpt.tensor_info(key).dtype == dtype and not ckpt.is_remote:
             _describe(
                 specs,
                 group,
@@ -93,22 +107,47 @@ def offload_sources(
                 source=key,
             )
         else:
-            to_convert.append((key, group, dtype))
-    if to_convert:
-        readers = write_converted(
-            offload_folder_path(offload_folder),
-            [(key, ckpt.get_tensor(key), dtype) for key, _, dtype in to_convert],
-        )
-        for key, group, dtype in to_convert:
-            _describe(
-                specs,
-                group,
-                targets[group[0]],
-                functools.partial(readers[key].get_tensor, key),
-                dtype,
-                source=key,
+            to_write.append((key, group, dtype))
+    if to_write:
+        folder = offload_folder_path(offload_folder)
+        limit = REMOTE_BATCH_BYTES if ckpt.is_remote else None
+        for batch in _batches(ckpt, to_write, limit):
+            readers = write_converted(
+                folder, [(key, ckpt.get_tensor(key), dtype) for key, _, dtype in batch]
             )
+            for key, group, dtype in batch:
+                _describe(
+                    specs,
+                    group,
+                    targets[group[0]],
+                    functools.partial(readers[key].get_tensor, key),
+                    dtype,
+                    source=key,
+                )
     return specs
+
+
+def _batches(
+    ckpt: Checkpoint, items: list[tuple[str, list[str], torch.dtype]], limit: int | None
+) -> list[list[tuple[str, list[str], torch.dtype]]]:
+    """``items`` cut into runs whose stored bytes stay within ``limit`` (a tensor larger than
+    it is a batch of its own); one batch when ``limit`` is None (a local checkpoint's tensors
+    are views of its mapping: fetching them costs no memory)."""
+    if limit is None:
+        return [items]
+    batches: list[list[tuple[str, list[str], torch.dtype]]] = []
+    current: list[tuple[str, list[str], torch.dtype]] = []
+    size = 0
+    for item in items:
+        nbytes = ckpt.tensor_info(item[0]).nbytes
+        if current and size + nbytes > limit:
+            batches.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += nbytes
+    if current:
+        batches.append(current)
+    return batches
 
 
 def offload_built(

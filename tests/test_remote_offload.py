@@ -1,0 +1,144 @@
+"""Disk offload from a checkpoint under a URL: a remote file cannot be mapped, so the offloaded
+tensors are written once into ``offload_folder`` during the load and every forward reads them
+from there, never from the network (a real threaded HTTP server counts the requests, see
+tests/_remote_servers.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bigmodel
+from _remote_servers import http_server
+from bigmodel.execution import offload_sources
+from bigmodel.storage.safetensors import SafetensorsFile
+
+pytest.importorskip(
+    "obstore", reason="the optional remote client is not installed: pip install 'bigmodel[remote]'"
+)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, width: int = 16, layers: int = 4, vocab: int = 40) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+IDS = torch.tensor([[1, 5, 7, 2, 39]])
+MAP = {
+    "embed": "cpu",
+    "layers.0": "cpu",
+    "layers.1": "disk",
+    "layers.2": "disk",
+    "layers.3": "cpu",
+    "norm": "disk",
+    "head": "cpu",
+}
+ON_DISK = ("layers.1.", "layers.2.", "norm.")
+
+
+@pytest.fixture
+def served(tmp_path):
+    torch.manual_seed(0)
+    reference = Model().eval()
+    bigmodel.save_checkpoint(reference, tmp_path / "ckpt", max_shard_size=3000)
+    with http_server(tmp_path) as server:
+        yield reference, server
+
+
+def _disk_state(reference: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in reference.state_dict().items() if k.startswith(ON_DISK)}
+
+
+def _load(server, folder, **kwargs) -> Model:
+    with bigmodel.init_empty_weights():
+        model = Model().eval()
+    bigmodel.load_checkpoint(
+        model, server.url("ckpt"), device_map=MAP, offload_folder=folder, **kwargs
+    )
+    return model
+
+
+def _folder_tensors(folder) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        file = SafetensorsFile(path)
+        found |= {name: file.get_tensor(name).clone() for name in file.entries}
+        file.close()
+    return found
+
+
+def test_a_url_load_with_disk_entries_gives_the_outputs_of_the_in_memory_model(served, tmp_path):
+    reference, server = served
+    model = _load(server, tmp_path / "offload")
+    assert model.layers[1].up.weight.is_meta and not model.layers[0].up.weight.is_meta
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(IDS), reference(IDS))
+
+
+def test_the_offload_folder_holds_the_offloaded_tensors_of_a_url_load_byte_for_byte(
+    served, tmp_path
+):
+    reference, server = served
+    _load(server, tmp_path / "offload")
+    written = _folder_tensors(tmp_path / "offload")
+    expected = _disk_state(reference)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+
+
+def test_forwards_after_a_url_load_with_disk_entries_make_no_further_requests(served, tmp_path):
+    reference, server = served
+    model = _load(server, tmp_path / "offload")
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference(IDS))
+        seen = len(server.faults.requests)
+        for _ in range(2):
+            assert torch.equal(model(IDS), reference(IDS))
+    assert len(server.faults.requests) == seen  # the second and third forward read local files
+
+
+def test_a_url_load_that_casts_disk_entries_writes_them_once_at_the_new_dtype(served, tmp_path):
+    reference, server = served
+    model = _load(server, tmp_path / "offload", dtype=torch.bfloat16)
+    written = _folder_tensors(tmp_path / "offload")
+    assert written.keys() == _disk_state(reference).keys()
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    seen = len(server.faults.requests)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference.to(torch.bfloat16)(IDS))
+    assert len(server.faults.requests) == seen
+
+
+def test_remote_offloaded_tensors_are_written_in_bounded_batches_and_still_match(
+    served, tmp_path, monkeypatch
+):
+    reference, server = served
+    monkeypatch.setattr(offload_sources, "REMOTE_BATCH_BYTES", 1500)  # a few tensors per file
+    model = _load(server, tmp_path / "offload")
+    assert len(list((tmp_path / "offload").glob("*.safetensors"))) > 1
+    assert _folder_tensors(tmp_path / "offload").keys() == _disk_state(reference).keys()
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference(IDS))
