@@ -26,6 +26,7 @@ from bigmodel.foundations.types import RemoteOptions, SaveResult
 from bigmodel.placement.empty import init_empty_weights
 from bigmodel.storage.commit import Commit
 from bigmodel.storage.files import read_bounded
+from bigmodel.storage.remote import RemoteFolder, is_remote
 
 __all__ = ["CONFIG_CLASS_KEY", "CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
 
@@ -113,7 +114,7 @@ def _annotated_class(model_class: type) -> type | None:
     return hint if _is_config_class(hint) else None
 
 
-def _recorded_class(model_class: type, recorded: object, path: Path) -> type | None:
+def _recorded_class(model_class: type, recorded: object, path: str) -> type | None:
     """The class config.json records, only if the model's own (already imported) module
     defines it and it is a config class. Nothing is imported: a file naming any other class
     (say ``os:system``, or a module with side effects) is ignored with a warning."""
@@ -140,7 +141,7 @@ def _recorded_class(model_class: type, recorded: object, path: Path) -> type | N
     return None
 
 
-def _build_config(config_class: Any, raw: dict[str, Any], path: Path) -> Any:
+def _build_config(config_class: Any, raw: dict[str, Any], path: str) -> Any:
     """``config_class.from_dict(raw)`` if it has one, else ``config_class(**raw)``."""
     if callable(getattr(config_class, "from_dict", None)):
         return config_class.from_dict(raw)
@@ -152,31 +153,55 @@ def _build_config(config_class: Any, raw: dict[str, Any], path: Path) -> Any:
         ) from None
 
 
-def _read_config_json(path: Path) -> Any:
-    """The parsed config.json (bounded read; invalid JSON is an InvalidCheckpointError)."""
-    data = read_bounded(
-        path,
-        MAX_INDEX_SIZE,
-        code="config-too-large",
-        what="config.json",
-        hint="re-save the model with save_pretrained.",
-    )
+_CONFIG_HINT = "re-save the model with save_pretrained."
+
+
+def _config_bytes(
+    directory: str | os.PathLike[str], remote: RemoteOptions | None
+) -> tuple[bytes, str] | None:
+    """``(bytes, where)`` of the ``config.json`` beside a checkpoint — a local folder or a URL
+    prefix — read bounded by ``MAX_INDEX_SIZE``; None when there is none."""
+    if not is_remote(directory):
+        path = Path(directory) / CONFIG_NAME
+        if not os.path.lexists(path):  # a config.json of any kind is read (or refused)
+            return None
+        data = read_bounded(
+            path, MAX_INDEX_SIZE, code="config-too-large", what="config.json", hint=_CONFIG_HINT
+        )
+        return data, str(path)
+    folder = RemoteFolder(str(directory), remote)
+    try:
+        where = str(folder.path(CONFIG_NAME))
+        size = folder.size(CONFIG_NAME)
+        if size is None:
+            return None
+        if size > MAX_INDEX_SIZE:
+            raise InvalidCheckpointError.one(
+                where,
+                "config-too-large",
+                f"config.json is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
+                hint=_CONFIG_HINT,
+            )
+        return bytes(folder.read(CONFIG_NAME, 0, size)), where
+    finally:
+        folder.close()
+
+
+def _parse_config_json(data: bytes, where: str) -> Any:
+    """The parsed config.json (invalid JSON is an InvalidCheckpointError naming ``where``)."""
     try:
         return json.loads(data.decode("utf-8"))
     except ValueError as exc:
         raise InvalidCheckpointError.one(
-            str(path),
-            "config-not-json",
-            f"config.json is not valid JSON ({exc}).",
-            hint="re-save the model with save_pretrained.",
+            where, "config-not-json", f"config.json is not valid JSON ({exc}).", hint=_CONFIG_HINT
         ) from None
 
 
-def _load_config(model_class: type, path: Path) -> Any:
-    """The model's config from config.json, typed by the first of: ``config_class``, the
-    ``__init__`` annotation, the class config.json records (see :func:`_recorded_class`);
-    with none of them, the dict itself."""
-    raw = _read_config_json(path)
+def _load_config(model_class: type, data: bytes, path: str) -> Any:
+    """The model's config from config.json (``data``, read from ``path``), typed by the first
+    of: ``config_class``, the ``__init__`` annotation, the class config.json records (see
+    :func:`_recorded_class`); with none of them, the dict itself."""
+    raw = _parse_config_json(data, path)
     recorded = raw.pop(CONFIG_CLASS_KEY, None) if isinstance(raw, dict) else None
     config_class = getattr(model_class, "config_class", None) or _annotated_class(model_class)
     if config_class is None:
@@ -241,10 +266,12 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike[str], **load_options: Any) -> M:  # type: ignore[misc]
-        """Rebuild the config from ``config.json``, build on ``meta``, load the weights."""
-        folder = Path(directory)
-        config_path = folder / CONFIG_NAME
-        if os.path.lexists(config_path):  # a config.json of any kind is read (or refused)
-            config = _load_config(cls, config_path)
-            return from_pretrained(lambda: cls(config), folder, **load_options)
-        return from_pretrained(cls, folder, **load_options)
+        """Rebuild the config from ``config.json``, build on ``meta``, load the weights.
+        ``directory`` is a folder or a URL prefix (``https://``, ``s3://``: see
+        :func:`bigmodel.open_checkpoint`); ``load_options`` go to :func:`from_pretrained`
+        (``remote=`` reads the config too)."""
+        found = _config_bytes(directory, load_options.get("remote"))
+        if found is not None:
+            config = _load_config(cls, *found)
+            return from_pretrained(lambda: cls(config), directory, **load_options)
+        return from_pretrained(cls, directory, **load_options)
