@@ -39,7 +39,7 @@ from torch import nn
 from bigmodel.api.load import load_sharded_checkpoint
 from bigmodel.api.optimizer_state import load_named_optimizer_state, named_optimizer_state
 from bigmodel.api.save import PlannedSave, _save_workers, _state_dict, plan_state
-from bigmodel.checkpoint.naming import HF_LAYOUT
+from bigmodel.checkpoint.naming import CONFIG_NAME, HF_LAYOUT
 from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.execution.background import SaveHandle, submit
 from bigmodel.execution.writing import WriteOptions
@@ -60,7 +60,6 @@ MARKER_FORMAT = "bigmodel-checkpoint/1"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 EXTRA_JSON = "extra.json"
-CONFIG_JSON = "config.json"
 _STEP_RE = re.compile(r"^step-(0|[1-9][0-9]{0,17})$")
 _TRASH = ".bigmodel-deleting-"
 _MARKER_LIMIT = 1 << 20
@@ -206,7 +205,7 @@ class CheckpointManager:
         if side.extra_json is not None:
             files[EXTRA_JSON] = side.extra_json
         if side.config_json is not None:
-            files[CONFIG_JSON] = side.config_json
+            files[CONFIG_NAME] = side.config_json
         tensors = opt_tensors if side.optimizer_json is not None else None
         self._publish(folder, files, tensors)
         return sorted(files) + ([OPTIMIZER_TENSORS] if tensors is not None else [])

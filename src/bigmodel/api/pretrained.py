@@ -17,20 +17,18 @@ from torch import nn
 
 from bigmodel.api.load import load_checkpoint
 from bigmodel.api.save import save_checkpoint
-from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.checkpoint.handle import Checkpoint, read_config
 from bigmodel.checkpoint.index import MAX_INDEX_SIZE
-from bigmodel.checkpoint.naming import HF_LAYOUT
+from bigmodel.checkpoint.naming import CONFIG_NAME, HF_LAYOUT
 from bigmodel.foundations.errors import BigModelError, InvalidCheckpointError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import RemoteOptions, SaveResult
 from bigmodel.placement.empty import init_empty_weights
 from bigmodel.storage.commit import Commit
-from bigmodel.storage.files import read_bounded
 from bigmodel.storage.remote import RemoteFolder, is_remote
 
 __all__ = ["CONFIG_CLASS_KEY", "CONFIG_NAME", "PretrainedMixin", "from_pretrained"]
 
-CONFIG_NAME = "config.json"
 #: Key of config.json recording the config's class as ``"module:QualName"`` (a hint only: see
 #: :func:`_recorded_class`; it never makes bigmodel import anything).
 CONFIG_CLASS_KEY = "_bigmodel_config_class"
@@ -162,27 +160,13 @@ def _config_bytes(
     """``(bytes, where)`` of the ``config.json`` beside a checkpoint — a local folder or a URL
     prefix — read bounded by ``MAX_INDEX_SIZE``; None when there is none."""
     if not is_remote(directory):
-        path = Path(directory) / CONFIG_NAME
-        if not os.path.lexists(path):  # a config.json of any kind is read (or refused)
-            return None
-        data = read_bounded(
-            path, MAX_INDEX_SIZE, code="config-too-large", what="config.json", hint=_CONFIG_HINT
-        )
-        return data, str(path)
+        local = Path(directory)
+        data = read_config(local, limit=MAX_INDEX_SIZE, hint=_CONFIG_HINT)
+        return None if data is None else (data, str(local / CONFIG_NAME))
     folder = RemoteFolder(str(directory), remote)
     try:
-        where = str(folder.path(CONFIG_NAME))
-        size = folder.size(CONFIG_NAME)
-        if size is None:
-            return None
-        if size > MAX_INDEX_SIZE:
-            raise InvalidCheckpointError.one(
-                where,
-                "config-too-large",
-                f"config.json is {size} bytes, above the {MAX_INDEX_SIZE}-byte limit.",
-                hint=_CONFIG_HINT,
-            )
-        return bytes(folder.read(CONFIG_NAME, 0, size)), where
+        data = read_config(folder, limit=MAX_INDEX_SIZE, hint=_CONFIG_HINT)
+        return None if data is None else (data, str(folder.path(CONFIG_NAME)))
     finally:
         folder.close()
 

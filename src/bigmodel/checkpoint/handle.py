@@ -10,16 +10,16 @@ tensor or a :class:`TensorInfo` does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from bigmodel.checkpoint.verify import check_file, recorded_digests, verify_files
+from bigmodel.checkpoint.naming import CONFIG_NAME
+from bigmodel.checkpoint.verify import recorded_digests, verify_files, verify_remote
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.errors import Problem, RemoteError
-from bigmodel.foundations.progress import progress_bar
+from bigmodel.foundations.errors import InvalidCheckpointError, RemoteError
 from bigmodel.foundations.types import VerifyResult
 from bigmodel.storage.dtypes import ITEMSIZE
 from bigmodel.storage.files import read_bounded
@@ -337,7 +337,7 @@ def config_dtype(directory: Path | RemoteFolder) -> torch.dtype | None:
     from bigmodel.foundations.dtypes import parse_dtype
 
     try:
-        raw = _read_config(directory)
+        raw = read_config(directory)
         if raw is None:
             return None
         config = strict_json.loads(raw.decode("utf-8"))
@@ -358,56 +358,26 @@ def config_dtype(directory: Path | RemoteFolder) -> torch.dtype | None:
 _MAX_CONFIG = 16 * 2**20
 
 
-def _read_config(directory: Path | RemoteFolder) -> bytes | None:
-    """The bytes of ``config.json`` in ``directory`` (bounded), or None when there is none."""
+def read_config(
+    directory: Path | RemoteFolder, *, limit: int = _MAX_CONFIG, hint: str = ""
+) -> bytes | None:
+    """The bytes of ``config.json`` in ``directory`` (a local folder or a remote one), or None
+    when there is none. A file above ``limit`` bytes raises
+    :class:`~bigmodel.InvalidCheckpointError` (``config-too-large``, with ``hint``); a local
+    one that is not a regular file is refused by :func:`~bigmodel.storage.files.read_bounded`."""
     if isinstance(directory, RemoteFolder):
-        size = directory.size("config.json")
-        if size is None or size > _MAX_CONFIG:
+        size = directory.size(CONFIG_NAME)
+        if size is None:
             return None
-        return bytes(directory.read("config.json", 0, size))
-    path = directory / "config.json"
-    if not path.is_file():
+        if size > limit:
+            raise InvalidCheckpointError.one(
+                str(directory.path(CONFIG_NAME)),
+                "config-too-large",
+                f"config.json is {size} bytes, above the {limit}-byte limit.",
+                hint=hint,
+            )
+        return bytes(directory.read(CONFIG_NAME, 0, size))
+    path = directory / CONFIG_NAME
+    if not os.path.lexists(path):  # a config.json of any kind is read (or refused)
         return None
-    return read_bounded(path, _MAX_CONFIG, code="config-too-large", what="config.json", hint="")
-
-
-def verify_remote(
-    readers: Mapping[str, Reader], expected: Mapping[str, str], *, progress: bool | None = None
-) -> VerifyResult:
-    """:meth:`Checkpoint.verify` for remote files: each file with a recorded digest is read by
-    range in order and hashed (files in parallel, one chunk each in memory)."""
-    files = [f for f in readers if f in expected]
-
-    def check(file: str) -> Problem | None:
-        reader = readers[file]
-        if not isinstance(reader, RemoteSafetensorsFile):  # a copy in the local cache
-            assert isinstance(reader.path, Path)
-            return check_file(reader.path.parent, file, reader, expected[file])
-        actual = reader.digest(expected[file])
-        if actual == expected[file]:
-            return None
-        return Problem(
-            str(reader.path),
-            "digest-unverifiable" if actual is None else "digest-mismatch",
-            f"the recorded digest {expected[file]!r} is malformed or cannot be located in the file."
-            if actual is None
-            else f"the file's contents do not match the digest recorded when it was written "
-            f"(expected {expected[file]}, got {actual}): it is corrupt.",
-            hint="re-upload or re-save this file.",
-        )
-
-    verified: list[str] = []
-    problems: list[Problem] = []
-    total = sum(readers[f].identity[2] for f in files)
-    with (
-        ThreadPoolExecutor(max_workers=4) as pool,
-        progress_bar(total=total, desc="Verifying", progress=progress) as bar,
-    ):
-        for file, problem in zip(files, pool.map(check, files), strict=True):
-            bar.update(readers[file].identity[2])
-            if problem is None:
-                verified.append(file)
-            else:
-                problems.append(problem)
-    unverified = [f for f in readers if f not in expected]
-    return VerifyResult(verified=verified, unverified=unverified, problems=problems)
+    return read_bounded(path, limit, code="config-too-large", what="config.json", hint=hint)

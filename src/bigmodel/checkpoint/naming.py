@@ -12,6 +12,7 @@ from bigmodel.checkpoint.index import MAX_INDEX_SIZE
 from bigmodel.storage.commit import Layout
 
 __all__ = [
+    "CONFIG_NAME",
     "HF_LAYOUT",
     "SAFE_INDEX_NAME",
     "SAFE_WEIGHTS_NAME",
@@ -34,6 +35,10 @@ WEIGHTS_NAME = "pytorch_model.bin"
 
 
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+#: The model configuration Hugging Face keeps beside the weights (not a weights artifact).
+CONFIG_NAME = "config.json"
 
 
 #: Files that belong to a checkpoint layout (ours or Hugging Face's). A save removes every one
