@@ -146,7 +146,7 @@ def estimate_memory(
     kept on the execution device for blocks streamed from cpu/disk (``offload``'s
     ``prefetch`` and ``main_device`` size it, as for a load). A checkpoint path may be a URL
     (``https://``, ``s3://``...): only its index and headers are fetched, read as ``remote``
-    (:class:`~bigmodel.storage.remote.RemoteOptions`) says.
+    (:class:`~bigmodel.RemoteOptions`) says.
     """
     dtype = parse_dtype(dtype)
     budgets = planning_budgets(max_memory)

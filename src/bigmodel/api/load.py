@@ -332,7 +332,7 @@ def load_checkpoint(
     * ``checkpoint`` may be a URL (``https://host/model``, ``s3://bucket/model``; ``pip install
       'bigmodel[remote]'``): the same rules apply, tensors are read by concurrent range
       requests within ``io``'s in-flight bytes, and ``remote``
-      (:class:`~bigmodel.storage.remote.RemoteOptions`) sets retries, timeouts, concurrency
+      (:class:`~bigmodel.RemoteOptions`) sets retries, timeouts, concurrency
       and a local ``cache_dir``.
     * Under ``torch.distributed`` every rank calls this with the same arguments; DTensor
       parameters get only this rank's slice, an error on any rank raises

@@ -50,7 +50,7 @@ def from_pretrained(
     :func:`bigmodel.load_checkpoint`. The model is returned in eval mode, as transformers does,
     and, as transformers does, has ``hf_device_map`` only when its ``device_map`` spans more
     than one device or uses disk. ``checkpoint`` may be a URL (``https://``, ``s3://``...);
-    ``remote`` (:class:`~bigmodel.storage.remote.RemoteOptions`) sets how it is read.
+    ``remote`` (:class:`~bigmodel.RemoteOptions`) sets how it is read.
     """
     with init_empty_weights():
         model = model_factory()

@@ -109,7 +109,7 @@ def open_checkpoint(
 
     ``path`` may be a URL (``https://host/model``, ``s3://bucket/model``, or such a URL's
     index or ``.safetensors`` file; needs ``pip install 'bigmodel[remote]'``): the same rules
-    apply, only headers are fetched, and ``remote`` (:class:`~bigmodel.storage.remote.RemoteOptions`)
+    apply, only headers are fetched, and ``remote`` (:class:`~bigmodel.RemoteOptions`)
     sets retries, timeouts and concurrency.
     """
     if is_remote(path):
