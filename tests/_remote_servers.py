@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +53,13 @@ class Faults:
     extra_length: int = 0
     #: every GET of these names answers this status
     fixed_status: dict[str, int] = field(default_factory=dict)
+    #: seconds every GET waits before its body (so that concurrent requests overlap)
+    delay: float = 0.0
+    #: GETs being answered now, and the bytes they asked for; the most of each seen at once
+    active: int = 0
+    active_bytes: int = 0
+    max_active: int = 0
+    max_active_bytes: int = 0
     #: (method, path, Range header) of every request
     requests: list[tuple[str, str, str]] = field(default_factory=list)
     #: the Authorization headers seen
@@ -66,6 +74,18 @@ class Faults:
                 setattr(self, name, left - 1)
                 return True
             return False
+
+    def begin(self, nbytes: int) -> None:
+        with self.lock:
+            self.active += 1
+            self.active_bytes += nbytes
+            self.max_active = max(self.max_active, self.active)
+            self.max_active_bytes = max(self.max_active_bytes, self.active_bytes)
+
+    def end(self, nbytes: int) -> None:
+        with self.lock:
+            self.active -= 1
+            self.active_bytes -= nbytes
 
     def paths(self, method: str = "GET") -> list[str]:
         return [p for m, p, _ in self.requests if m == method]
@@ -145,10 +165,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self._status_only(416, {"Content-Range": f"bytes */{size}"})
                 return
         count = end - start + 1
-        self.send_response(206 if match else 200)
+        self.server.faults.begin(count)
+        try:
+            self._send_range(target, match is not None, start, end, size, truncate)
+        finally:
+            self.server.faults.end(count)
+
+    def _send_range(
+        self, target: Path, ranged: bool, start: int, end: int, size: int, truncate: bool
+    ) -> None:
+        count = end - start + 1
+        if self.server.faults.delay:
+            time.sleep(self.server.faults.delay)
+        self.send_response(206 if ranged else 200)
         self.send_header("Content-Length", str(count))
         self.send_header("Accept-Ranges", "bytes")
-        if match:
+        if ranged:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         self.wfile.flush()

@@ -5,13 +5,17 @@ tests/_remote_servers.py)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
 
 import bigmodel
 from _remote_servers import http_server
+from bigmodel import RemoteOptions
 from bigmodel.execution import offload_sources
+from bigmodel.storage import remote_offload, remote_read
 from bigmodel.storage.safetensors import SafetensorsFile
 
 pytest.importorskip(
@@ -30,7 +34,7 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, width: int = 16, layers: int = 4, vocab: int = 40) -> None:
+    def __init__(self, width: int = 32, layers: int = 4, vocab: int = 40) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.layers = nn.ModuleList(Block(width) for _ in range(layers))
@@ -132,13 +136,78 @@ def test_a_url_load_that_casts_disk_entries_writes_them_once_at_the_new_dtype(se
     assert len(server.faults.requests) == seen
 
 
-def test_remote_offloaded_tensors_are_written_in_bounded_batches_and_still_match(
+def test_a_url_load_writes_each_offloaded_tensor_once_in_one_file_per_dtype(served, tmp_path):
+    _, server = served
+    _load(server, tmp_path / "offload")
+    assert len(list((tmp_path / "offload").glob("*.safetensors"))) == 1
+    assert not list((tmp_path / "offload").glob(".*"))  # no temporary file left
+    local = tmp_path / "local-offload"
+    with bigmodel.init_empty_weights():
+        model = Model().eval()
+    bigmodel.load_checkpoint(model, tmp_path / "ckpt", device_map=MAP, offload_folder=local)
+    with torch.no_grad():
+        assert torch.equal(_load(server, tmp_path / "again")(IDS), model(IDS))
+
+
+INFLIGHT = 24 * 2**10  # three of the 8 KiB weights
+
+
+class InFlight:
+    """Bytes in flight, counted from a wrapped client and the scheduler's allocations: running
+    range requests (their response buffers) plus tensors allocated and not yet handed out."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self.lock:
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+
+
+def _count_in_flight(monkeypatch, folder) -> InFlight:
+    count = InFlight()
+    allocate, store, read = remote_read._buffer, remote_offload._store, folder.read
+
+    def counted_buffer(nbytes: int):
+        count.add(nbytes)
+        return allocate(nbytes)
+
+    def counted_store(out, key, tensor):
+        count.add(-tensor.nbytes)  # handed out: the writer holds it now
+        store(out, key, tensor)
+
+    def counted_read(name: str, start: int, end: int):
+        count.add(end - start)
+        try:
+            return read(name, start, end)
+        finally:
+            count.add(start - end)
+
+    monkeypatch.setattr(remote_read, "_buffer", counted_buffer)
+    monkeypatch.setattr(remote_offload, "_store", counted_store)
+    monkeypatch.setattr(folder, "read", counted_read)
+    return count
+
+
+def test_remote_offload_fetches_concurrently_and_stays_within_the_in_flight_bound(
     served, tmp_path, monkeypatch
 ):
     reference, server = served
-    monkeypatch.setattr(offload_sources, "REMOTE_BATCH_BYTES", 1500)  # a few tensors per file
-    model = _load(server, tmp_path / "offload")
-    assert len(list((tmp_path / "offload").glob("*.safetensors"))) > 1
-    assert _folder_tensors(tmp_path / "offload").keys() == _disk_state(reference).keys()
-    with torch.no_grad():
-        assert torch.equal(model(IDS), reference(IDS))
+    options = RemoteOptions(chunk_bytes=2048, threads=8)
+    with bigmodel.open_checkpoint(server.url("ckpt"), remote=options) as ckpt:
+        count = _count_in_flight(monkeypatch, ckpt.remote)
+        with bigmodel.init_empty_weights():
+            targets = Model().state_dict(keep_vars=True)
+        items = [(key, [key]) for key in ckpt.keys() if key.startswith(ON_DISK)]
+        server.faults.delay = 0.02  # requests last long enough to overlap
+        specs = offload_sources.offload_sources(
+            ckpt, targets, items, lambda _, t: t.dtype, tmp_path / "off", inflight_bytes=INFLIGHT
+        )
+    assert server.faults.max_active >= 2  # concurrent range requests
+    assert 0 < count.peak <= INFLIGHT and count.now == 0
+    expected = _disk_state(reference)
+    assert specs.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(specs[name].load(), tensor), name

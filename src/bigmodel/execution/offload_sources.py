@@ -5,10 +5,11 @@ each time it is needed: nothing is rewritten. A tensor that needs a conversion i
 once, streamed into a safetensors file in ``offload_folder`` (one file per target dtype,
 named by bigmodel — tensor names only ever appear inside the file's header, so a hostile
 name can never reach the filesystem; see :mod:`bigmodel.storage.scratch`), and read from there.
-A checkpoint under a URL cannot be mapped: every one of its offloaded tensors takes the
-conversion's path (written once, read back by mapping), so forwards read local files and never
-the network. Its tensors are fetched into private memory, so they are written in batches of at
-most :data:`REMOTE_BATCH_BYTES` (one scratch file per batch and dtype), never all at once.
+A checkpoint under a URL cannot be mapped: every one of its offloaded tensors is written once
+into ``offload_folder`` (read back by mapping), so forwards read local files and never the
+network. They are fetched by the load's own concurrent range-request scheduler, bounded by the
+load's in-flight bytes, and each is written as it arrives
+(:mod:`bigmodel.storage.remote_offload`).
 
 When a device map sends modules to disk, the tensors of its ``cpu`` entries are given private
 memory (:func:`keep_resident`): left as views of the file mapping they would be page cache,
@@ -33,12 +34,14 @@ import torch
 from torch import nn
 
 from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.foundations.types import IOOptions
 from bigmodel.placement.device_map import device_for
 from bigmodel.storage.readahead import FileMappings, drop_pages
+from bigmodel.storage.remote_offload import write_remote_offload
+from bigmodel.storage.safetensors import SafetensorsFile
 from bigmodel.storage.scratch import write_converted
 
 __all__ = [
-    "REMOTE_BATCH_BYTES",
     "OffloadedTensor",
     "offload_built",
     "offload_folder_path",
@@ -47,12 +50,6 @@ __all__ = [
     "resident_sources",
     "keep_resident",
 ]
-
-
-#: Most bytes of a remote checkpoint's offloaded tensors held in memory at once while they are
-#: written into the offload folder (they are fetched into private memory: a file under a URL
-#: has no mapping to read them from lazily).
-REMOTE_BATCH_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -88,11 +85,15 @@ def offload_sources(
     items: list[tuple[str, list[str]]],
     dtype_for: Callable[[str, torch.Tensor], torch.dtype],
     offload_folder: str | os.PathLike[str] | None,
+    *,
+    inflight_bytes: int | None = None,
 ) -> dict[str, OffloadedTensor]:
     """An :class:`OffloadedTensor` for every module name in ``items`` ((checkpoint key, names)).
 
     Same-dtype tensors of a local checkpoint are read from its mapping; the others (a new
-    dtype, or any tensor of a remote checkpoint) are written once into ``offload_folder``."""
+    dtype, or any tensor of a remote checkpoint) are written once into ``offload_folder``.
+    ``inflight_bytes`` bounds a remote checkpoint's reads ahead (the load's
+    ``IOOptions.inflight_bytes``)."""
     specs: dict[str, OffloadedTensor] = {}
     to_write: list[tuple[str, list[str], torch.dtype]] = []
     for key, group in items:
@@ -110,44 +111,39 @@ def offload_sources(
             to_write.append((key, group, dtype))
     if to_write:
         folder = offload_folder_path(offload_folder)
-        limit = REMOTE_BATCH_BYTES if ckpt.is_remote else None
-        for batch in _batches(ckpt, to_write, limit):
-            readers = write_converted(
-                folder, [(key, ckpt.get_tensor(key), dtype) for key, _, dtype in batch]
+        readers = _write(ckpt, folder, to_write, inflight_bytes)
+        for key, group, dtype in to_write:
+            _describe(
+                specs,
+                group,
+                targets[group[0]],
+                functools.partial(readers[key].get_tensor, key),
+                dtype,
+                source=key,
             )
-            for key, group, dtype in batch:
-                _describe(
-                    specs,
-                    group,
-                    targets[group[0]],
-                    functools.partial(readers[key].get_tensor, key),
-                    dtype,
-                    source=key,
-                )
     return specs
 
 
-def _batches(
-    ckpt: Checkpoint, items: list[tuple[str, list[str], torch.dtype]], limit: int | None
-) -> list[list[tuple[str, list[str], torch.dtype]]]:
-    """``items`` cut into runs whose stored bytes stay within ``limit`` (a tensor larger than
-    it is a batch of its own); one batch when ``limit`` is None (a local checkpoint's tensors
-    are views of its mapping: fetching them costs no memory)."""
-    if limit is None:
-        return [items]
-    batches: list[list[tuple[str, list[str], torch.dtype]]] = []
-    current: list[tuple[str, list[str], torch.dtype]] = []
-    size = 0
-    for item in items:
-        nbytes = ckpt.tensor_info(item[0]).nbytes
-        if current and size + nbytes > limit:
-            batches.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += nbytes
-    if current:
-        batches.append(current)
-    return batches
+def _write(
+    ckpt: Checkpoint,
+    folder: Path,
+    items: list[tuple[str, list[str], torch.dtype]],
+    inflight_bytes: int | None,
+) -> dict[str, SafetensorsFile]:
+    """Write ``items`` (key, names, target dtype) once into ``folder``. A local checkpoint's
+    tensors are views of its mapping (fetching them costs no memory); a remote one's come
+    through the load's range-request scheduler, within ``inflight_bytes`` (default: the
+    default :class:`~bigmodel.IOOptions`' bound)."""
+    if ckpt.remote is None:
+        return write_converted(
+            folder, [(key, ckpt.get_tensor(key), dtype) for key, _, dtype in items]
+        )
+    return write_remote_offload(
+        folder,
+        ckpt.remote,
+        [(ckpt.remote_range(key), dtype) for key, _, dtype in items],
+        max_inflight_bytes=IOOptions().inflight if inflight_bytes is None else inflight_bytes,
+    )
 
 
 def offload_built(

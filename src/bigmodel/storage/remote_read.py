@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +199,7 @@ def remote_tensors(
     ranges: Iterable[RemoteRange],
     *,
     max_inflight_bytes: int = 256 * 2**20,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Generator[tuple[str, torch.Tensor], None, None]:
     """Yield ``(key, tensor)`` for each range, in order, read with concurrent range requests.
 
     At most ``max_inflight_bytes`` of tensors are requested ahead of the one the caller holds
