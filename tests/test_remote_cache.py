@@ -5,7 +5,12 @@ counts the requests, so "reused" means no byte-range request for a cached shard.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,8 @@ from torch import nn
 import bigmodel
 from _remote_servers import TinyNet, http_server
 from bigmodel import RemoteOptions
+from bigmodel.storage.atomic import temp_name
+from bigmodel.storage.remote_cache import RemoteCache, sweep_temporaries
 
 pytest.importorskip(
     "obstore", reason="the optional remote client is not installed: pip install 'bigmodel[remote]'"
@@ -159,3 +166,88 @@ def test_a_single_file_checkpoint_is_cached_and_checked_by_its_embedded_digest(
     server.faults.requests.clear()
     _same(_load(url, _options(tmp_path)), model)
     assert set(_shard_gets(server)) == {"model.safetensors"}
+
+
+_FILL = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import bigmodel
+from _remote_servers import TinyNet
+options = bigmodel.RemoteOptions(cache_dir=sys.argv[3], chunk_bytes=2**16, threads=1)
+bigmodel.load_checkpoint(TinyNet(rows=40_000), sys.argv[2], remote=options)
+"""
+
+
+def _temporaries(tmp_path):
+    return [p for p in (tmp_path / "cache").rglob(".*") if p.is_file()]
+
+
+def test_a_fill_killed_mid_way_leaves_debris_that_the_next_load_removes(saved, server, tmp_path):
+    model, root = saved
+    server.faults.delay = 0.05  # one request at a time, 20 per second: the fill takes seconds
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _FILL,
+            str(Path(__file__).parent),
+            server.url("ckpt"),
+            str(tmp_path / "cache"),
+        ],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size for p in _temporaries(tmp_path)):
+            assert child.poll() is None and time.monotonic() < deadline, "no fill was seen"
+            time.sleep(0.02)
+    finally:
+        child.kill()  # SIGKILL: no cleanup runs
+        child.wait()
+    (debris,) = [p for p in _temporaries(tmp_path) if p.stat().st_size]
+    assert str(child.pid) in debris.name
+    server.faults.delay = 0
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert not _temporaries(tmp_path)
+    assert _cached(tmp_path) == _shards(root)
+    server.faults.requests.clear()
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert _shard_gets(server) == []
+
+
+def test_a_temporary_file_that_a_live_load_is_writing_is_never_swept(tmp_path):
+    cache = RemoteCache(tmp_path, "http://example/ckpt")
+    cache.expect("model.safetensors", 100, None)  # this (live) process writes it, locked
+    (temp,) = cache.root.glob(".model.safetensors*")
+    assert sweep_temporaries(cache.root) == 0
+    RemoteCache(tmp_path, "http://example/ckpt")  # a second load opening the same folder
+    assert temp.exists()
+    cache.close()
+    assert not temp.exists()
+
+
+def test_a_temporary_file_of_a_dead_process_is_swept_and_an_entry_is_kept(tmp_path):
+    cache = RemoteCache(tmp_path, "http://example/ckpt")
+    cache.root.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = cache.root / temp_name("model.safetensors", f"{dead.stdout.strip()}-ab12cd")
+    stale.write_bytes(b"x" * 10)
+    entry = cache.root / "model.safetensors"
+    entry.write_bytes(b"y" * 10)
+    assert sweep_temporaries(cache.root) == 1
+    assert not stale.exists() and entry.exists()
+
+
+def test_a_cache_entry_of_garbage_with_the_right_size_is_fetched_again(saved, server, tmp_path):
+    model, root = saved
+    _load(server.url("ckpt"), _options(tmp_path))
+    victim = _shards(root)[0]
+    (entry,) = (tmp_path / "cache").rglob(victim)
+    entry.write_bytes(os.urandom(entry.stat().st_size))  # not even a header
+    server.faults.requests.clear()
+    _same(_load(server.url("ckpt"), _options(tmp_path)), model)
+    assert set(_shard_gets(server)) == {victim}

@@ -8,12 +8,20 @@ leave its folder.
 
 Filling: every byte range read from a registered file (:meth:`RemoteCache.expect`, done when
 its header is fetched) is also written, with ``pwrite``, into a private temporary file beside
-the entry (:func:`~bigmodel.storage.atomic.temp_name`, unique per process and load). When the
+the entry (:func:`~bigmodel.storage.atomic.temp_name`, named with the writer's pid and a random
+token, and held under an exclusive ``flock`` until it is published or dropped). When the
 ranges read cover the whole file, the file is flushed to disk, its digest is checked when one
 is known, and it is renamed over the entry in one step: a reader sees either no entry or a
 complete one, and concurrent loads filling the same entry each write their own temporary file
 and replace the entry with identical bytes. A file the load did not read whole (a partial
 load, an interrupted one) leaves nothing behind when the checkpoint is closed.
+
+Debris: a process killed while filling (``kill -9``, out of memory) leaves its temporary file
+behind. Opening a cache folder removes such files, and only those: a temporary is removed when
+the process named in it is gone *and* its lock can be taken (the kernel releases a ``flock``
+when its holder dies), so a file another live process is writing, on this host or on another
+one sharing the folder, is never touched. A temporary without a pid (an older version's) is
+removed once it is a day old.
 
 Reuse: an entry is used only if its size is the size the server announces now and, when a
 digest is known (the index's record, else the one embedded in the file's header), its
@@ -27,17 +35,31 @@ import bisect
 import contextlib
 import hashlib
 import os
+import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigmodel.foundations.errors import BigModelError
 from bigmodel.foundations.log import logger
-from bigmodel.storage.atomic import fsync_dir, new_token, temp_name
+from bigmodel.storage.atomic import TEMP_MARKER, fsync_dir, new_token, temp_name
 from bigmodel.storage.digest import DIGEST_KEY, buffer_digest
 from bigmodel.storage.safetensors import SafetensorsFile
 
-__all__ = ["RemoteCache"]
+try:
+    import fcntl
+
+    _HAS_FLOCK = True
+except ImportError:  # pragma: no cover - Windows: no flock, temporaries are never swept
+    _HAS_FLOCK = False
+
+__all__ = ["RemoteCache", "sweep_temporaries"]
+
+#: A temporary file's name: ``.<entry>.bigmodel-tmp-<pid>-<token>`` (``<token>`` alone before).
+_TEMP = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"(?:(\d+)-)?[0-9a-f]+$")
+#: Age after which a temporary without a pid is taken for debris.
+_OLD_TEMP_SECONDS = 24 * 3600
 
 
 @dataclass
@@ -73,6 +95,7 @@ class RemoteCache:
         self.root = Path(cache_dir) / digest
         self._fills: dict[str, _Fill] = {}
         self._lock = threading.Lock()
+        sweep_temporaries(self.root)
 
     def lookup(self, name: str, size: int, digest: str | None) -> SafetensorsFile | None:
         """The cached file ``name``, opened, if it is ``size`` bytes and matches ``digest`` (or
@@ -101,8 +124,10 @@ class RemoteCache:
         """Keep what is read of ``name`` (``size`` bytes). Before the entry is published its
         contents are checked against ``digest``, else the digest its header embeds, if any."""
         self.root.mkdir(parents=True, exist_ok=True)
-        temp = self.root / temp_name(name, new_token())
+        temp = self.root / temp_name(name, f"{os.getpid()}-{new_token()}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        if _HAS_FLOCK:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process writes it (see sweep)
         with self._lock:
             old = self._fills.pop(name, None)
             self._fills[name] = _Fill(temp, fd, size, digest)
@@ -136,8 +161,6 @@ class RemoteCache:
         """Flush, check the digest, and rename the complete file over the entry."""
         try:
             os.fsync(fill.fd)
-            os.close(fill.fd)
-            fill.fd = -1
             reader = SafetensorsFile(fill.temp)  # the header, checked again as it was written
             try:
                 expected = fill.digest or reader.metadata.get(DIGEST_KEY)
@@ -153,7 +176,9 @@ class RemoteCache:
                 )
                 _drop(fill)
                 return
-            os.replace(fill.temp, self.root / name)
+            os.replace(fill.temp, self.root / name)  # still locked: never swept half-way
+            os.close(fill.fd)
+            fill.fd = -1
             fsync_dir(self.root)
             logger.info("cached %s in %s", name, self.root)
         except (BigModelError, OSError) as exc:  # a cache that cannot be written is no error
@@ -169,8 +194,59 @@ class RemoteCache:
 
 
 def _drop(fill: _Fill) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fill.temp.unlink()  # unlinked while still locked
     if fill.fd >= 0:
         os.close(fill.fd)
         fill.fd = -1
-    with contextlib.suppress(FileNotFoundError):
-        fill.temp.unlink()
+
+
+def sweep_temporaries(root: Path) -> int:
+    """Remove the temporary files in ``root`` whose writer is gone (see the module docstring);
+    returns how many were removed. Never raises: a cache that cannot be swept is no error."""
+    if not _HAS_FLOCK:  # pragma: no cover
+        return 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        match = _TEMP.match(name)
+        if match is not None and _stale(root / name, match.group(1)):
+            removed += 1
+    if removed:
+        logger.info("removed %d temporary files left by killed loads in %s", removed, root)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _stale(path: Path, pid: str | None) -> bool:
+    """Remove ``path`` if its writer is gone: the pid named in it is not running (or, without
+    one, the file is a day old) and nobody holds its lock. True if it was removed."""
+    try:
+        if pid is None:
+            if time.time() - path.lstat().st_mtime < _OLD_TEMP_SECONDS:
+                return False
+        elif _alive(int(pid)):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live writer (another host) holds it
+        path.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
