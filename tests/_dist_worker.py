@@ -315,7 +315,148 @@ def ping(folder: str, opts: dict) -> dict:
     return {"sum": int(total)}
 
 
+def _fsdp_llama(folder: str):
+    """A tiny Llama built on meta, FSDP2-sharded over every rank, loaded from ``folder``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    config = AutoConfig.from_pretrained(folder)
+    with bigmodel.init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    bigmodel.load_checkpoint(model, folder, strict=False)
+    return model
+
+
+def _train(model, optimizer, steps: int) -> list[float]:
+    """``steps`` AdamW steps on fixed tokens (FSDP2's collectives run on the default group)."""
+    ids = torch.arange(12).reshape(2, 6) % 100
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+class _Gate:
+    """Holds this rank's first background shard write until :meth:`open` (the loop runs first)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from bigmodel.execution import writing
+
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.cls = writing.ShardStager
+        self.real = self.cls.stage
+        gate = self
+
+        def gated(stager, name, tensors):
+            gate.entered.set()
+            if not gate.release.wait(60):
+                raise TimeoutError("the test never released the writer")
+            return gate.real(stager, name, tensors)
+
+        self.cls.stage = gated
+
+    def open(self) -> None:
+        self.release.set()
+        self.cls.stage = self.real
+
+
+def bg_save_llama(folder: str, opts: dict) -> dict:
+    """Background-save an FSDP2 Llama, train and all_reduce on the default group while the
+    worker is held mid-save, then release it: the checkpoint must hold the values at the call."""
+    model = _fsdp_llama(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+    gate = _Gate()
+    try:
+        handle = bigmodel.save_checkpoint(
+            model, opts["out"], background=True, max_shard_size=opts["shard"]
+        )
+        staged, done_early = handle.staged(), handle.done()
+        _train(model, optimizer, 2)  # FSDP2 all-gathers and reduce-scatters on the default group
+        total = torch.tensor([dist.get_rank() + 1.0])
+        for _ in range(5):
+            dist.all_reduce(total)
+        entered = gate.entered.wait(60)
+    finally:
+        gate.open()
+    result = handle.wait(timeout=60)
+    after = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    return {
+        "staged": staged,
+        "done_early": done_early,
+        "writer_was_held": entered,
+        "all_reduce": float(total),
+        "changed": any(not torch.equal(before[k], after[k]) for k in before),
+        "files": result.files,
+        "index": result.index_file,
+    }
+
+
+def bg_save_failing(folder: str, opts: dict) -> dict:
+    """Both ranks background-save an FSDP2 Net; rank opts['bad_rank'] fails (opts['fail']:
+    'write' a full disk, 'stage' staging memory that cannot be had)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import bigmodel.execution.background as background_module
+    import bigmodel.execution.writing as writing_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with bigmodel.init_empty_weights():
+        model = Net()
+    for layer in (model.up, model.down):
+        fully_shard(layer, mesh=mesh)
+    bigmodel.load_checkpoint(model, folder)
+    real_write = writing_module._write_shard
+    if dist.get_rank() == opts["bad_rank"]:
+        if opts["fail"] == "write":
+
+            def broken(fh, **kwargs):
+                fh.write(b"partial")
+                raise OSError(28, "No space left on device")
+
+            writing_module._write_shard = broken
+        else:
+
+            def no_memory(*args, **kwargs):
+                raise MemoryError("cannot allocate the staging buffer")
+
+            background_module._STAGING.stage = no_memory
+    try:
+        handle = bigmodel.save_checkpoint(
+            model, opts["out"], background=True, max_shard_size="12KB"
+        )
+        try:
+            handle.wait(timeout=60)
+        except bigmodel.DistributedError as exc:
+            cause = exc.__cause__
+            return {
+                "raised": "DistributedError",
+                "ranks": list(exc.failures),
+                "message": str(exc),
+                "cause": type(cause).__name__ if cause is not None else None,
+            }
+    finally:
+        writing_module._write_shard = real_write
+        vars(background_module._STAGING).pop("stage", None)
+    return {"raised": None}
+
+
 SCENARIOS = {
+    "bg-save-llama": bg_save_llama,
+    "bg-save-failing": bg_save_failing,
     "replicated": replicated,
     "sharded": sharded,
     "failing": failing,

@@ -221,7 +221,14 @@ def save_checkpoint(
     staging); ``staging_memory`` caps it: a larger state is not staged but written before
     the call returns (with a warning). A process that exits normally finishes the save in
     flight; one killed mid-save leaves the previous checkpoint. Tensors on CUDA are staged
-    in pinned memory on a side stream. Collective saves cannot run in the background yet.
+    in pinned memory on a side stream.
+
+    A collective save (below) runs in the background too: every rank stages its own pieces
+    (a DTensor's local shard; a plain tensor only on the rank that writes it) and returns;
+    a worker thread per rank then gathers, writes and commits over a separate gloo group
+    (made on the first such call, collectively, and kept), so the training loop's own
+    collectives never interleave with the save's. A failure on any rank, staging included,
+    makes every rank's ``handle.wait()`` raise :class:`~bigmodel.DistributedError` naming it.
 
     A model with DTensor parameters (``fully_shard`` / ``parallelize_module``), or an explicit
     ``process_group``, makes the save collective: every rank calls this, shards are assigned
@@ -249,15 +256,14 @@ def save_checkpoint(
     # Only a sharded model or an explicit group makes the save collective: a replicated model
     # is commonly saved by rank 0 alone, and that call must not wait for the other ranks.
     sharded = any(is_dtensor(t) for t in state.values())
-    if background and (sharded or process_group is not None):
-        raise NotImplementedError(
-            "save_checkpoint(background=True) of a collective save (DTensor parameters or a "
-            "process_group) is not supported yet. Fix: pass background=False."
-        )
     group = resolve_group(process_group) if sharded or process_group is not None else None
     if group is not None:
-        from bigmodel.execution.distributed_save import save_distributed
+        from bigmodel.execution.distributed_save import save_distributed, submit_distributed
 
+        if background:
+            return submit_distributed(
+                state, Path(save_directory), opts, group=group, limit=limit, staging_memory=bound
+            )
         return save_distributed(state, Path(save_directory), opts, group=group, limit=limit)
     planned = plan_state(state, limit, opts)
     directory = Path(save_directory)

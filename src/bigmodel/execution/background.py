@@ -26,13 +26,14 @@ Rules that keep memory and the folder sane:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import torch
 
@@ -297,31 +298,33 @@ def submit(
     *,
     cast: torch.dtype | None = None,
     staging_memory: int | None = None,
+    failed: Callable[[BaseException], NoReturn] | None = None,
 ) -> SaveHandle[T]:
     """Stage ``tensors`` and run ``job(staged)`` on a worker thread; see the module docstring.
 
     Waits for the previous background save first (one in flight). Returns once staging is
     done, or, when the state exceeds ``staging_memory``, once the save itself is done.
+
+    ``failed`` (a collective save) turns a staging error into the worker's job: instead of
+    raising here, the worker runs ``failed(error)``, which tells the other ranks (their
+    workers wait for this one) and raises; the handle carries that error.
     """
     with _LOCK:
         wait_for_saves()
         handle: SaveHandle[T] = SaveHandle(directory)
-        slots, used = Staging.layout(tensors, cast)
-        fits = staging_memory is None or used <= staging_memory
-        if fits:
-            staged: Mapping[str, torch.Tensor] = _STAGING.stage(tensors, slots, used)
-        else:
-            warnings.warn(
-                f"The background save into {directory} needs {used} bytes of staging memory, more "
-                f"than staging_memory={staging_memory}; it is written synchronously (the call "
-                "returns once it is durable). Fix: raise staging_memory (or pass None).",
-                stacklevel=3,
-            )
-            staged = tensors
+        try:
+            staged, fits = _stage(directory, tensors, cast, staging_memory)
+            work: Callable[[], T] = lambda: job(staged)  # noqa: E731
+        except Exception as exc:
+            if failed is None:
+                raise
+            logger.error("staging the save into %s failed: %r", directory, exc)
+            fits = True  # nothing to write from: the caller may change its tensors
+            work = functools.partial(failed, exc)
         _IN_FLIGHT.append(handle)
         worker = threading.Thread(
             target=_run,
-            args=(handle, lambda: job(staged)),
+            args=(handle, work),
             name="bigmodel-background-save",
             daemon=False,  # joined at interpreter exit: a save in flight is finished
         )
@@ -331,3 +334,23 @@ def submit(
         else:
             handle._done.wait()
     return handle
+
+
+def _stage(
+    directory: Path,
+    tensors: Mapping[str, torch.Tensor],
+    cast: torch.dtype | None,
+    staging_memory: int | None,
+) -> tuple[Mapping[str, torch.Tensor], bool]:
+    """(what the worker writes from, whether it is a staged copy): over the bound, the live
+    tensors themselves (with a warning), and the caller blocks until the save is durable."""
+    slots, used = Staging.layout(tensors, cast)
+    if staging_memory is None or used <= staging_memory:
+        return _STAGING.stage(tensors, slots, used), True
+    warnings.warn(
+        f"The background save into {directory} needs {used} bytes of staging memory, more "
+        f"than staging_memory={staging_memory}; it is written synchronously (the call "
+        "returns once it is durable). Fix: raise staging_memory (or pass None).",
+        stacklevel=4,
+    )
+    return tensors, False

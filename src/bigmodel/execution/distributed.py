@@ -30,6 +30,7 @@ next collective.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import socket
@@ -57,6 +58,7 @@ __all__ = [
     "choose_strategy",
     "local_shard",
     "resolve_group",
+    "save_group",
 ]
 
 T = TypeVar("T")
@@ -84,6 +86,43 @@ def resolve_group(process_group: Group | None) -> Group | None:
     if dist.get_world_size(process_group) <= 1:
         return None
     return process_group
+
+
+#: How long a collective of a background save's side group waits for a peer before it fails:
+#: long enough for the slowest rank to write its shards, finite so that no rank hangs forever.
+SAVE_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+_SAVE_GROUPS: dict[Any, tuple[Any, Group]] = {}
+
+
+def save_group(parent: Group) -> Group:
+    """A gloo group with ``parent``'s members, for background saves; made once per parent.
+
+    A background save's worker thread runs its collectives (gathers, outcome exchanges) here,
+    so they never interleave with the training loop's collectives on ``parent``. Collective
+    on first use: every member of ``parent`` must call it, in the same order as its other
+    calls (``save_checkpoint`` is called by every rank in the same order, so that holds).
+    The cache is keyed by ``parent`` and forgotten when the default group changes (a new
+    ``init_process_group``).
+    """
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    default = _get_default_group()
+    cached = _SAVE_GROUPS.get(parent)
+    if cached is not None and cached[0] is default:
+        return cached[1]
+    if any(entry[0] is not default for entry in _SAVE_GROUPS.values()):
+        _SAVE_GROUPS.clear()  # groups of a destroyed default group are gone
+    side = dist.new_group(
+        ranks=sorted(dist.get_process_group_ranks(parent)),
+        backend="gloo",
+        timeout=SAVE_GROUP_TIMEOUT,
+        use_local_synchronization=True,
+    )
+    _SAVE_GROUPS[parent] = (default, side)
+    logger.debug("created the background-save group for %s", parent)
+    return side
 
 
 def rank_of(group: Group | None) -> int:

@@ -25,9 +25,10 @@ import dataclasses
 import math
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -35,6 +36,7 @@ from bigmodel.checkpoint.naming import (
     HF_LAYOUT,
 )
 from bigmodel.checkpoint.sharding import find_aliases
+from bigmodel.execution.background import SaveHandle, submit, wait_for_saves
 from bigmodel.execution.distributed import (
     Group,
     assign_owners,
@@ -42,6 +44,7 @@ from bigmodel.execution.distributed import (
     global_rank,
     rank_of,
     run_step,
+    save_group,
     world_of,
 )
 from bigmodel.execution.writing import ShardStager, WriteOptions, plan_files, prepare_directory
@@ -51,55 +54,61 @@ from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
 from bigmodel.storage.commit import Commit
 
-__all__ = ["save_distributed"]
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+__all__ = [
+    "DistributedSave",
+    "LocalShard",
+    "gather_all",
+    "gather_inputs",
+    "restage_entries",
+    "local_state",
+    "save_distributed",
+    "staging_outcome",
+    "submit_distributed",
+]
 
 
 _Piece = tuple[tuple[int, ...], tuple[int, ...]]  # (local shape, global offset)
 
 
-class _Gatherer:
-    """Gathers DTensors to one rank each with ``dist.gather``: each local piece travels once.
+@dataclass(frozen=True)
+class LocalShard:
+    """This rank's piece of a sharded tensor, with what gathering it needs (no DTensor).
 
-    Works for placements made of plain ``Shard`` and ``Replicate`` over a mesh whose ranks are
-    exactly the save's group (FSDP2, tensor parallel, HSDP). Anything else (``Partial``
-    reductions, strided shards, a mesh that is not the group) falls back to ``full_tensor()``,
-    which is correct but sends every byte to every rank.
+    ``local`` is the piece (the DTensor's ``to_local()``, or its staged copy), ``shape`` the
+    whole tensor's shape and ``piece`` its (local shape, global offset). A background save
+    stages ``local`` and gathers from the copy, so the live DTensor may change meanwhile.
     """
 
-    def __init__(self, state: dict[str, torch.Tensor], group: Group) -> None:
-        import torch.distributed as dist
+    local: torch.Tensor
+    shape: tuple[int, ...]
+    piece: _Piece
 
-        self.group = group
-        self.rank = rank_of(group)
-        members = sorted(dist.get_process_group_ranks(group))
-        mine = {k: self._safe_piece(k, t, members) for k, t in state.items() if is_dtensor(t)}
-        everyone: list[Any] = [None] * world_of(group)
-        dist.all_gather_object(everyone, mine, group=group)
-        #: key -> every group rank's piece, for the DTensors this class can gather
-        self.pieces: dict[str, list[_Piece]] = {
-            k: [ranks[k] for ranks in everyone]
-            for k in mine
-            if all(ranks.get(k) is not None for ranks in everyone)
-        }
 
-    @classmethod
-    def _safe_piece(cls, key: str, tensor: torch.Tensor, members: list[int]) -> _Piece | None:
-        # A failure here must not leave this rank out of the all_gather the others wait in.
-        try:
-            return cls._piece(tensor, members)
-        except Exception as exc:
-            logger.debug("%s: gathered with full_tensor() (%s)", key, exc)
-            return None
+#: What a collective save holds per name: a plain tensor (written by its owner), a
+#: :class:`LocalShard`, or a DTensor that only ``full_tensor()`` can gather.
+Entry = torch.Tensor | LocalShard
 
-    @staticmethod
-    def _piece(tensor: torch.Tensor, members: list[int]) -> _Piece | None:
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+def _local(entry: Entry) -> torch.Tensor:
+    if isinstance(entry, LocalShard):
+        return entry.local
+    return entry.to_local() if is_dtensor(entry) else entry  # type: ignore[attr-defined]
+
+
+def _spec(entry: Entry) -> tuple[torch.dtype, tuple[int, ...]]:
+    if isinstance(entry, LocalShard):
+        return entry.local.dtype, entry.shape
+    return entry.dtype, tuple(entry.shape)
+
+
+def _piece(tensor: torch.Tensor, members: list[int]) -> _Piece | None:
+    """(local shape, global offset) when ``dist.gather`` can collect ``tensor``: placements of
+    plain ``Shard``/``Replicate`` over a mesh whose ranks are the group's. Global metadata, so
+    every rank decides alike."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    try:
         mesh = tensor.device_mesh  # type: ignore[attr-defined]
         placements = tensor.placements  # type: ignore[attr-defined]
         if any(type(p) not in (Shard, Replicate) for p in placements):
@@ -107,18 +116,73 @@ class _Gatherer:
         if sorted(mesh.mesh.flatten().tolist()) != members:
             return None
         shape, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
-        return tuple(shape), tuple(offset)
+    except Exception as exc:
+        logger.debug("gathered with full_tensor() (%s)", exc)
+        return None
+    return tuple(shape), tuple(offset)
 
-    def gather(self, key: str, tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
-        """The whole tensor on group rank ``dst``; None on the other ranks."""
+
+def local_state(
+    state: Mapping[str, torch.Tensor], group: Group, *, whole: bool
+) -> dict[str, Entry]:
+    """``state`` with every gatherable DTensor as a :class:`LocalShard` (a view, no copy).
+
+    Other DTensors (``Partial`` sums, strided shards, another mesh) stay DTensors, gathered
+    with ``full_tensor()`` in plan order (``whole=False``), or are made whole now, in the
+    calling thread, where the collective on their mesh may run (``whole=True``: a
+    background save, whose worker must not touch the training loop's groups).
+    """
+    import torch.distributed as dist
+
+    members = sorted(dist.get_process_group_ranks(group))
+    out: dict[str, Entry] = {}
+    for key, tensor in state.items():
+        if not is_dtensor(tensor):
+            out[key] = tensor
+        elif (piece := _piece(tensor, members)) is not None:
+            out[key] = LocalShard(tensor.to_local(), tuple(tensor.shape), piece)  # type: ignore[attr-defined]
+        else:
+            out[key] = tensor.full_tensor() if whole else tensor  # type: ignore[attr-defined]
+    return out
+
+
+class _Gatherer:
+    """Gathers :class:`LocalShard` entries to one rank each with ``dist.gather``: each local
+    piece travels once. Other DTensors fall back to ``full_tensor()``, which is correct but
+    sends every byte to every rank.
+    """
+
+    def __init__(self, state: Mapping[str, Entry], group: Group) -> None:
         import torch.distributed as dist
 
-        pieces = self.pieces.get(key)
-        if pieces is None:
-            whole = tensor.full_tensor()  # type: ignore[attr-defined]
+        self.group = group
+        self.rank = rank_of(group)
+        mine = {k: e.piece for k, e in state.items() if isinstance(e, LocalShard)}
+        everyone: list[Any] = [None] * world_of(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        #: key -> every group rank's piece
+        self.pieces: dict[str, list[_Piece]] = {
+            k: [ranks.get(k) for ranks in everyone] for k in mine
+        }
+        odd = sorted(k for k, pieces in self.pieces.items() if None in pieces)
+        if odd:
+            raise RuntimeError(
+                f"DTensor(s) {odd[:3]} are sharded on this rank but not on every rank of the group. "
+                "Fix: give every rank the same model, sharded the same way."
+            )
+
+    def gather(self, key: str, entry: Entry, dst: int) -> torch.Tensor | None:
+        """The whole tensor on group rank ``dst``; None on the other ranks."""
+        if not isinstance(entry, LocalShard):
+            whole = entry.full_tensor()  # type: ignore[attr-defined]
             return whole if self.rank == dst else None
-        local = tensor.to_local()  # type: ignore[attr-defined]
-        full_shape = tuple(tensor.shape)
+        return self._gather(self.pieces[key], entry.local, entry.shape, dst)
+
+    def _gather(
+        self, pieces: list[_Piece], local: torch.Tensor, full_shape: tuple[int, ...], dst: int
+    ) -> torch.Tensor | None:
+        import torch.distributed as dist
+
         if all(shape == full_shape for shape, _ in pieces):  # replicated: dst has it already
             return local if self.rank == dst else None
         longest = max(math.prod(shape) for shape, _ in pieces)
@@ -149,6 +213,42 @@ class _Gatherer:
                 whole[region] = received[: math.prod(shape)].view(shape)
             del received
         return whole
+
+
+def gather_inputs(state: Mapping[str, Entry], rank: int, dst: int = 0) -> dict[str, torch.Tensor]:
+    """What :func:`gather_all` to ``dst`` reads on ``rank``: every local piece; plain tensors
+    on ``dst`` only (a background save stages exactly these)."""
+    return {
+        k: e.local if isinstance(e, LocalShard) else e
+        for k, e in state.items()
+        if isinstance(e, LocalShard) or rank == dst
+    }
+
+
+def restage_entries(
+    state: Mapping[str, Entry], staged: Mapping[str, torch.Tensor]
+) -> dict[str, Entry]:
+    """``state`` reading from ``staged`` (copies of what :func:`gather_inputs` returned)."""
+    return {
+        k: dataclasses.replace(e, local=staged[k]) if isinstance(e, LocalShard) else staged[k]
+        for k, e in state.items()
+        if k in staged
+    }
+
+
+def gather_all(state: Mapping[str, Entry], group: Group, dst: int = 0) -> dict[str, torch.Tensor]:
+    """Every entry whole on group rank ``dst`` (plain tensors: ``dst``'s own); {} elsewhere."""
+    gatherer = _Gatherer(state, group)
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(state):  # the same order on every rank: the gathers pair
+        entry = state[key]
+        if isinstance(entry, LocalShard) or is_dtensor(entry):
+            whole = gatherer.gather(key, entry, dst)
+        else:
+            whole = entry if gatherer.rank == dst else None
+        if whole is not None:
+            out[key] = whole
+    return out
 
 
 class _ShardWriter:
@@ -202,12 +302,12 @@ def _in_rank_order(pieces: list[_Piece], full_shape: tuple[int, ...], longest: i
     return True
 
 
-class _DistributedSave:
+class DistributedSave:
     """One collective save: the steps of the module docstring, one method each."""
 
     def __init__(
         self,
-        state: dict[str, torch.Tensor],
+        state: Mapping[str, Entry],
         directory: Path,
         opts: WriteOptions,
         group: Group,
@@ -220,12 +320,28 @@ class _DistributedSave:
         mine = find_aliases({k: _local(v) for k, v in state.items()}) if opts.safe else {}
         self.opts = dataclasses.replace(opts, aliases=broadcast_object(group, mine))
         self.stored = {k: v for k, v in state.items() if k not in self.opts.aliases}
-        specs = {k: (v.dtype, tuple(v.shape)) for k, v in self.stored.items()}
+        specs = {k: _spec(v) for k, v in self.stored.items()}
         self.plan = plan_files(specs, limit, self.opts)
         self.names, self.index_name = self.opts.file_names(self.plan)
         self.owners = assign_owners(self.plan.sizes, self.world)
         self.mine = [i for i, owner in enumerate(self.owners) if owner == self.rank]
         self.commit: Commit | None = None
+
+    def to_stage(self) -> dict[str, torch.Tensor]:
+        """What this rank's background save reads: every local piece, and the plain tensors of
+        the shards it writes (a replicated tensor is written, so staged, by its owner alone)."""
+        owned = {key for i in self.mine for key in self.plan.shards[i]}
+        out: dict[str, torch.Tensor] = {}
+        for key, entry in self.stored.items():
+            if isinstance(entry, LocalShard):
+                out[key] = entry.local
+            elif key in owned:
+                out[key] = entry
+        return out
+
+    def restage(self, staged: Mapping[str, torch.Tensor]) -> None:
+        """Read from ``staged`` (the copies of :meth:`to_stage`) from now on."""
+        self.stored = restage_entries(self.stored, staged)
 
     def _lock(self) -> str | None:
         """Rank 0 takes the folder's lock and cleans debris; its commit token marks every file."""
@@ -255,13 +371,14 @@ class _DistributedSave:
             for i, keys in enumerate(self.plan.shards):
                 tensors: dict[str, torch.Tensor] = {}
                 for key in keys:
-                    tensor = self.stored[key]
-                    if is_dtensor(tensor):
-                        whole = gatherer.gather(key, tensor, self.owners[i])
+                    entry = self.stored.get(key)
+                    if isinstance(entry, LocalShard) or (entry is not None and is_dtensor(entry)):
+                        whole = gatherer.gather(key, entry, self.owners[i])
                         if whole is not None:
                             tensors[key] = whole
                     elif self.owners[i] == self.rank:
-                        tensors[key] = tensor
+                        assert entry is not None, key
+                        tensors[key] = entry
                 if self.owners[i] == self.rank:
                     writer.put(i, tensors)
                 del tensors
@@ -328,4 +445,60 @@ def save_distributed(
     state: dict[str, torch.Tensor], directory: Path, opts: WriteOptions, *, group: Group, limit: int
 ) -> SaveResult:
     """Save ``state`` from every rank of ``group`` into one checkpoint (see the module docstring)."""
-    return _DistributedSave(state, directory, opts, group, limit).run()
+    entries = local_state(state, group, whole=False)
+    return DistributedSave(entries, directory, opts, group, limit).run()
+
+
+def staging_outcome(group: Group, directory: Path, error: BaseException | None = None) -> None:
+    """The first exchange of a background save's workers: did every rank stage its tensors?
+
+    A rank whose staging failed still runs its worker, which raises its error here, so its
+    peers learn it (a :class:`~bigmodel.DistributedError` naming it) instead of waiting for
+    it in a gather."""
+
+    def check() -> None:
+        if error is not None:
+            raise error
+
+    run_step(group, f"staging the tensors of the save into {directory}", check)
+
+
+def submit_distributed(
+    state: Mapping[str, torch.Tensor],
+    directory: Path,
+    opts: WriteOptions,
+    *,
+    group: Group,
+    limit: int,
+    staging_memory: int | None,
+) -> SaveHandle[SaveResult]:
+    """A collective save in the background: every rank stages its own pieces, then a worker
+    thread per rank gathers, writes and commits them over the side group (:func:`save_group`).
+
+    Runs in the calling thread, on every rank in the same order: waits for the previous
+    background save, makes the side group on first use, gathers the DTensors only
+    ``full_tensor()`` can gather (on their own mesh), plans over the side group, stages.
+    """
+    wait_for_saves()  # the side group is the previous worker's until it is done
+    side = save_group(group)
+    save = DistributedSave(local_state(state, group, whole=True), directory, opts, side, limit)
+
+    def job(staged: Mapping[str, torch.Tensor]) -> SaveResult:
+        staging_outcome(side, directory)
+        save.restage(staged)
+        return save.run()
+
+    return submit(
+        directory,
+        save.to_stage(),
+        job,
+        cast=opts.dtype,
+        staging_memory=staging_memory,
+        failed=lambda error: _staging_failed(side, directory, error),
+    )
+
+
+def _staging_failed(group: Group, directory: Path, error: BaseException) -> NoReturn:
+    """The worker of a rank whose staging failed: tell the peers, raise."""
+    staging_outcome(group, directory, error)
+    raise error  # not reached: the exchange raises DistributedError

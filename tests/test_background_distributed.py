@@ -1,0 +1,92 @@
+"""Background saves under torch.distributed: two gloo ranks in subprocesses, FSDP2 models.
+
+Each rank stages its own shards and returns; a worker thread per rank gathers, writes and
+commits over a side group while the training loop keeps running collectives on the default
+group; a failure on one rank reaches every rank's handle.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bigmodel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _dist_worker import Net
+from conftest import assert_same_state, tiny_llama_config
+from test_distributed import RankGroup
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    group = RankGroup(world=2)
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="module")
+def net_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bgdist") / "net"
+    bigmodel.save_checkpoint(Net(), path, max_shard_size="12KB")
+    return path
+
+
+def _loaded(folder):
+    with bigmodel.open_checkpoint(folder) as ckpt:
+        return {k: ckpt.get_tensor(k).clone() for k in ckpt.keys()}
+
+
+def test_an_fsdp_background_save_holds_the_weights_of_the_call_while_training_goes_on(
+    ranks, tmp_path
+):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(tiny_llama_config(tie=False)).eval()
+    reference.save_pretrained(tmp_path / "ref")
+    out = tmp_path / "out"
+    results = ranks.run(
+        "bg-save-llama", tmp_path / "ref", {"out": str(out), "shard": "40KB"}, timeout=120
+    )
+    for r in results:
+        assert r["staged"] and not r["done_early"], r  # returned once staged, before durable
+        assert r["writer_was_held"], r  # the worker was mid-save while the loop trained
+        assert r["all_reduce"] == 3.0 * 2**4, r  # the default group's collectives went on
+        assert r["changed"], r  # the optimizer changed the weights right after the call
+    assert results[0]["files"] == results[1]["files"] and len(results[0]["files"]) > 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        results[0]["files"] + [results[0]["index"]]
+    )
+    assert_same_state(_loaded(out), reference.state_dict())  # the values at the call
+    with bigmodel.open_checkpoint(out) as ckpt:
+        assert ckpt.verify().problems == []
+    (out / "config.json").write_bytes((tmp_path / "ref" / "config.json").read_bytes())
+    loaded = LlamaForCausalLM.from_pretrained(out).eval()  # a plain HF folder
+    assert_same_state(loaded.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("fail", ["write", "stage"])
+def test_one_rank_failing_a_background_save_raises_on_every_handle_and_keeps_the_old_checkpoint(
+    ranks, tmp_path, net_folder, fail
+):
+    torch.manual_seed(1)
+    old = Net()
+    out = tmp_path / "out"
+    bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
+    before = sorted(p.name for p in out.iterdir())
+    results = ranks.run(
+        "bg-save-failing", net_folder, {"out": str(out), "bad_rank": 1, "fail": fail}
+    )
+    for r in results:
+        assert r["raised"] == "DistributedError" and r["ranks"] == [1], r
+        expected = "No space left" if fail == "write" else "staging buffer"
+        assert expected in r["message"] and "rank 1" in r["message"], r
+    # rank 1's own error is chained on rank 1; rank 0 had none
+    assert results[1]["cause"] == ("OSError" if fail == "write" else "MemoryError")
+    assert results[0]["cause"] is None
+    assert sorted(p.name for p in out.iterdir()) == before  # both ranks' staged files removed
+    assert_same_state(_loaded(out), old.state_dict())
+    assert [r["sum"] for r in ranks.run("ping", net_folder)] == [3, 3]  # the group goes on
