@@ -454,7 +454,35 @@ def bg_save_failing(folder: str, opts: dict) -> dict:
     return {"raised": None}
 
 
+def manager(folder: str, opts: dict) -> dict:
+    """CheckpointManager with an FSDP2 Llama: background saves while training, rotation, then
+    restore into a fresh model and optimizer and train on: the losses must match."""
+    model = _fsdp_llama(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    manager = bigmodel.CheckpointManager(opts["root"], keep_last=2, max_shard_size="40KB")
+    handle = None
+    for step in (1, 2, 3):
+        _train(model, optimizer, 1)
+        handle = manager.save(step, model, optimizer, extra={"step": step})
+    uninterrupted = _train(model, optimizer, 2)  # while step 3 is written
+    handle.wait(timeout=60)
+    steps, latest = manager.steps(), manager.latest()
+    fresh = _fsdp_llama(folder)  # the weights of the start, not of step 3
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    restored = manager.restore(fresh, fresh_optimizer)
+    local = next(iter(fresh_optimizer.state.values()))["exp_avg"]
+    return {
+        "steps": steps,
+        "latest": latest,
+        "restored": list(restored),
+        "uninterrupted": uninterrupted,
+        "resumed": _train(fresh, fresh_optimizer, 2),
+        "exp_avg_is_sharded": type(local).__name__ == "DTensor",
+    }
+
+
 SCENARIOS = {
+    "manager": manager,
     "bg-save-llama": bg_save_llama,
     "bg-save-failing": bg_save_failing,
     "replicated": replicated,

@@ -90,3 +90,25 @@ def test_one_rank_failing_a_background_save_raises_on_every_handle_and_keeps_the
     assert sorted(p.name for p in out.iterdir()) == before  # both ranks' staged files removed
     assert_same_state(_loaded(out), old.state_dict())
     assert [r["sum"] for r in ranks.run("ping", net_folder)] == [3, 3]  # the group goes on
+
+
+def test_the_manager_saves_rotates_and_restores_an_fsdp_model_and_its_optimizer_on_two_ranks(
+    ranks, tmp_path
+):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tie=False)).save_pretrained(tmp_path / "ref")
+    root = tmp_path / "run"
+    results = ranks.run("manager", tmp_path / "ref", {"root": str(root)}, timeout=120)
+    for r in results:
+        assert r["steps"] == [2, 3] and r["latest"] == 3, r  # the same on every rank
+        assert r["restored"] == [3, {"step": 3}], r
+        assert r["exp_avg_is_sharded"], r  # each rank keeps only its slice of the state
+        assert r["resumed"] == pytest.approx(r["uninterrupted"], abs=1e-6), r
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
+    # the step folder is a plain HF folder; the optimizer state holds whole tensors by name
+    LlamaForCausalLM.from_pretrained(root / "step-3")
+    with bigmodel.open_checkpoint(root / "step-3" / "optimizer.safetensors") as ckpt:
+        shapes = {k: list(ckpt.tensor_info(k).shape) for k in ckpt.keys()}
+    assert shapes["state.lm_head.weight.exp_avg"] == [128, 32], shapes

@@ -175,3 +175,30 @@ def test_kill_9_during_background_saves_leaves_latest_on_a_complete_checkpoint(t
 @pytest.mark.slow
 def test_kill_9_at_many_random_moments_never_leaves_a_mixed_checkpoint(tmp_path):
     _kill_trials(tmp_path, trials=20, seed=1)
+
+
+def test_the_manager_passes_format_dtype_shard_size_and_staging_bound_to_the_model_save(
+    tmp_path,
+):
+    net, opt = _net_and_adam(0)
+    _train(net, opt, torch.randint(0, 32, (2, 4)), 1)
+    manager = bigmodel.CheckpointManager(
+        tmp_path, safe_serialization=False, dtype="bf16", max_shard_size="1KB", staging_memory=1
+    )
+    with pytest.warns(UserWarning, match="staging_memory=1"):
+        handle = manager.save(1, net, opt)
+    assert handle.done()  # over the bound: written before the call returned
+    names = sorted(p.name for p in manager.path(1).iterdir())
+    assert "pytorch_model.bin.index.json" in names and "model.safetensors" not in names
+    assert sum(n.endswith(".bin") for n in names) > 1
+    with bigmodel.open_checkpoint(manager.path(1)) as ckpt:
+        dtypes = {ckpt.tensor_info(k).dtype for k in ckpt.keys()}
+    assert {d for d in dtypes if d.is_floating_point} == {torch.bfloat16}
+    fresh, fresh_opt = _net_and_adam(5)
+    assert manager.restore(fresh, fresh_opt) == (1, None)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, dict(net.named_parameters())[name].to(torch.bfloat16).float())
+    # the optimizer state keeps its own dtype
+    assert fresh_opt.state[fresh.norm.weight]["exp_avg"].dtype == torch.float32
+    with pytest.raises(ValueError, match="digest"):
+        bigmodel.CheckpointManager(tmp_path, digest="md4")

@@ -38,18 +38,41 @@ from torch import nn
 
 from bigmodel.api.load import load_sharded_checkpoint
 from bigmodel.api.optimizer_state import load_named_optimizer_state, named_optimizer_state
-from bigmodel.api.save import PlannedSave, _save_workers, _state_dict, plan_state
+from bigmodel.api.save import _save_workers, _state_dict, plan_state
 from bigmodel.checkpoint.naming import CONFIG_NAME, HF_LAYOUT
 from bigmodel.checkpoint.open import open_checkpoint
-from bigmodel.execution.background import SaveHandle, submit
+from bigmodel.execution.background import SaveHandle, submit, wait_for_saves
+from bigmodel.execution.distributed import (
+    broadcast_object,
+    rank_of,
+    resolve_group,
+    run_step,
+    save_group,
+)
+from bigmodel.execution.distributed_save import (
+    DistributedSave,
+    Entry,
+    gather_all,
+    gather_inputs,
+    local_state,
+    restage_entries,
+    staging_failed,
+    staging_outcome,
+)
 from bigmodel.execution.writing import WriteOptions
 from bigmodel.foundations import strict_json
-from bigmodel.foundations.errors import BigModelError, CheckpointNotFoundError
+from bigmodel.foundations.dtypes import parse_dtype
+from bigmodel.foundations.errors import (
+    BigModelError,
+    CheckpointNotFoundError,
+    InvalidCheckpointError,
+)
+from bigmodel.foundations.tensors import is_dtensor
 from bigmodel.foundations.types import SaveResult
 from bigmodel.foundations.units import parse_size
 from bigmodel.storage.atomic import fsync_dir, new_token
 from bigmodel.storage.commit import Commit
-from bigmodel.storage.digest import DEFAULT_ALGORITHM
+from bigmodel.storage.digest import DEFAULT_ALGORITHM, new_hasher
 from bigmodel.storage.files import read_bounded
 from bigmodel.storage.safetensors import write_safetensors
 
@@ -97,8 +120,19 @@ class CheckpointManager:
     """Numbered checkpoints of a training run under ``root``; see the module docstring.
 
     ``keep_last`` (None: keep all) complete steps are kept; older ones are deleted once a
-    newer one is durable. ``max_shard_size``, ``durable``, ``digest`` and
-    ``staging_memory`` are passed to the model's save (:func:`bigmodel.save_checkpoint`).
+    newer one is durable. ``max_shard_size``, ``safe_serialization``, ``dtype`` (the model's
+    weights only; optimizer state keeps its dtype), ``durable``, ``digest``,
+    ``staging_memory`` and ``process_group`` mean what they mean for
+    :func:`bigmodel.save_checkpoint`.
+
+    Under ``torch.distributed``, a model with DTensor parameters (FSDP2's ``fully_shard``)
+    or an explicit ``process_group`` makes :meth:`save` and :meth:`restore` collective:
+    every rank calls them, in the same order. Each rank stages its own shards of the model
+    and of the optimizer state; the model is written as a collective background save, the
+    optimizer state is gathered to rank 0 (full tensors keyed by parameter names, so it
+    restores at any world size) and written there with the side files, and rank 0 writes
+    the marker only once every rank's part is durable, then rotates. ``restore`` loads the
+    step rank 0 chose; each rank keeps only its slice of the optimizer state.
     """
 
     def __init__(
@@ -107,19 +141,31 @@ class CheckpointManager:
         keep_last: int | None = None,
         *,
         max_shard_size: int | str = "10GB",
+        safe_serialization: bool = True,
+        dtype: torch.dtype | str | None = None,
         durable: bool = True,
         digest: str | None = DEFAULT_ALGORITHM,
         staging_memory: int | str | None = None,
         workers: int | None = None,
+        process_group: Any = None,
     ) -> None:
         if keep_last is not None and (isinstance(keep_last, bool) or keep_last < 1):
             raise ValueError(f"keep_last={keep_last!r}: keep at least one step (or None for all).")
+        if digest is not None:
+            new_hasher(digest)  # an unknown algorithm fails here, not in the first save
         self.root = Path(root)
         self.keep_last = keep_last
         self._limit = parse_size(max_shard_size)
-        self._opts = WriteOptions(durable=durable, digest=digest, progress=False)
+        self._opts = WriteOptions(
+            safe=bool(safe_serialization),
+            durable=durable,
+            digest=digest,
+            dtype=parse_dtype(dtype),
+            progress=False,
+        )
         self._staging = None if staging_memory is None else parse_size(staging_memory)
         self._workers = _save_workers(workers)
+        self._process_group = process_group
 
     def path(self, step: int) -> Path:
         """The folder of ``step``."""
@@ -142,7 +188,7 @@ class CheckpointManager:
         With ``background=False`` the call returns a handle that is already done.
         """
         folder = self.path(step)
-        planned = plan_state(_state_dict(model, safe=True, cast=None), self._limit, self._opts)
+        state = _state_dict(model, safe=self._opts.safe, cast=self._opts.dtype)
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_json = None
         if optimizer is not None:
@@ -153,36 +199,106 @@ class CheckpointManager:
             None if extra is None else _json_bytes(extra, "extra"),
             _config_bytes(model),
         )
+        group = self._group(state)
+        if group is not None:
+            return self._save_collective(step, state, opt_tensors, side, group, background)
+        planned = plan_state(state, self._limit, self._opts)
         tensors = {**planned.stored, **{_OPT_PREFIX + k: v for k, v in opt_tensors.items()}}
 
         def job(staged: Mapping[str, torch.Tensor]) -> SaveResult:
-            return self._write_step(step, folder, planned, staged, side)
+            self._prepare(folder)
+            result = planned.write(folder, staged, self._workers)
+            self._complete(step, folder, result, side, _unprefixed(staged))
+            return result
 
         if not background:
             return SaveHandle.completed(folder, job(tensors))
-        return submit(folder, tensors, job, staging_memory=self._staging)
+        return submit(folder, tensors, job, cast=self._opts.dtype, staging_memory=self._staging)
 
-    def _write_step(
+    def _group(self, state: Mapping[str, torch.Tensor]) -> Any:
+        """The group a save is collective over (None: this process alone), as save_checkpoint."""
+        sharded = any(is_dtensor(t) for t in state.values())
+        if not sharded and self._process_group is None:
+            return None
+        return resolve_group(self._process_group)
+
+    def _save_collective(
         self,
         step: int,
-        folder: Path,
-        planned: PlannedSave,
-        staged: Mapping[str, torch.Tensor],
+        state: dict[str, torch.Tensor],
+        opt_tensors: dict[str, torch.Tensor],
         side: _Side,
+        group: Any,
+        background: bool,
+    ) -> SaveHandle[SaveResult]:
+        """Every rank stages its pieces; the worker of each rank runs :meth:`_collective_job`."""
+        folder = self.path(step)
+        wait_for_saves()  # the side group is the previous worker's until it is done
+        sg = save_group(group)
+        save = DistributedSave(
+            local_state(state, group, whole=True), folder, self._opts, sg, self._limit
+        )
+        opt = local_state(opt_tensors, group, whole=True)
+        tensors = {
+            **save.to_stage(),
+            **{_OPT_PREFIX + k: v for k, v in gather_inputs(opt, rank_of(sg)).items()},
+        }
+
+        def job(staged: Mapping[str, torch.Tensor]) -> SaveResult:
+            staging_outcome(sg, folder)
+            save.restage({k: v for k, v in staged.items() if not k.startswith(_OPT_PREFIX)})
+            return self._collective_job(step, save, restage_entries(opt, _unprefixed(staged)), side)
+
+        if not background:
+            return SaveHandle.completed(folder, job(tensors))
+        return submit(
+            folder,
+            tensors,
+            job,
+            cast=self._opts.dtype,
+            staging_memory=self._staging,
+            failed=lambda error: staging_failed(sg, folder, error),
+        )
+
+    def _collective_job(
+        self, step: int, save: DistributedSave, opt: Mapping[str, Entry], side: _Side
     ) -> SaveResult:
-        """The worker's part: model, side files, marker, then rotation."""
+        """Rank 0 prepares the folder; all ranks write the model; the optimizer state is
+        gathered to rank 0, which writes the side files, the marker, and rotates. Every step
+        ends with an exchange of outcomes over the side group."""
+        group, folder = save.group, save.directory
+        leader = rank_of(group) == 0
+        run_step(group, f"preparing {folder}", lambda: self._prepare(folder) if leader else None)
+        result = save.run()
+        gathered = run_step(group, "gathering the optimizer state", lambda: gather_all(opt, group))
+
+        def complete() -> None:
+            if leader:
+                self._complete(step, folder, result, side, gathered)
+
+        run_step(group, f"completing {folder}", complete)
+        return result
+
+    def _prepare(self, folder: Path) -> None:
+        """The step's folder exists, without a marker: never complete while it is rewritten."""
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         if created and self._opts.durable:
             fsync_dir(self.root)
         with contextlib.suppress(FileNotFoundError):
-            (folder / MARKER_NAME).unlink()  # never complete while it is being rewritten
+            (folder / MARKER_NAME).unlink()
             if self._opts.durable:
                 fsync_dir(folder)
-        result = planned.write(folder, staged, self._workers)
-        opt = {
-            k.removeprefix(_OPT_PREFIX): v for k, v in staged.items() if k.startswith(_OPT_PREFIX)
-        }
+
+    def _complete(
+        self,
+        step: int,
+        folder: Path,
+        result: SaveResult,
+        side: _Side,
+        opt: Mapping[str, torch.Tensor],
+    ) -> None:
+        """After the model is durable: side files, then the marker, then rotation."""
         written = self._write_side_files(folder, side, opt)
         files = [*result.files, *([result.index_file] if result.index_file else []), *written]
         marker = {
@@ -194,7 +310,6 @@ class CheckpointManager:
         }
         self._publish(folder, {MARKER_NAME: _json_bytes(marker, "the marker")})
         self._rotate(step)
-        return result
 
     def _write_side_files(
         self, folder: Path, side: _Side, opt_tensors: Mapping[str, torch.Tensor]
@@ -307,10 +422,13 @@ class CheckpointManager:
         """Load ``step`` (default: the latest) into ``model`` (and ``optimizer``) in place.
 
         Returns ``(step, extra)`` (``extra`` is None when the step saved none). Parameters
-        are filled with ``copy_``, so an optimizer built on them keeps working.
+        are filled with ``copy_``, so an optimizer built on them keeps working. Collective
+        for a sharded model or with a ``process_group`` (every rank calls it): the step is
+        the one rank 0 finds, so all ranks load the same one.
         """
         if step is None:
-            step = self.latest()
+            group = self._group(model.state_dict())
+            step = self.latest() if group is None else broadcast_object(group, self.latest())
             if step is None:
                 raise CheckpointNotFoundError(
                     f"No complete checkpoint in {self.root} (no step-<n> folder with a valid "
@@ -324,7 +442,10 @@ class CheckpointManager:
                 f"was interrupted or the folder was changed). Fix: restore another step; complete "
                 f"ones: {self.steps()}."
             )
-        load_sharded_checkpoint(model, folder, strict=True, progress=False)
+        if any(is_dtensor(t) for t in model.state_dict().values()):
+            _load_in_place(model, folder)  # keeps the parameter objects the optimizer holds
+        else:
+            load_sharded_checkpoint(model, folder, strict=True, progress=False)
         if optimizer is not None:
             self._restore_optimizer(model, optimizer, folder, marker)
         extra = None
@@ -346,10 +467,49 @@ class CheckpointManager:
             )
         document = json.loads((folder / OPTIMIZER_JSON).read_bytes())
         with open_checkpoint(folder / OPTIMIZER_TENSORS) as ckpt:
-            tensors = {k: ckpt.get_tensor(k).clone() for k in ckpt.keys()}
-        load_named_optimizer_state(
-            model, optimizer, document, tensors, path=str(folder / OPTIMIZER_JSON)
-        )
+            tensors = {k: ckpt.get_tensor(k) for k in ckpt.keys()}  # views; copied per rank's part
+            load_named_optimizer_state(
+                model, optimizer, document, tensors, path=str(folder / OPTIMIZER_JSON)
+            )
+
+
+def _load_in_place(model: nn.Module, folder: Path) -> None:
+    """Copy ``folder``'s tensors into ``model``'s own (each rank its DTensors' slices).
+
+    A sharded load assigns new DTensor parameters (``fully_shard`` re-registers them), which
+    an optimizer built on the old ones would no longer update; a restore copies instead."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    targets = model.state_dict(keep_vars=True)
+    with open_checkpoint(folder) as ckpt:
+        missing = sorted(set(targets) - set(ckpt.keys()))
+        extra = sorted(set(ckpt.keys()) - set(targets))
+        if missing or extra:
+            raise InvalidCheckpointError.one(
+                str(folder),
+                "key-mismatch",
+                f"the checkpoint lacks {missing[:5]} and holds unexpected {extra[:5]} "
+                f"(of {len(missing)} missing, {len(extra)} unexpected)",
+                hint="restore into a model built like the saved one",
+            )
+        with torch.no_grad():
+            for name, target in targets.items():
+                if not is_dtensor(target):
+                    target.copy_(ckpt.get_tensor(name))
+                    continue
+                shape, offset = compute_local_shape_and_global_offset(
+                    target.shape,
+                    target.device_mesh,
+                    target.placements,
+                )
+                index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+                if all(shape):
+                    target.to_local().copy_(ckpt.get_slice(name)[index])
+
+
+def _unprefixed(staged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The optimizer's tensors among ``staged``, under their own names."""
+    return {k.removeprefix(_OPT_PREFIX): v for k, v in staged.items() if k.startswith(_OPT_PREFIX)}
 
 
 def _check_step(step: int) -> int:

@@ -7,7 +7,9 @@ a reordered parameter list. :func:`named_optimizer_state` gives the state as
 structure ``get_optimizer_state_dict`` returns), split into tensors (for a safetensors file)
 and a JSON document that refers to them; :func:`load_named_optimizer_state` reverses it.
 Unlike ``get_optimizer_state_dict``, an optimizer that has not stepped yet is saved as it is
-(no initialising step is run).
+(no initialising step is run). Under FSDP2 the state tensors are DTensors; the manager saves
+them whole (gathered to one rank), and loading gives each rank only its slice
+(:func:`_placed`), so a checkpoint restores at any world size.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigmodel.execution.distributed import local_shard, mesh_device
 from bigmodel.foundations.errors import InvalidCheckpointError
+from bigmodel.foundations.tensors import is_dtensor
 
 __all__ = ["load_named_optimizer_state", "named_optimizer_state"]
 
@@ -109,11 +113,28 @@ def load_named_optimizer_state(
         if sorted(saved.get("params", [])) != sorted(live_names):
             raise _mismatch(path, f"parameter group {i} holds other parameters than the saved one")
         groups.append({**saved, "params": [index[n] for n in live_names]})
+    params = dict(model.named_parameters())
     state: dict[int, dict[str, Any]] = {}
     for name, entry in document.get("state", {}).items():
         if name not in index:
             raise _mismatch(path, f"the saved state names {name!r}, not a parameter here")
         state[index[name]] = {
-            key: tensors[v["tensor"]] if "tensor" in v else v["value"] for key, v in entry.items()
+            key: _placed(tensors[v["tensor"]], params[name]) if "tensor" in v else v["value"]
+            for key, v in entry.items()
         }
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _placed(saved: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A private copy of ``saved`` laid out like ``param``: for a DTensor parameter (FSDP2)
+    and a state tensor of its shape (``exp_avg``), only this rank's slice, as a DTensor of the
+    parameter's placements; anything else (``step``, plain parameters) whole."""
+    if is_dtensor(param) and not is_dtensor(saved) and tuple(saved.shape) == tuple(param.shape):
+        local, _ = local_shard(
+            lambda index: saved[index].clone(),
+            param,
+            dtype=saved.dtype,
+            device=mesh_device(param),
+        )
+        return local
+    return saved.clone()

@@ -56,12 +56,14 @@ from bigmodel.storage.commit import Commit
 
 __all__ = [
     "DistributedSave",
+    "Entry",
     "LocalShard",
     "gather_all",
     "gather_inputs",
     "restage_entries",
     "local_state",
     "save_distributed",
+    "staging_failed",
     "staging_outcome",
     "submit_distributed",
 ]
@@ -494,11 +496,11 @@ def submit_distributed(
         job,
         cast=opts.dtype,
         staging_memory=staging_memory,
-        failed=lambda error: _staging_failed(side, directory, error),
+        failed=lambda error: staging_failed(side, directory, error),
     )
 
 
-def _staging_failed(group: Group, directory: Path, error: BaseException) -> NoReturn:
+def staging_failed(group: Group, directory: Path, error: BaseException) -> NoReturn:
     """The worker of a rank whose staging failed: tell the peers, raise."""
     staging_outcome(group, directory, error)
     raise error  # not reached: the exchange raises DistributedError
