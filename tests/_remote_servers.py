@@ -49,6 +49,8 @@ class Faults:
     drop: int = 0
     #: the next N GETs send headers for the whole range, then half the body, then close
     truncate: int = 0
+    #: the next N GETs ignore their Range header and answer 200 with the whole file
+    ignore_range: int = 0
     #: every HEAD announces this many bytes more than the file has (a wrong Content-Length)
     extra_length: int = 0
     #: every GET of these names answers this status
@@ -158,6 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
         size = target.stat().st_size
         start, end = 0, size - 1
         match = _RANGE.match(self.headers.get("Range", ""))
+        if self.server.faults.take("ignore_range"):
+            match = None
         if match:
             start = int(match.group(1))
             end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)

@@ -35,6 +35,7 @@ from bigmodel.foundations.errors import (
 )
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.types import RemoteOptions
+from bigmodel.storage.remote_http import DirectHttp, Segment
 
 if TYPE_CHECKING:
     from bigmodel.storage.remote_cache import RemoteCache
@@ -138,6 +139,8 @@ class RemoteFolder:
                 "client's environment (credentials, region, endpoint).",
             ) from None
         self._obstore = obstore
+        #: Plain HTTP(S): range reads straight into the tensors (None elsewhere).
+        self._direct = DirectHttp.for_url(self.url, opts.timeout)
         #: The local cache of this folder's files (None without ``cache_dir``).
         self.cache: RemoteCache | None = None
         if self.options.cache_dir is not None:
@@ -146,9 +149,12 @@ class RemoteFolder:
             self.cache = RemoteCache(self.options.cache_dir, redact(self.url))
 
     def close(self) -> None:
-        """Drop what was kept of files that were not read whole (see the cache)."""
+        """Drop what was kept of files that were not read whole (see the cache), and close
+        idle connections."""
         if self.cache is not None:
             self.cache.close()
+        if self._direct is not None:
+            self._direct.close()
 
     def path(self, name: str) -> RemotePath:
         return RemotePath(f"{self.url}/{name}")
@@ -193,6 +199,28 @@ class RemoteFolder:
                 )
             self._pause(name, attempt, f"got {len(data)} of {want} bytes")
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def read_into(self, name: str, start: int, end: int, segments: list[Segment]) -> None:
+        """Bytes ``[start, end)`` of ``name`` into ``segments`` ((file offset, memory), sorted,
+        inside the range, not overlapping; the bytes between them are dropped). Over plain
+        HTTP(S) the body is read straight into the memory (:mod:`bigmodel.storage.remote_http`);
+        otherwise, or when that answer is not the expected one, the range is read by
+        :meth:`read` (retries, typed errors) and copied."""
+        direct = self._direct
+        if direct is not None and direct.active:
+            gaps = direct.read_into(name, start, end, segments)
+            if gaps is not None:
+                if self.cache is not None:
+                    for at, memory in sorted([*segments, *gaps], key=lambda s: s[0]):
+                        self.cache.store(name, at, memory)
+                return
+        import numpy as np
+
+        data = self.read(name, start, end)
+        for at, memory in segments:  # numpy copies without the GIL
+            np.frombuffer(memory, dtype=np.uint8)[:] = np.frombuffer(
+                data, dtype=np.uint8, count=len(memory), offset=at - start
+            )
 
     def _pause(self, name: str, attempt: int, why: str) -> None:
         delay = min(self.options.max_backoff, self.options.backoff * 2**attempt)

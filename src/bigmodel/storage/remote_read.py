@@ -29,7 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bigmodel.foundations.errors import InvalidCheckpointError
@@ -160,11 +159,12 @@ def _fetch(
                     hint="load again (a cache entry is checked, and fetched again when invalid).",
                 )
         return
-    data = folder.read(request.file, request.start, request.end)
-    for part, (view, _, _) in zip(request.parts, views, strict=True):  # no GIL while copying
-        view.numpy()[:] = np.frombuffer(
-            data, dtype=np.uint8, count=part.length, offset=part.at - request.start
-        )
+    segments = [
+        (part.at, view.numpy().data)
+        for part, (view, _, _) in zip(request.parts, views, strict=True)
+    ]
+    segments.sort(key=lambda segment: segment[0])
+    folder.read_into(request.file, request.start, request.end, segments)
 
 
 @dataclass
