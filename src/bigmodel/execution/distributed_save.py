@@ -17,6 +17,19 @@ Steps (each ends with an exchange of outcomes, see :func:`bigmodel.execution.dis
 
 Any failure removes this save's staged files on every rank and raises
 :class:`~bigmodel.DistributedError` everywhere; the previous checkpoint stays loadable.
+
+In the background (:func:`submit_distributed`), the calling thread of every rank waits for
+the previous background save, gets the side group (:func:`~bigmodel.execution.distributed.save_group`:
+gloo, same members, made once), turns each gatherable DTensor into a :class:`LocalShard`
+(DTensors only ``full_tensor()`` can gather are made whole here, on their own mesh), plans
+over the side group, and stages its local pieces plus the plain tensors it writes
+(:mod:`bigmodel.execution.background`). A worker thread per rank then exchanges the staging
+outcomes and runs steps 1-4 over the side group from the staged copies, so the training
+loop's collectives on its own group never interleave with the save's. A rank whose staging
+failed still runs its worker, which reports the failure in that first exchange. A rank that
+dies outright (``kill -9``) breaks the side group: its peers' gloo operations fail (closed
+connection, or at worst :data:`~bigmodel.execution.distributed.SAVE_GROUP_TIMEOUT`), their
+handles raise, nothing is published, and the previous checkpoint stays.
 """
 
 from __future__ import annotations
