@@ -112,3 +112,63 @@ def test_the_manager_saves_rotates_and_restores_an_fsdp_model_and_its_optimizer_
     with bigmodel.open_checkpoint(root / "step-3" / "optimizer.safetensors") as ckpt:
         shapes = {k: list(ckpt.tensor_info(k).shape) for k in ckpt.keys()}
     assert shapes["state.lm_head.weight.exp_avg"] == [128, 32], shapes
+
+
+KILL_WORKER = Path(__file__).with_name("_dist_kill.py")
+
+
+def _run_killed_pair(folder, kill_at):
+    """Start the two ranks of _dist_kill.py; rank 1 SIGKILLs itself at ``kill_at``. A rank still
+    running after the deadline is killed and fails the test (a hang, not a pass)."""
+    import json
+    import os
+    import subprocess
+
+    from test_distributed import _free_port
+
+    port = _free_port()
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(KILL_WORKER), str(rank), str(port), str(folder), kill_at],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(2)
+    ]
+    outputs = []
+    for rank, proc in enumerate(procs):
+        try:
+            outputs.append(proc.communicate(timeout=90))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+                p.communicate()
+            pytest.fail(f"rank {rank} did not exit within 90 s after rank 1 was killed")
+    codes = [proc.returncode for proc in procs]
+    lines = [line for line in outputs[0][0].splitlines() if line.startswith("RESULT ")]
+    assert lines, f"rank 0 (exit {codes[0]}) reported nothing; stderr:\n{outputs[0][1][-3000:]}"
+    return codes, json.loads(lines[0][len("RESULT ") :])
+
+
+@pytest.mark.parametrize("kill_at", ["write", "publish"])
+def test_a_rank_killed_mid_background_save_fails_the_survivors_handle_and_keeps_the_old_checkpoint(
+    tmp_path, kill_at
+):
+    import signal
+
+    torch.manual_seed(0)
+    old = Net()
+    out = tmp_path / "out"
+    bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
+    before = sorted(p.name for p in out.iterdir())
+    codes, result = _run_killed_pair(out, kill_at)
+    assert codes == [0, -signal.SIGKILL], result  # the survivor exited on its own
+    assert result["raised"] == "DistributedError" and result["ranks"] == [1], result
+    message = result["message"]
+    assert "rank 1: disconnected from the background-save side group" in message, message
+    assert "Fix: " in message and "restart every rank" in message, message
+    assert result["files"] == before  # no temporary file of the failed save is left
+    assert_same_state(_loaded(out), old.state_dict())  # the previous checkpoint still loads

@@ -53,10 +53,12 @@ from bigmodel.storage.scratch import write_converted
 __all__ = [
     "mesh_device",
     "broadcast_object",
+    "collective",
     "Group",
     "assign_owners",
     "choose_strategy",
     "local_shard",
+    "peer_lost",
     "resolve_group",
     "save_group",
 ]
@@ -143,13 +145,81 @@ def global_rank(group: Group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def broadcast_object(group: Group, value: T, src: int = 0) -> T:
+def broadcast_object(group: Group, value: T, src: int = 0, *, what: str = "a broadcast") -> T:
     """``value`` as group rank ``src`` has it, on every rank (a picklable object)."""
     import torch.distributed as dist
 
     box: list[Any] = [value]
-    dist.broadcast_object_list(box, src=global_rank(group, src), group=group)
+    collective(
+        group,
+        what,
+        lambda: dist.broadcast_object_list(box, src=global_rank(group, src), group=group),
+    )
     return box[0]  # type: ignore[no-any-return]
+
+
+def collective(group: Group, what: str, fn: Callable[[], T]) -> T:
+    """Run the collective ``fn`` on ``group``; a broken group raises :class:`DistributedError`.
+
+    A collective fails with the backend's bare ``RuntimeError`` (gloo: "Connection closed by
+    peer", "Connection reset by peer", "Timed out") when a peer died (``kill -9``, the OOM
+    killer) or stopped answering. That becomes a :class:`DistributedError` naming the group,
+    the peer when it can be known, and the fix (see :func:`peer_lost`).
+    """
+    try:
+        return fn()
+    except DistributedError:
+        raise
+    except RuntimeError as exc:
+        raise peer_lost(group, what, exc) from exc
+
+
+def peer_lost(group: Group, what: str, error: BaseException) -> DistributedError:
+    """The error for a collective on ``group`` that failed because a peer is gone.
+
+    In a group of two the lost peer is the other rank; in a larger group the backend does not
+    say which (gloo names an address), so the error is reported on this rank, naming the
+    candidates.
+    """
+    rank, world = rank_of(group), world_of(group)
+    others = [r for r in range(world) if r != rank]
+    name = _group_name(group)
+    cause = f"{type(error).__name__}: {_backend_message(error)}"
+    fix = (
+        "Fix: find why that process stopped (its own log; the kernel log for the OOM killer); "
+        "this group cannot be used any more, so restart every rank and resume from the previous "
+        "checkpoint, which a failed save leaves intact."
+    )
+    if len(others) == 1:
+        message = f"disconnected from {name} or stopped answering ({cause}). {fix}"
+        return DistributedError(what, {others[0]: message})
+    message = (
+        f"lost a peer of {name}: one of ranks {', '.join(map(str, others))} disconnected or "
+        f"stopped answering ({cause}). {fix}"
+    )
+    return DistributedError(what, {rank: message})
+
+
+def _backend_message(error: BaseException) -> str:
+    """The backend's words without its source location and boilerplate."""
+    text = str(error).split("\n", 1)[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]  # "[.../gloo/transport/tcp/pair.cc:553] "
+    return text.split(" This is typically", 1)[0].rstrip(". ")[:200]
+
+
+def _group_name(group: Group) -> str:
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(group)
+    members = (
+        f"global ranks {ranks[0]}-{ranks[-1]}"
+        if ranks == list(range(ranks[0], ranks[-1] + 1))
+        else f"global ranks {ranks}"
+    )
+    if any(entry[1] is group for entry in _SAVE_GROUPS.values()):
+        return f"the background-save side group (gloo, {members}; bigmodel's save_group)"
+    return f"the process group ({members})"
 
 
 def run_step(group: Group | None, what: str, fn: Callable[[], T]) -> T:
@@ -166,7 +236,7 @@ def run_step(group: Group | None, what: str, fn: Callable[[], T]) -> T:
         error = exc
     outcomes: list[Any] = [None] * dist.get_world_size(group)
     mine = None if error is None else _describe(error)
-    dist.all_gather_object(outcomes, mine, group=group)
+    collective(group, what, lambda: dist.all_gather_object(outcomes, mine, group=group))
     failures = {rank: msg for rank, msg in enumerate(outcomes) if msg is not None}
     if failures:
         raise DistributedError(what, failures) from error

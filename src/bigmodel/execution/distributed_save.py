@@ -28,8 +28,11 @@ outcomes and runs steps 1-4 over the side group from the staged copies, so the t
 loop's collectives on its own group never interleave with the save's. A rank whose staging
 failed still runs its worker, which reports the failure in that first exchange. A rank that
 dies outright (``kill -9``) breaks the side group: its peers' gloo operations fail (closed
-connection, or at worst :data:`~bigmodel.execution.distributed.SAVE_GROUP_TIMEOUT`), their
-handles raise, nothing is published, and the previous checkpoint stays.
+connection, or at worst :data:`~bigmodel.execution.distributed.SAVE_GROUP_TIMEOUT`), which
+:func:`~bigmodel.execution.distributed.collective` turns into a
+:class:`~bigmodel.DistributedError` naming the side group and the lost rank; their handles
+raise it, rank 0's abort removes every staged file of the save (all carry its token), nothing
+is published, the previous checkpoint stays, and the workers end (the process can exit).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from bigmodel.execution.distributed import (
     Group,
     assign_owners,
     broadcast_object,
+    collective,
     global_rank,
     rank_of,
     run_step,
@@ -370,7 +374,7 @@ class DistributedSave:
 
     def _join(self) -> Commit:
         token = run_step(self.group, f"preparing to save into {self.directory}", self._lock)
-        token = broadcast_object(self.group, token)
+        token = broadcast_object(self.group, token, what=f"sharing the commit of {self.directory}")
         if self.commit is None:
             self.commit = Commit(
                 self.directory, layout=HF_LAYOUT, durable=self.opts.durable, token=token
@@ -407,7 +411,12 @@ class DistributedSave:
         import torch.distributed as dist
 
         everyone: list[Any] = [None] * self.world
-        dist.all_gather_object(everyone, (commit.staged(), stager.digests), group=self.group)
+        mine = (commit.staged(), stager.digests)
+        collective(
+            self.group,
+            f"handing the staged files of {self.directory} to rank 0",
+            lambda: dist.all_gather_object(everyone, mine, group=self.group),
+        )
 
         def publish() -> None:
             if self.rank != 0:
