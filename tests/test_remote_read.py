@@ -11,7 +11,8 @@ from torch import nn
 import bigmodel
 from _remote_servers import http_server
 from bigmodel import RemoteOptions
-from bigmodel.storage.remote_read import MAX_GAP, RemoteRange, plan_requests
+from bigmodel.storage import remote_read
+from bigmodel.storage.remote_read import MAX_GAP, RemoteRange, plan_requests, remote_tensors
 
 pytest.importorskip(
     "obstore", reason="the optional remote client is not installed: pip install 'bigmodel[remote]'"
@@ -82,3 +83,59 @@ def test_a_load_of_many_small_tensors_makes_few_requests_and_is_exact(tmp_path, 
         assert torch.equal(loaded.state_dict()[key], value), key
     total = sum(t.nbytes for t in model.state_dict().values())
     assert len(gets) <= total // 2**16 + 2  # 82 tensors in a handful of requests
+
+
+def test_a_split_never_cuts_an_element_so_each_part_can_be_cast_alone():
+    items = [
+        RemoteRange("a", "f", 0, 40, torch.float32, (10,)),
+        RemoteRange("b", "f", 40, 4000, torch.float32, (1000,)),
+    ]
+    requests = plan_requests(items, 1001)
+    assert all(p.length % 4 == 0 and p.offset % 4 == 0 for r in requests for p in r.parts)
+    assert sum(p.length for r in requests for p in r.parts) == 4040
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.small = nn.Linear(3, 5)  # 15 and 5 elements: parts of odd sizes around them
+        self.big = nn.Linear(256, 256)
+        self.register_buffer("steps", torch.arange(1001))
+
+
+@pytest.mark.parametrize("client", ["http", "obstore", "cache"])
+def test_a_cast_read_converts_chunk_by_chunk_into_what_tensor_to_gives(
+    tmp_path, monkeypatch, client
+):
+    torch.manual_seed(0)
+    model = Mixed()
+    bigmodel.save_checkpoint(model, tmp_path / "ckpt")
+    if client == "obstore":
+        monkeypatch.setenv("BIGMODEL_REMOTE_CLIENT", "obstore")
+    options = RemoteOptions(chunk_bytes=4099, threads=4, cache_dir=tmp_path / "cache")
+    sizes: list[int] = []
+    allocate = remote_read._buffer
+
+    def counted(nbytes: int):
+        sizes.append(nbytes)
+        return allocate(nbytes)
+
+    monkeypatch.setattr(remote_read, "_buffer", counted)
+    with http_server(tmp_path) as server:
+        if client == "cache":  # a first load fills the cache; the second reads it locally
+            bigmodel.load_checkpoint(Mixed(), server.url("ckpt"), remote=options)
+        with bigmodel.open_checkpoint(server.url("ckpt"), remote=options) as ckpt:
+            keys = sorted(ckpt.keys())
+            ranges = [ckpt.remote_range(key) for key in keys]
+            assert (ranges[0].local is not None) == (client == "cache")
+            sizes.clear()
+            got = dict(
+                remote_tensors(
+                    ckpt.remote, ranges, max_inflight_bytes=2**16, dtypes=[torch.bfloat16] * 5
+                )
+            )
+    state = model.state_dict()
+    for key in keys:
+        expected = state[key].to(torch.bfloat16) if state[key].is_floating_point() else state[key]
+        assert got[key].dtype == expected.dtype and torch.equal(got[key], expected), key
+    assert max(sizes) == 256 * 256 * 2  # the big weight never exists as float32 whole

@@ -156,6 +156,12 @@ class RemoteFolder:
         if self._direct is not None:
             self._direct.close()
 
+    @property
+    def copies_responses(self) -> bool:
+        """Whether range reads arrive in the client's own buffers (then copied), rather than
+        straight into the destination (plain HTTP(S), see :meth:`read_into`)."""
+        return self._direct is None or not self._direct.active
+
     def path(self, name: str) -> RemotePath:
         return RemotePath(f"{self.url}/{name}")
 

@@ -104,7 +104,10 @@ def write_remote_offload(
         stream = stack.enter_context(
             contextlib.closing(
                 remote_tensors(
-                    remote, [item for item, _ in items], max_inflight_bytes=max_inflight_bytes
+                    remote,
+                    [item for item, _ in items],
+                    max_inflight_bytes=max_inflight_bytes,
+                    dtypes=[dtype for _, dtype in items],  # cast as the bytes arrive
                 )
             )
         )

@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Generator, Iterable
+import threading
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,12 +97,15 @@ def plan_requests(items: list[RemoteRange], chunk_bytes: int) -> list[Request]:
     read and dropped."""
     requests: list[Request] = []
     for index, item in enumerate(items):
-        pos = 0
+        pos, step = 0, item.dtype.itemsize
         while pos < item.nbytes:
-            at, size = item.begin + pos, min(chunk_bytes, item.nbytes - pos)
+            at, left = item.begin + pos, item.nbytes - pos
+            size = _whole(min(chunk_bytes, left), left, step)
             last = requests[-1] if requests else None
-            if last is not None and at == last.end and last.end - last.start < chunk_bytes:
-                size = min(size, chunk_bytes - (last.end - last.start))  # fill it up
+            room = chunk_bytes - (last.end - last.start) if last is not None else 0
+            if last is not None and at == last.end and room >= min(step, left):
+                # fill it up, with whole elements (a part can then be cast on its own)
+                size = _whole(min(size, room), left, step)
             if last is None or not last.joins(item, at, size, chunk_bytes):
                 last = Request(item.file, item.local, at, at + size)
                 requests.append(last)
@@ -109,6 +113,14 @@ def plan_requests(items: list[RemoteRange], chunk_bytes: int) -> list[Request]:
             last.start, last.end = min(last.start, at), max(last.end, at + size)
             pos += size
     return requests
+
+
+def _whole(size: int, left: int, step: int) -> int:
+    """``size`` bytes of a tensor with ``left`` bytes to go, cut to whole elements of ``step``
+    bytes (at least one element)."""
+    if size >= left:
+        return left
+    return max(size - size % step, min(step, left))
 
 
 #: Tensors from this size up get memory of their own mapping (see :func:`_buffer`).
@@ -137,34 +149,78 @@ def _populate(mapping: mmap.mmap | None, offset: int, length: int) -> None:
         mapping.madvise(_POPULATE_WRITE, start, offset + length - start)
 
 
+@dataclass(frozen=True)
+class _View:
+    """Where one part of a request goes: the destination bytes, their mapping (None: heap
+    memory) and offset in it, and the dtypes of a cast (None: the bytes are copied as they
+    are)."""
+
+    out: torch.Tensor
+    mapping: mmap.mmap | None
+    offset: int
+    cast: tuple[torch.dtype, torch.dtype] | None = None
+
+
+_local = threading.local()
+
+
+def _bounce(nbytes: int) -> torch.Tensor:
+    """This worker thread's buffer for bytes that are cast before they reach the tensor (it
+    lives as long as the thread: one load)."""
+    have: torch.Tensor | None = getattr(_local, "bounce", None)
+    if have is None or have.numel() < nbytes:
+        have, _local.mapping = _buffer(nbytes)
+        _local.bounce = have
+    return have[:nbytes]
+
+
+def _cast_into(view: _View, source: torch.Tensor) -> None:
+    """Convert ``source`` (bytes of the stored dtype) into ``view`` (bytes of the target)."""
+    assert view.cast is not None
+    stored, target = view.cast
+    if source.storage_offset() % stored.itemsize:
+        source = source.clone()  # misaligned (a gap of odd size before it): view an aligned copy
+    view.out.view(target).copy_(source.view(stored))
+
+
 def _fetch(
-    folder: RemoteFolder,
-    fds: dict[Path, int],
-    request: Request,
-    views: list[tuple[torch.Tensor, mmap.mmap | None, int]],
+    folder: RemoteFolder, fds: dict[Path, int], request: Request, views: list[_View]
 ) -> None:
-    """Read ``request`` into ``views`` (for each part: the tensor bytes it fills, their
-    mapping, and where they start in it)."""
-    for part, (_, mapping, offset) in zip(request.parts, views, strict=True):
-        _populate(mapping, offset, part.length)
+    """Read ``request`` into ``views``, one per part (cast parts through a bounce buffer)."""
+    for view in views:
+        _populate(view.mapping, view.offset, view.out.numel())
+    bounce = _bounce(request.end - request.start) if any(v.cast for v in views) else None
+    segments: list[tuple[int, torch.Tensor]] = []
+    for part, view in zip(request.parts, views, strict=True):
+        at = part.at - request.start
+        memory = view.out if bounce is None or view.cast is None else bounce[at : at + part.length]
+        segments.append((part.at, memory))
     if request.local is not None:
-        for part, (view, _, _) in zip(request.parts, views, strict=True):
-            got = os.preadv(fds[request.local], [view.numpy().data], part.at)
-            if got != part.length:
-                raise InvalidCheckpointError.one(
-                    str(request.local),
-                    "file-changed",
-                    f"the cached file gave {got} of the {part.length} bytes at {part.at}: it "
-                    "changed while it was read.",
-                    hint="load again (a cache entry is checked, and fetched again when invalid).",
-                )
-        return
-    segments = [
-        (part.at, view.numpy().data)
-        for part, (view, _, _) in zip(request.parts, views, strict=True)
-    ]
-    segments.sort(key=lambda segment: segment[0])
-    folder.read_into(request.file, request.start, request.end, segments)
+        _read_local(fds[request.local], request.local, segments)
+    else:
+        segments.sort(key=lambda segment: segment[0])
+        folder.read_into(
+            request.file, request.start, request.end, [(at, m.numpy().data) for at, m in segments]
+        )
+    if bounce is not None:
+        for part, view in zip(request.parts, views, strict=True):
+            if view.cast is not None:
+                at = part.at - request.start
+                _cast_into(view, bounce[at : at + part.length])
+
+
+def _read_local(fd: int, path: Path, segments: list[tuple[int, torch.Tensor]]) -> None:
+    """Fill ``segments`` ((file offset, memory)) from the cached copy of the file."""
+    for at, memory in segments:
+        got = os.preadv(fd, [memory.numpy().data], at)
+        if got != memory.numel():
+            raise InvalidCheckpointError.one(
+                str(path),
+                "file-changed",
+                f"the cached file gave {got} of the {memory.numel()} bytes at {at}: it "
+                "changed while it was read.",
+                hint="load again (a cache entry is checked, and fetched again when invalid).",
+            )
 
 
 @dataclass
@@ -173,6 +229,9 @@ class _Schedule:
 
     items: list[RemoteRange]
     requests: list[Request]
+    #: per item, what it becomes, and its bytes then
+    dtypes: list[torch.dtype]
+    sizes: list[int]
     outs: list[torch.Tensor | None]
     maps: list[mmap.mmap | None]
     futures: list[list[Future[None]]]
@@ -185,13 +244,26 @@ class _Schedule:
 
     def allocate_through(self, last: int) -> None:
         for index in range(self.allocated, last + 1):
-            self.outs[index], self.maps[index] = _buffer(self.items[index].nbytes)
-            self.inflight += self.items[index].nbytes
+            self.outs[index], self.maps[index] = _buffer(self.sizes[index])
+            self.inflight += self.sizes[index]
         self.allocated = max(self.allocated, last + 1)
 
     def need(self, request: Request) -> int:
         last = max(part.item for part in request.parts)
-        return sum(self.items[i].nbytes for i in range(self.allocated, last + 1))
+        return sum(self.sizes[self.allocated : last + 1])
+
+    def view(self, part: Part) -> _View:
+        """Where ``part`` goes in its tensor (converted when the tensor is cast)."""
+        item, target = self.items[part.item], self.dtypes[part.item]
+        out = self.outs[part.item]
+        assert out is not None
+        if target == item.dtype:
+            return _View(
+                out[part.offset : part.offset + part.length], self.maps[part.item], part.offset
+            )
+        ratio = (target.itemsize, item.dtype.itemsize)
+        start, length = part.offset * ratio[0] // ratio[1], part.length * ratio[0] // ratio[1]
+        return _View(out[start : start + length], self.maps[part.item], start, (item.dtype, target))
 
 
 def remote_tensors(
@@ -199,21 +271,40 @@ def remote_tensors(
     ranges: Iterable[RemoteRange],
     *,
     max_inflight_bytes: int = 256 * 2**20,
+    dtypes: Sequence[torch.dtype | None] | None = None,
 ) -> Generator[tuple[str, torch.Tensor], None, None]:
     """Yield ``(key, tensor)`` for each range, in order, read with concurrent range requests.
 
     At most ``max_inflight_bytes`` of tensors are requested ahead of the one the caller holds
-    (the tensors of one request are always allowed, whatever their size).
+    (the tensors of one request are always allowed, whatever their size). ``dtypes`` (one per
+    range, None: as stored) casts floating-point tensors as their bytes arrive, chunk by
+    chunk, so a cast tensor never exists in its stored dtype as a whole.
     """
     items = list(ranges)
+    targets = [_target(item, None if dtypes is None else dtypes[i]) for i, item in enumerate(items)]
     chunk = max(1, folder.options.chunk_bytes)
     # The client's response buffers (one per running request) are memory in flight too: the
     # bound covers them and the tensors not yet handed out.
-    workers = max(1, min(folder.options.threads, max_inflight_bytes // (2 * chunk)))
-    window = max(0, max_inflight_bytes - workers * chunk)
+    # A cast part goes through a bounce buffer of the worker's: with the client's buffers,
+    # that is a second chunk per running request.
+    per_worker = chunk * (
+        2 if folder.copies_responses and targets != [item.dtype for item in items] else 1
+    )
+    workers = max(1, min(folder.options.threads, max_inflight_bytes // (2 * per_worker)))
+    window = max(0, max_inflight_bytes - workers * per_worker)
     requests = plan_requests(items, chunk)
+    sizes = [
+        item.nbytes // item.dtype.itemsize * t.itemsize
+        for item, t in zip(items, targets, strict=True)
+    ]
     state = _Schedule(
-        items, requests, [None] * len(items), [None] * len(items), [[] for _ in items]
+        items,
+        requests,
+        targets,
+        sizes,
+        [None] * len(items),
+        [None] * len(items),
+        [[] for _ in items],
     )
     state.last_request = [-1] * len(items)
     for number, request in enumerate(requests):
@@ -233,6 +324,14 @@ def remote_tensors(
             os.close(fd)
 
 
+def _target(item: RemoteRange, dtype: torch.dtype | None) -> torch.dtype:
+    """What ``item`` becomes: ``dtype`` when both are floating point (what ``Tensor.to``
+    would make of it), else its stored dtype (the caller converts anything else)."""
+    if dtype is None or not (item.dtype.is_floating_point and dtype.is_floating_point):
+        return item.dtype
+    return dtype
+
+
 def _submit(
     folder: RemoteFolder,
     fds: dict[Path, int],
@@ -249,14 +348,7 @@ def _submit(
         if not needed and pending and state.inflight + state.need(request) > limit:
             return
         state.allocate_through(max(part.item for part in request.parts))
-        views = [
-            (
-                state.outs[p.item][p.offset : p.offset + p.length],  # type: ignore[index]
-                state.maps[p.item],
-                p.offset,
-            )
-            for p in request.parts
-        ]
+        views = [state.view(part) for part in request.parts]
         future = pool.submit(_fetch, folder, fds, request, views)
         for part in request.parts:
             state.futures[part.item].append(future)
@@ -273,11 +365,10 @@ def _take(state: _Schedule) -> tuple[str, torch.Tensor]:
     assert out is not None
     state.outs[index] = state.maps[index] = None  # the tensor keeps its mapping alive
     state.futures[index] = []
-    state.inflight -= item.nbytes
+    state.inflight -= state.sizes[index]
     state.yielded += 1
+    dtype = state.dtypes[index]
     tensor = (
-        out.view(item.dtype).view(item.shape)
-        if item.nbytes
-        else torch.empty(item.shape, dtype=item.dtype)
+        out.view(dtype).view(item.shape) if item.nbytes else torch.empty(item.shape, dtype=dtype)
     )
     return item.key, tensor
