@@ -12,11 +12,14 @@ Memory: the client's response buffers (one per running request) and the tensors 
 not yet handed to the caller together stay within ``max_inflight_bytes``: at most half of it
 goes to running requests (fewer threads when ``chunk_bytes`` is large), the rest is the window
 of tensors read ahead (the tensors one request touches, and every request of the tensor the
-caller waits for, are always allowed). Each response is copied once, into the tensors it
-covers; large tensors get a mapping of their own, populated in one call by the worker that
-fills it and returned to the system as soon as a cast or a move frees it. Nothing touches the
-disk, except the optional cache (:mod:`bigmodel.storage.remote_cache`), which also supplies
-the files it holds: those ranges are read locally with ``preadv`` straight into the tensors.
+caller waits for, are always allowed). Over plain HTTP(S) a response is read straight into the
+tensors it covers (:mod:`bigmodel.storage.remote_http`); through the object-store client it
+is copied once into them. A tensor to be cast (``dtypes``) is allocated in its final dtype and
+each part is converted as it arrives, through a bounce buffer per worker, so it never exists
+whole in its stored dtype. Large tensors get a mapping of their own, populated in one call by
+the worker that fills it and returned to the system as soon as a cast or a move frees it.
+Nothing touches the disk, except the optional cache (:mod:`bigmodel.storage.remote_cache`),
+which also supplies the files it holds: those ranges are read locally with ``preadv``.
 """
 
 from __future__ import annotations
