@@ -454,6 +454,104 @@ def bg_save_failing(folder: str, opts: dict) -> dict:
     return {"raised": None}
 
 
+def _fsdp_net(folder: str):
+    """Net with up and down FSDP2-sharded over every rank, loaded from ``folder``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with bigmodel.init_empty_weights():
+        model = Net()
+    for layer in (model.up, model.down):
+        fully_shard(layer, mesh=mesh)
+    bigmodel.load_checkpoint(model, folder)
+    return model
+
+
+class _MainThreadCollectives:
+    """Counts torch.distributed collectives called from the main thread (the training loop's)."""
+
+    NAMES = ("all_gather_object", "broadcast_object_list", "gather", "all_gather", "broadcast")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.calls: list[str] = []
+        self.real = {name: getattr(dist, name) for name in self.NAMES}
+        for name, fn in self.real.items():
+
+            def counting(*args, _name=name, _fn=fn, **kwargs):
+                if threading.current_thread() is threading.main_thread():
+                    self.calls.append(_name)
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, counting)
+
+    def close(self) -> None:
+        for name, fn in self.real.items():
+            setattr(dist, name, fn)
+
+
+def _local_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def bg_save_replan(folder: str, opts: dict) -> dict:
+    """Three background saves of an unchanged FSDP2 Net, weights changed between them: from
+    the second on, no collective runs in the calling thread and the pieces are not recomputed;
+    each checkpoint holds the values of its call."""
+    from bigmodel.execution import distributed_save
+
+    model = _fsdp_net(folder)
+    real_pieces = distributed_save.pieces_of
+    pieces_calls = []
+    distributed_save.pieces_of = lambda *a, **k: pieces_calls.append(1) or real_pieces(*a, **k)
+    counter = _MainThreadCollectives()
+    equal, calls = [], []
+    try:
+        for i in range(3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    _local_of(p).mul_(1.5)  # an optimizer step, in place
+            expected = {k: _whole(v).clone() for k, v in model.state_dict().items()}
+            counter.calls.clear()
+            del pieces_calls[:]
+            out = f"{opts['out']}-{i}"
+            handle = bigmodel.save_checkpoint(model, out, background=True, max_shard_size="12KB")
+            calls.append((list(counter.calls), len(pieces_calls)))
+            with torch.no_grad():
+                for p in model.parameters():
+                    _local_of(p).add_(1.0)  # changed right after the call
+            handle.wait(timeout=60)
+            with bigmodel.open_checkpoint(out) as ckpt:
+                got = {k: ckpt.get_tensor(k) for k in ckpt.keys()}
+            equal.append(all(torch.equal(got[k], expected[k]) for k in got) and len(got) > 3)
+    finally:
+        counter.close()
+        distributed_save.pieces_of = real_pieces
+    return {"calls": calls, "equal": equal}
+
+
+def bg_save_mismatch(folder: str, opts: dict) -> dict:
+    """Both ranks save the same FSDP2 Net (in the background if opts['background']), rank 1
+    with another shard size: the ranks plan different files, which every rank must report
+    (not a hang, not a wrong checkpoint)."""
+    model = _fsdp_net(folder)
+    shard = "6KB" if dist.get_rank() == 1 else "12KB"
+    try:
+        handle = bigmodel.save_checkpoint(
+            model, opts["out"], background=opts["background"], max_shard_size=shard
+        )
+        handle.wait(timeout=60)
+    except bigmodel.DistributedError as exc:
+        return {"raised": "DistributedError", "ranks": list(exc.failures), "message": str(exc)}
+    return {"raised": None}
+
+
 def manager(folder: str, opts: dict) -> dict:
     """CheckpointManager with an FSDP2 Llama: background saves while training, rotation, then
     restore into a fresh model and optimizer and train on: the losses must match."""
@@ -485,6 +583,8 @@ SCENARIOS = {
     "manager": manager,
     "bg-save-llama": bg_save_llama,
     "bg-save-failing": bg_save_failing,
+    "bg-save-replan": bg_save_replan,
+    "bg-save-mismatch": bg_save_mismatch,
     "replicated": replicated,
     "sharded": sharded,
     "failing": failing,

@@ -92,6 +92,36 @@ def test_one_rank_failing_a_background_save_raises_on_every_handle_and_keeps_the
     assert [r["sum"] for r in ranks.run("ping", net_folder)] == [3, 3]  # the group goes on
 
 
+def test_a_repeated_background_save_runs_no_collective_in_the_calling_thread_and_reuses_its_plan(
+    ranks, tmp_path, net_folder
+):
+    results = ranks.run("bg-save-replan", net_folder, {"out": str(tmp_path / "out")})
+    for r in results:
+        assert r["equal"] == [True, True, True], r  # each holds the values of its call
+        first, *repeated = r["calls"]
+        assert first[0] == [], r  # planned alone: the workers compare the plans
+        assert repeated == [[[], 0], [[], 0]], r  # no collective, no piece recomputed
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_ranks_that_plan_a_save_differently_fail_every_rank_instead_of_writing_a_wrong_checkpoint(
+    ranks, tmp_path, net_folder, background
+):
+    torch.manual_seed(1)
+    old = Net()
+    out = tmp_path / "out"
+    bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
+    before = sorted(p.name for p in out.iterdir())
+    results = ranks.run("bg-save-mismatch", net_folder, {"out": str(out), "background": background})
+    for r in results:
+        assert r["raised"] == "DistributedError" and r["ranks"] == [1], r
+        assert "planned other files than rank 0" in r["message"], r
+        assert "Fix: " in r["message"], r
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert_same_state(_loaded(out), old.state_dict())
+    assert [r["sum"] for r in ranks.run("ping", net_folder)] == [3, 3]  # the group goes on
+
+
 def test_the_manager_saves_rotates_and_restores_an_fsdp_model_and_its_optimizer_on_two_ranks(
     ranks, tmp_path
 ):

@@ -52,9 +52,10 @@ from bigmodel.execution.distributed import (
 from bigmodel.execution.distributed_save import (
     DistributedSave,
     Entry,
+    cached_local_state,
     gather_all,
     gather_inputs,
-    local_state,
+    planned_locally,
     restage_entries,
     staging_failed,
     staging_outcome,
@@ -235,10 +236,9 @@ class CheckpointManager:
         folder = self.path(step)
         wait_for_saves()  # the side group is the previous worker's until it is done
         sg = save_group(group)
-        save = DistributedSave(
-            local_state(state, group, whole=True), folder, self._opts, sg, self._limit
-        )
-        opt = local_state(opt_tensors, group, whole=True)
+        # planned without collectives in this thread; the workers compare the plans
+        save = planned_locally(state, folder, self._opts, group=group, side=sg, limit=self._limit)
+        opt, _ = cached_local_state(opt_tensors, group, side=sg, kind="optimizer")
         tensors = {
             **save.to_stage(),
             **{_OPT_PREFIX + k: v for k, v in gather_inputs(opt, rank_of(sg)).items()},

@@ -3,7 +3,8 @@
 Steps (each ends with an exchange of outcomes, see :func:`bigmodel.execution.distributed.run_step`):
 
 1. Every rank computes the same shard plan from global shapes; shards are assigned to ranks,
-   balanced by bytes. Rank 0 takes the folder's lock, cleans debris of earlier saves and shares
+   balanced by bytes; the ranks compare the plans' digests (:func:`check_plans`), so a rank
+   called with other options fails every rank instead of pairing the wrong gathers. Rank 0 takes the folder's lock, cleans debris of earlier saves and shares
    its commit token, so every staged file of this save carries the same mark.
 2. Shards are visited in plan order, the same on every rank; each DTensor is gathered to the
    one rank whose shard holds it (:class:`_Gatherer`: every rank sends its local piece once,
@@ -22,9 +23,11 @@ In the background (:func:`submit_distributed`), the calling thread of every rank
 the previous background save, gets the side group (:func:`~bigmodel.execution.distributed.save_group`:
 gloo, same members, made once), turns each gatherable DTensor into a :class:`LocalShard`
 (DTensors only ``full_tensor()`` can gather are made whole here, on their own mesh), plans
-over the side group, and stages its local pieces plus the plain tensors it writes
-(:mod:`bigmodel.execution.background`). A worker thread per rank then exchanges the staging
-outcomes and runs steps 1-4 over the side group from the staged copies, so the training
+alone, without any collective (:mod:`bigmodel.execution.save_plan`; pieces and plan are reused
+while the state's signature is unchanged), and stages its local pieces plus the plain tensors
+it writes (:mod:`bigmodel.execution.background`). A worker thread per rank then exchanges the
+staging outcomes, compares the plans' digests (:func:`check_plans`: ranks that planned
+differently all fail there, before anything is written) and runs steps 1-4 over the side group from the staged copies, so the training
 loop's collectives on its own group never interleave with the save's. A rank whose staging
 failed still runs its worker, which reports the failure in that first exchange. A rank that
 dies outright (``kill -9``) breaks the side group: its peers' gloo operations fail (closed
@@ -41,6 +44,7 @@ import dataclasses
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +59,6 @@ from bigmodel.checkpoint.sharding import find_aliases
 from bigmodel.execution.background import SaveHandle, submit, wait_for_saves
 from bigmodel.execution.distributed import (
     Group,
-    assign_owners,
     broadcast_object,
     collective,
     global_rank,
@@ -64,7 +67,9 @@ from bigmodel.execution.distributed import (
     save_group,
     world_of,
 )
-from bigmodel.execution.writing import ShardStager, WriteOptions, plan_files, prepare_directory
+from bigmodel.execution.save_plan import PlanCache, SavePlan, plan_key, signature
+from bigmodel.execution.writing import ShardStager, WriteOptions, prepare_directory
+from bigmodel.foundations.errors import DistributedError
 from bigmodel.foundations.log import logger
 from bigmodel.foundations.progress import ProgressBar, progress_bar
 from bigmodel.foundations.tensors import is_dtensor
@@ -75,10 +80,14 @@ __all__ = [
     "DistributedSave",
     "Entry",
     "LocalShard",
+    "check_plans",
     "gather_all",
     "gather_inputs",
     "restage_entries",
+    "cached_local_state",
     "local_state",
+    "pieces_of",
+    "planned_locally",
     "save_distributed",
     "staging_failed",
     "staging_outcome",
@@ -141,28 +150,85 @@ def _piece(tensor: torch.Tensor, members: list[int]) -> _Piece | None:
     return tuple(shape), tuple(offset)
 
 
+def pieces_of(state: Mapping[str, torch.Tensor], group: Group) -> dict[str, _Piece | None]:
+    """Every DTensor's piece (:func:`_piece`); None for those only ``full_tensor()`` gathers."""
+    import torch.distributed as dist
+
+    members = sorted(dist.get_process_group_ranks(group))
+    return {k: _piece(t, members) for k, t in state.items() if is_dtensor(t)}
+
+
 def local_state(
-    state: Mapping[str, torch.Tensor], group: Group, *, whole: bool
+    state: Mapping[str, torch.Tensor],
+    group: Group,
+    *,
+    whole: bool,
+    pieces: Mapping[str, _Piece | None] | None = None,
 ) -> dict[str, Entry]:
     """``state`` with every gatherable DTensor as a :class:`LocalShard` (a view, no copy).
 
     Other DTensors (``Partial`` sums, strided shards, another mesh) stay DTensors, gathered
     with ``full_tensor()`` in plan order (``whole=False``), or are made whole now, in the
     calling thread, where the collective on their mesh may run (``whole=True``: a
-    background save, whose worker must not touch the training loop's groups).
+    background save, whose worker must not touch the training loop's groups). ``pieces``:
+    those of :func:`pieces_of` for this state, computed earlier.
     """
-    import torch.distributed as dist
-
-    members = sorted(dist.get_process_group_ranks(group))
+    if pieces is None:
+        pieces = pieces_of(state, group)
     out: dict[str, Entry] = {}
     for key, tensor in state.items():
         if not is_dtensor(tensor):
             out[key] = tensor
-        elif (piece := _piece(tensor, members)) is not None:
+        elif (piece := pieces[key]) is not None:
             out[key] = LocalShard(tensor.to_local(), tuple(tensor.shape), piece)  # type: ignore[attr-defined]
         else:
             out[key] = tensor.full_tensor() if whole else tensor  # type: ignore[attr-defined]
     return out
+
+
+_PLANS = PlanCache()
+
+
+def cached_local_state(
+    state: Mapping[str, torch.Tensor], group: Group, *, side: Group, kind: str
+) -> tuple[dict[str, Entry], tuple[Any, ...]]:
+    """:func:`local_state` for a background save (``whole=True``), with the pieces of the last
+    save of this ``kind`` over ``side`` when ``state``'s :func:`signature` is unchanged.
+    Returns the entries and the signature."""
+    sig = signature(state)
+    pieces = _PLANS.pieces(side, kind, sig)
+    if pieces is None:
+        pieces = pieces_of(state, group)
+        _PLANS.keep_pieces(side, kind, sig, pieces)
+    return local_state(state, group, whole=True, pieces=pieces), sig
+
+
+def planned_locally(
+    state: Mapping[str, torch.Tensor],
+    directory: Path,
+    opts: WriteOptions,
+    *,
+    group: Group,
+    side: Group,
+    limit: int,
+    kind: str = "model",
+) -> DistributedSave:
+    """The background save of ``state`` over ``side``, planned without any collective.
+
+    Pieces and plan come from :data:`_PLANS` when ``state``'s signature is unchanged since the
+    last save of this ``kind`` over ``side``; the workers check that every rank planned alike
+    (:func:`staging_outcome` with the plan's digest). Only DTensors that ``full_tensor()``
+    alone can gather run a collective here, on their own mesh.
+    """
+    entries, sig = cached_local_state(state, group, side=side, kind=kind)
+    aliases = find_aliases({k: _local(v) for k, v in entries.items()}) if opts.safe else {}
+    key = plan_key(sig, aliases, opts, limit)
+    plan = _PLANS.plan(side, kind, key)
+    if plan is None:
+        specs = {k: _spec(v) for k, v in entries.items()}
+        plan = SavePlan.make(specs, opts, limit, world_of(side), aliases)
+        _PLANS.keep_plan(side, kind, key, plan)
+    return DistributedSave(entries, directory, opts, side, limit, plan=plan)
 
 
 class _Gatherer:
@@ -331,18 +397,24 @@ class DistributedSave:
         opts: WriteOptions,
         group: Group,
         limit: int,
+        *,
+        plan: SavePlan | None = None,
     ) -> None:
         self.group, self.directory = group, directory
         self.rank, self.world = rank_of(group), world_of(group)
-        # Tied DTensors are one parameter object, so their local shards share storage too.
-        # Rank 0's view decides, so every rank plans the same files.
-        mine = find_aliases({k: _local(v) for k, v in state.items()}) if opts.safe else {}
-        self.opts = dataclasses.replace(opts, aliases=broadcast_object(group, mine))
-        self.stored = {k: v for k, v in state.items() if k not in self.opts.aliases}
-        specs = {k: _spec(v) for k, v in self.stored.items()}
-        self.plan = plan_files(specs, limit, self.opts)
-        self.names, self.index_name = self.opts.file_names(self.plan)
-        self.owners = assign_owners(self.plan.sizes, self.world)
+        if plan is None:
+            # Tied DTensors are one parameter object, so their local shards share storage too.
+            # Rank 0's view decides, so every rank plans the same files.
+            mine = find_aliases({k: _local(v) for k, v in state.items()}) if opts.safe else {}
+            aliases = broadcast_object(group, mine, what=f"planning the save into {directory}")
+            specs = {k: _spec(v) for k, v in state.items()}
+            plan = SavePlan.make(specs, opts, limit, self.world, aliases)
+        #: compared across ranks before anything is written (:func:`check_plans`)
+        self.digest = plan.digest
+        self.opts = dataclasses.replace(opts, aliases=plan.aliases)
+        self.stored = {k: v for k, v in state.items() if k not in plan.aliases}
+        self.plan, self.names, self.index_name = plan.files, plan.names, plan.index_name
+        self.owners = plan.owners
         self.mine = [i for i, owner in enumerate(self.owners) if owner == self.rank]
         self.commit: Commit | None = None
 
@@ -432,6 +504,7 @@ class DistributedSave:
 
     def run(self) -> SaveResult:
         bar: Any = ProgressBar()
+        check_plans(self.group, self.directory, self.digest)
         try:
             commit = self._join()
             bar = progress_bar(
@@ -487,6 +560,31 @@ def staging_outcome(group: Group, directory: Path, error: BaseException | None =
     run_step(group, f"staging the tensors of the save into {directory}", check)
 
 
+def check_plans(group: Group, directory: Path, digest: str) -> None:
+    """Every rank planned the same files (``digest``: :attr:`SavePlan.digest`), or every rank
+    raises :class:`~bigmodel.DistributedError` naming those whose plan differs from rank 0's.
+
+    A background save plans on each rank alone; a rank called with other options or another
+    model would otherwise pair the wrong gathers and write a wrong checkpoint."""
+    import torch.distributed as dist
+
+    what = f"planning the save into {directory}"
+    digests: list[Any] = [None] * world_of(group)
+    collective(group, what, lambda: dist.all_gather_object(digests, digest, group=group))
+    differ = {r: d for r, d in enumerate(digests) if d != digests[0]}
+    if differ:
+        raise DistributedError(
+            what,
+            {
+                r: f"planned other files than rank 0 (plan {d[:12]}, rank 0's {digests[0][:12]}): "
+                "the ranks' states differ in names, dtypes, shapes, placements or tied weights, "
+                "or their save options differ. Fix: call the save on every rank with the same "
+                "model, sharded the same way, and the same options."
+                for r, d in differ.items()
+            },
+        )
+
+
 def submit_distributed(
     state: Mapping[str, torch.Tensor],
     directory: Path,
@@ -503,16 +601,19 @@ def submit_distributed(
     background save, makes the side group on first use, gathers the DTensors only
     ``full_tensor()`` can gather (on their own mesh), plans over the side group, stages.
     """
+    started = time.perf_counter()
     wait_for_saves()  # the side group is the previous worker's until it is done
+    waited = time.perf_counter()
     side = save_group(group)
-    save = DistributedSave(local_state(state, group, whole=True), directory, opts, side, limit)
+    save = planned_locally(state, directory, opts, group=group, side=side, limit=limit)
+    planned = time.perf_counter()
 
     def job(staged: Mapping[str, torch.Tensor]) -> SaveResult:
         staging_outcome(side, directory)
         save.restage(staged)
         return save.run()
 
-    return submit(
+    handle = submit(
         directory,
         save.to_stage(),
         job,
@@ -520,6 +621,14 @@ def submit_distributed(
         staging_memory=staging_memory,
         failed=lambda error: staging_failed(side, directory, error),
     )
+    logger.debug(
+        "background save into %s: waited %.4f s, planned %.4f s, staged %.4f s",
+        directory,
+        waited - started,
+        planned - waited,
+        time.perf_counter() - planned,
+    )
+    return handle
 
 
 def staging_failed(group: Group, directory: Path, error: BaseException) -> NoReturn:
