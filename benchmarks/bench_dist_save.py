@@ -1,6 +1,7 @@
 """Training stall of a two-rank FSDP2 save: background (side group) vs synchronous collective.
 
     python benchmarks/bench_dist_save.py                  # "small" Llama-style model, 2 ranks
+    python benchmarks/bench_dist_save.py --size medium    # ~0.9 GB fp32
     python benchmarks/bench_dist_save.py --size tiny      # smoke run
 
 Two gloo ranks on this machine (subprocesses) FSDP2-shard the same Llama-style model and save
@@ -12,8 +13,10 @@ in place) and a few all-reduces on the default group between saves:
   while each rank stages its own shards; the gathers, writes and commit run on a worker
   thread over the side gloo group.
 
-Reported (medians over the saves, the slower rank): the stall (the call's duration) and the
-write (call to durable).
+Reported (medians over the saves, the slower rank): the stall (the call's duration), split
+into planning (``planned_locally``: pieces and plan, reused while the model is unchanged) and
+staging (the copy into staging memory), the write (call to durable), and the staging buffer's
+size against the bytes of the rank's own pieces.
 """
 
 from __future__ import annotations
@@ -30,7 +33,29 @@ import tempfile
 import time
 from pathlib import Path
 
-SIZES = {"tiny": (64, 2, 128, 256), "small": (512, 8, 1408, 8000)}
+SIZES = {
+    "tiny": (64, 2, 128, 256),
+    "small": (512, 8, 1408, 8000),
+    "medium": (1024, 12, 2816, 32000),
+}
+
+
+def _timed(module: object, name: str, into: list[float]) -> None:
+    """Record the duration of every call of ``module.name`` (the background save's parts)."""
+    import functools
+    import time
+
+    real = getattr(module, name)
+
+    @functools.wraps(real)
+    def timed(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - start)
+
+    setattr(module, name, timed)
 
 
 def _rank(rank: int, port: int, size: str, saves: int, root: Path) -> dict[str, list[float]]:
@@ -41,6 +66,7 @@ def _rank(rank: int, port: int, size: str, saves: int, root: Path) -> dict[str, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import bigmodel
+    from bigmodel.execution import background, distributed_save
 
     dist.init_process_group(
         "gloo",
@@ -66,6 +92,9 @@ def _rank(rank: int, port: int, size: str, saves: int, root: Path) -> dict[str, 
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     out: dict[str, list[float]] = {"sync stall": [], "background stall": [], "background write": []}
+    out["background plan"], out["background stage"] = [], []
+    _timed(distributed_save, "planned_locally", out["background plan"])
+    _timed(distributed_save, "submit", out["background stage"])
     for method in ("sync", "background"):
         for i in range(saves):
             folder = root / method / f"step-{i}"
@@ -84,6 +113,11 @@ def _rank(rank: int, port: int, size: str, saves: int, root: Path) -> dict[str, 
             if method == "background":
                 handle.wait()
                 out["background write"].append(float(handle.finished_at) - call)
+    local = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.state_dict().values()
+    )
+    out["staging bytes"] = [float(background.staging_peak_bytes())]
+    out["local bytes"] = [float(local)]
     dist.barrier()
     dist.destroy_process_group()
     return out
@@ -131,14 +165,18 @@ def main() -> None:
         f"Two gloo ranks, FSDP2 Llama-style `{args.size}` {SIZES[args.size]}, fp32, "
         f"{args.saves} saves per method (medians, slower rank).",
         "",
-        "| method | stall per save (s) | write, call to durable (s) |",
-        "|---|---|---|",
-        f"| bigmodel sync (collective) | {med['sync stall']:.3f} | {med['sync stall']:.3f} |",
+        "| method | stall per save (s) | of which planning / staging (s) "
+        "| write, call to durable (s) |",
+        "|---|---|---|---|",
+        f"| bigmodel sync (collective) | {med['sync stall']:.3f} | - | {med['sync stall']:.3f} |",
         f"| bigmodel background (side group) | {med['background stall']:.3f} | "
+        f"{med['background plan']:.4f} / {med['background stage']:.4f} | "
         f"{med['background write']:.3f} |",
         "",
         f"background stall / sync stall: {med['background stall'] / med['sync stall']:.3f}; "
-        f"background write / sync: {med['background write'] / med['sync stall']:.2f}",
+        f"background write / sync: {med['background write'] / med['sync stall']:.2f}; "
+        f"staging buffer per rank: {med['staging bytes'] / 2**20:.1f} MiB for "
+        f"{med['local bytes'] / 2**20:.1f} MiB of the rank's own pieces",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
