@@ -13,6 +13,8 @@ import contextlib
 import os
 import re
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -220,18 +222,39 @@ class HttpServer:
 
 
 @contextlib.contextmanager
-def http_server(root: Path) -> Iterator[HttpServer]:
-    """Serve ``root`` over HTTP on a free localhost port, with byte ranges."""
+def http_server(root: Path, tls: tuple[Path, Path] | None = None) -> Iterator[HttpServer]:
+    """Serve ``root`` over HTTP on a free localhost port, with byte ranges; over HTTPS with
+    ``tls`` ((certificate, key) files)."""
     faults = Faults()
     server = _Server(root, faults)
+    scheme = "http"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
     thread.start()
     try:
-        yield HttpServer(root, f"http://127.0.0.1:{server.server_address[1]}", faults)
+        yield HttpServer(root, f"{scheme}://127.0.0.1:{server.server_address[1]}", faults)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by ``openssl`` (the caller skips when it
+    is missing)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 @contextlib.contextmanager

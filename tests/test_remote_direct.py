@@ -6,11 +6,13 @@ the checkpoint and injects the faults."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 import bigmodel
-from _remote_servers import TinyNet, http_server
+from _remote_servers import TinyNet, http_server, self_signed
 from bigmodel import RemoteOptions
 from bigmodel.storage.remote_http import MAX_MISSES, DirectHttp
 
@@ -129,3 +131,24 @@ def test_credentials_a_query_a_proxy_or_the_switch_leave_reads_to_the_object_sto
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert DirectHttp.for_url(url, timeout=1) is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
+def test_https_ranges_are_read_directly_and_an_untrusted_certificate_is_refused(
+    saved, tmp_path, monkeypatch
+):
+    cert, key = self_signed(tmp_path)
+    (name,) = [p.name for p in (saved[1] / "ckpt").glob("model-00001-*.safetensors")]
+    data = (saved[1] / "ckpt" / name).read_bytes()
+    with http_server(saved[1], tls=(cert, key)) as server:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        untrusted = DirectHttp.for_url(server.url("ckpt"), timeout=10)
+        assert untrusted is not None and untrusted.https
+        memory = memoryview(bytearray(64))
+        assert untrusted.read_into(name, 0, 64, [(0, memory)]) is None  # verification is on
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusted = DirectHttp.for_url(server.url("ckpt"), timeout=10)
+        assert trusted is not None
+        assert trusted.read_into(name, 100, 164, [(100, memory)]) == []
+        assert bytes(memory) == data[100:164]
+        trusted.close()

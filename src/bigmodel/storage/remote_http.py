@@ -57,7 +57,7 @@ class DirectHttp:
         self.misses = 0
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        self._context = ssl.create_default_context() if self.https else None
+        self._context: ssl.SSLContext | None = None  # made on the first HTTPS connection
 
     @classmethod
     def for_url(cls, url: str, timeout: float) -> DirectHttp | None:
@@ -111,6 +111,8 @@ class DirectHttp:
             if self._idle:
                 return self._idle.pop()
         if self.https:
+            if self._context is None:
+                self._context = ssl.create_default_context()  # the system's CAs, verified
             return http.client.HTTPSConnection(
                 self.host, self.port, timeout=self.timeout, context=self._context
             )
