@@ -99,7 +99,10 @@ def test_io_auto_maps_local_files_and_rejects_unknown_modes(tmp_path):
         pick_io("fast", tmp_path)
 
 
-def test_io_auto_reads_network_filesystems_with_pread(monkeypatch, tmp_path):
+def test_io_auto_reads_network_filesystems_with_pread_by_mount_type_without_statfs(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setattr(pread_module, "filesystem_magic", lambda path: None)
     monkeypatch.setattr(pread_module, "filesystem_type", lambda path: "nfs4")
     assert pick_io("auto", tmp_path) == "pread"
     monkeypatch.setattr(pread_module, "filesystem_type", lambda path: "fuse.s3fs")

@@ -36,7 +36,7 @@ from bigmodel.checkpoint.open import open_checkpoint
 from bigmodel.execution.distributed import Group, resolve_group, run_step
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import OffloadedTensor, offload_sources
-from bigmodel.execution.reading import PlanReader, read_derived
+from bigmodel.execution.reading import MappedRead, PlanReader, read_derived, start_early_read
 from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.dtypes import is_auto, parse_dtype
 from bigmodel.foundations.errors import (
@@ -113,7 +113,31 @@ def _read(
     opts: _Options,
     group: Group | None,
 ) -> tuple[LoadPlan, dict[str, OffloadedTensor]]:
-    """Plan from the headers, read what is resident, describe what is offloaded."""
+    """Plan from the headers, read what is resident, describe what is offloaded.
+
+    A load that reads every tensor through the mapping starts reading before it plans (see
+    :func:`~bigmodel.execution.reading.start_early_read`), so the disk is busy while keys are
+    matched; the read phase (``LoadReport.read_seconds``) starts there."""
+    start = time.perf_counter()
+    whole = group is None and placement.device_map is None
+    early = start_early_read(ckpt, opts.io, whole=whole)
+    try:
+        return _plan_and_read(model, ckpt, targets, placement, opts, group, early, start)
+    finally:
+        if early is not None:
+            early.populator.cancel()  # stops at once when done; on failure stops reading
+
+
+def _plan_and_read(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    targets: dict[str, torch.Tensor],
+    placement: Placement,
+    opts: _Options,
+    group: Group | None,
+    early: MappedRead | None,
+    start: float,
+) -> tuple[LoadPlan, dict[str, OffloadedTensor]]:
     rules = opts.rules
     if opts.assign:  # the model's own layout conversions (a transformers model)
         conversions = model_conversions(model, ckpt.keys(), rules.key_mapping)
@@ -131,6 +155,7 @@ def _read(
         io=opts.io,
         strategy=opts.distributed.strategy,
         progress=opts.progress,
+        mapped=early,
     )
     reader.read(plan.items, group)
     offloaded: dict[str, OffloadedTensor] = {}
@@ -140,6 +165,7 @@ def _read(
             f"converting {ckpt.path}",
             lambda: read_derived(reader, plan.derived, opts.offload_folder),
         )
+    plan.report.read_seconds = time.perf_counter() - start
     if placement.device_map is not None:
         offloaded |= offload_sources(
             ckpt,

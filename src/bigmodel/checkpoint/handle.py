@@ -9,8 +9,10 @@ tensor or a :class:`TensorInfo` does.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,7 @@ class Checkpoint:
         self.aliases = aliases
         self._weight_map = weight_map
         self._readers = readers
+        self._sequential = _SequentialReads(self)
 
     # -- structure -----------------------------------------------------------------------
     @property
@@ -157,6 +160,18 @@ class Checkpoint:
     def stored_keys(self) -> list[str]:
         """Names whose bytes are in the files (aliases excluded)."""
         return list(self._weight_map)
+
+    def file_order(self) -> list[str]:
+        """Stored names in the order their bytes lie on disk: files in shard order, then by
+        offset within each file (``.bin`` and remote files: the index's order)."""
+        files = {file: n for n, file in enumerate(self._readers)}
+
+        def place(name: str) -> tuple[int, int]:
+            reader = self._readers[self._weight_map[name]]
+            offset = reader.entries[name].begin if isinstance(reader, SafetensorsFile) else 0
+            return files[self._weight_map[name]], offset
+
+        return sorted(self._weight_map, key=place)
 
     def keys_by_file(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {f: [] for f in self._readers}
@@ -221,9 +236,18 @@ class Checkpoint:
         )
 
     # -- data ----------------------------------------------------------------------------
-    def get_tensor(self, name: str) -> torch.Tensor:
-        """The whole tensor on CPU, zero-copy where the file allows it."""
+    def get_tensor(self, name: str, *, readahead: bool = True) -> torch.Tensor:
+        """The whole tensor on CPU, zero-copy where the file allows it.
+
+        Reading tensors in file order is noticed: from the second tensor that follows the one
+        read before it, the kernel is asked to read ahead of the reader (a window of up to
+        1 GiB, renewed as the reader moves; see :class:`_SequentialReads`), so reading every
+        tensor runs at the disk's rate instead of page by page. ``readahead=False`` leaves
+        that to the caller (a load that announces its whole read itself).
+        """
         stored = self._resolve(name)
+        if readahead:
+            self._sequential.saw(stored)
         return self._readers[self._weight_map[stored]].get_tensor(stored)
 
     def byte_range(self, name: str) -> ByteRange | None:
@@ -253,14 +277,9 @@ class Checkpoint:
             name, file, entry.begin, entry.nbytes, entry.dtype, entry.shape, local=local
         )
 
-    def readahead(self, names: Iterable[str]) -> int:
-        """Ask the kernel to start reading these tensors' bytes into the page cache, in the
-        background (see :mod:`bigmodel.storage.readahead`), so later accesses find them cached
-        instead of faulting page by page. Returns the bytes advised (ranges merged); 0 for
-        ``.bin`` files and where the platform lacks ``posix_fadvise``.
-        """
-        from bigmodel.storage.readahead import readahead  # imported on use: it may need torch
-
+    def file_spans(self, names: Iterable[str]) -> dict[Path, list[tuple[int, int]]]:
+        """Each local safetensors file's (begin, end) byte ranges holding these tensors' data
+        (empty tensors, ``.bin`` files and remote files have none)."""
         spans: dict[Path, list[tuple[int, int]]] = {}
         for name in names:
             stored = self._resolve(name)
@@ -271,7 +290,17 @@ class Checkpoint:
                 entry = reader.entries[stored]
                 if entry.nbytes:
                     spans.setdefault(reader.path, []).append((entry.begin, entry.end))
-        return readahead(spans)
+        return spans
+
+    def readahead(self, names: Iterable[str]) -> int:
+        """Ask the kernel to start reading these tensors' bytes into the page cache, in the
+        background (see :mod:`bigmodel.storage.readahead`), so later accesses find them cached
+        instead of faulting page by page. Returns the bytes advised (ranges merged); 0 for
+        ``.bin`` files and where the platform lacks ``posix_fadvise``.
+        """
+        from bigmodel.storage.readahead import readahead  # imported on use: it may need torch
+
+        return readahead(self.file_spans(names))
 
     def get_slice(self, name: str) -> TensorSlice:
         """A lazy handle: index it to read only part of the tensor."""
@@ -303,6 +332,7 @@ class Checkpoint:
 
     def close(self) -> None:
         """Release the file mappings held by this object; tensors already returned stay valid."""
+        self._sequential.stop(finish=True)
         for reader in self._readers.values():
             reader.close()
         if self.remote is not None:
@@ -317,6 +347,91 @@ class Checkpoint:
     def __repr__(self) -> str:
         layout = f"sharded, {len(self._readers)} files" if self.is_sharded else "single file"
         return f"Checkpoint({str(self.path)!r}, {self.format}, {layout}, {len(self)} tensors)"
+
+
+class _SequentialReads:
+    """Follows a :class:`Checkpoint`'s ``get_tensor`` calls. When a tensor follows the one read
+    before it in file order (stored tensors, files in shard order), the reader is taken to
+    read everything in order: a :class:`~bigmodel.storage.readahead.Populator` makes the
+    following tensors resident and mapped from a background thread, at most ``window`` bytes
+    ahead of the reader (1 GiB, or a quarter of the page cache's room, so that what is read
+    ahead is still cached when it is used); where the device's own readahead window is small,
+    that window is also announced to the kernel (``POSIX_FADV_WILLNEED``). A read out of order
+    stops it. Local safetensors files only; a hint, never an error."""
+
+    WINDOW = 2**30
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._ckpt = ckpt
+        self._order: dict[str, int] | None = None
+        self._names: list[str] = []
+        self._starts: list[int] = []  # cumulative bytes before each stored tensor
+        self._last = -2
+        self._announced = 0  # cumulative bytes announced so far (from the start)
+        self._window = 0
+        self._announce = False
+        self._populator: Any = None
+        self._first = 0  # the index of the populator's first tensor
+
+    def saw(self, stored: str) -> None:
+        if self._order is None:
+            self._index()
+        assert self._order is not None
+        i = self._order.get(stored, -2)
+        sequential = i == self._last + 1 and i >= 0
+        self._last = i
+        if not sequential:
+            self.stop()
+            return
+        if self._populator is None:
+            self._start(i)
+        self._populator.advance(i - self._first)
+        if self._announce:
+            self._announce_from(i)
+
+    def _start(self, i: int) -> None:
+        from bigmodel.storage.page_cache import page_cache_room
+        from bigmodel.storage.readahead import Populator, needs_announcing
+
+        room = page_cache_room()
+        self._window = self.WINDOW if room is None else max(64 * 2**20, min(self.WINDOW, room // 4))
+        spans = self._ckpt.file_spans(self._names[i : i + 1])
+        self._announce = any(needs_announcing(path) for path in spans)
+        views = [self._ckpt.get_tensor(name, readahead=False) for name in self._names[i:]]
+        self._first = i
+        self._populator = Populator(views, ahead_bytes=self._window)
+        # a checkpoint dropped without close() must not leave the thread waiting with its views
+        weakref.finalize(self._ckpt, self._populator.finish)
+
+    def _announce_from(self, i: int) -> None:
+        here = self._starts[i]
+        if here + self._window // 2 < self._announced:
+            return
+        end = bisect.bisect_right(self._starts, here + self._window)
+        first = bisect.bisect_right(self._starts, max(self._announced, here)) - 1
+        self._ckpt.readahead(self._names[max(first, i) : end])
+        self._announced = self._starts[min(end, len(self._names))]
+
+    def stop(self, *, finish: bool = False) -> None:
+        """Stop reading ahead: at once (a read out of order), or once the tensors already
+        asked for are read (``finish``: the checkpoint was closed, its tensors are in use)."""
+        if self._populator is not None:
+            if finish:
+                self._populator.finish()
+            else:
+                self._populator.cancel(wait=False)
+            self._populator = None
+
+    def _index(self) -> None:
+        local = all(
+            isinstance(r, SafetensorsFile) and not isinstance(r, RemoteSafetensorsFile)
+            for r in self._ckpt._readers.values()
+        )
+        self._names = self._ckpt.file_order() if local else []
+        self._order = {name: i for i, name in enumerate(self._names)}
+        self._starts = [0]
+        for name in self._names:
+            self._starts.append(self._starts[-1] + self._ckpt.nbytes(name))
 
 
 def first_floating_dtype(ckpt: Checkpoint) -> torch.dtype | None:

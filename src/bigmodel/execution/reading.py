@@ -6,8 +6,8 @@ the progress bar); :meth:`PlanReader.read` sends each planned tensor down one of
 (the last two are in :mod:`bigmodel.execution.distributed_reading`):
 
 * local (one process, or a strategy where every rank maps the files): ``io="mmap"`` views of
-  the mapping after a background readahead of every planned byte, or ``io="pread"`` parallel
-  reads bounded by bytes in flight (see :mod:`bigmodel.storage.pread`);
+  the mapping, made resident before the load returns (see :func:`_populated`), or
+  ``io="pread"`` parallel reads bounded by bytes in flight (see :mod:`bigmodel.storage.pread`);
 * sharded (a DTensor target): only the slice this rank's placement owns is read;
 * replicated under a process group: ``mmap``, ``shm``, ``scatter`` or ``rank0`` (see
   :mod:`bigmodel.execution.distributed`).
@@ -41,10 +41,12 @@ from bigmodel.foundations.types import IOOptions, LoadReport
 from bigmodel.placement.conversions import DerivedGroup
 from bigmodel.placement.load_plan import Plan, tie_groups
 from bigmodel.placement.policy import Placement, like, place
+from bigmodel.storage.page_cache import page_cache_room, resident_bytes
 from bigmodel.storage.pread import pick_io, pread_tensors
+from bigmodel.storage.readahead import Populator, needs_announcing
 from bigmodel.storage.remote_read import remote_tensors
 
-__all__ = ["PlanReader"]
+__all__ = ["MappedRead", "PlanReader", "start_early_read", "start_mapped_read"]
 
 
 @dataclass
@@ -62,6 +64,9 @@ class PlanReader:
     strategy: str = "auto"
     progress: bool | None = None
     bar: Any = None
+    #: The background read of a mapped load (None for other paths), possibly started before
+    #: the plan was made (:func:`start_mapped_read`).
+    mapped: MappedRead | None = None
 
     def read(self, plan: Plan, group: Group | None = None) -> None:
         """Read each planned tensor in file order and put it in place.
@@ -83,16 +88,21 @@ class PlanReader:
                     lambda: read_sharded(self, sharded),
                 )
             if group is None:
-                self.read_local(self._fetcher(replicated), replicated)
+                try:
+                    self.read_local(self._fetcher(replicated), replicated)
+                    if self.mapped is not None:
+                        self.mapped.settle()  # every page resident before the load returns
+                finally:
+                    if self.mapped is not None:
+                        self.mapped.populator.cancel()
             elif replicated:
                 read_replicated(self, replicated, group)
 
     def _fetcher(self, items: Plan) -> Callable[[str], torch.Tensor]:
         """How the single-process path gets each stored tensor, by ``io``.
 
-        mmap: views of the mapping, after asking the kernel to read every planned tensor ahead
-        in the background (views then do not fault page by page in the first forward pass,
-        and conversions find their input cached). pread: parallel reads scheduled by bytes in
+        mmap: views of the mapping, read in the background at the disk's rate and handed out
+        once resident (see :func:`_populated`). pread: parallel reads scheduled by bytes in
         flight (see ``bigmodel.storage.pread``). A remote checkpoint: concurrent range
         requests under the same bound (see ``bigmodel.storage.remote_read``).
         """
@@ -108,8 +118,10 @@ class PlanReader:
         ranges = [ckpt.byte_range(key) for key, _ in items]
         io = pick_io(self.io.mode, ckpt.directory) if ranges and all(ranges) else "mmap"
         if io == "mmap":
-            ckpt.readahead(key for key, _ in items)  # background readahead, cold caches only pay
-            return ckpt.get_tensor
+            if self.mapped is None:
+                self.mapped = start_mapped_read(ckpt, [key for key, _ in items], self.io)
+            self.report.cached_bytes += self.mapped.cached
+            return self.mapped.fetch
         stream = pread_tensors(
             [r for r in ranges if r is not None], max_inflight_bytes=self.io.inflight
         )
@@ -143,6 +155,74 @@ class PlanReader:
                 self.report.bytes_read += nbytes
             self.report.loaded_keys.append(key)
             self.bar.update(nbytes)
+
+
+@dataclass
+class MappedRead:
+    """A mapped read under way: views of the planned tensors, made resident in order by a
+    :class:`~bigmodel.storage.readahead.Populator`, handed out by :meth:`fetch` once resident.
+    ``cached`` is how many of their bytes were in the page cache when it started."""
+
+    ckpt: Checkpoint
+    views: dict[str, torch.Tensor]
+    populator: Populator
+    cached: int
+    #: Whether the load waits for every page (not when they cannot all stay cached).
+    fits: bool
+
+    def fetch(self, key: str) -> torch.Tensor:
+        """The view of ``key`` once its pages are resident (any other key: a plain view)."""
+        if key not in self.views:
+            return self.ckpt.get_tensor(key, readahead=False)
+        self.populator.wait(self.position[key])
+        return self.views.pop(key)
+
+    def __post_init__(self) -> None:
+        self.position = {key: i for i, key in enumerate(self.views)}
+
+    def settle(self) -> None:
+        """Wait until every page is resident (when they fit in the page cache)."""
+        if self.fits:
+            self.populator.join()
+
+
+def start_mapped_read(ckpt: Checkpoint, keys: list[str], io: IOOptions) -> MappedRead:
+    """Start reading ``keys`` (in this order) through the mapping, in the background.
+
+    A :class:`~bigmodel.storage.readahead.Populator` maps every tensor in order
+    (``MADV_POPULATE_READ``): a cast or device copy of tensor ``i`` runs on resident pages
+    while the tensors after it are read, and the load returns with every page resident, so
+    the first forward pass reads nothing. Same-dtype CPU tensors stay views (zero copy, no
+    private memory). When some byte is not cached yet (``mincore``) and the device's own
+    readahead window is small (:func:`~bigmodel.storage.readahead.needs_announcing`), the
+    whole read is announced up front (``POSIX_FADV_WILLNEED`` over every range, from a
+    background thread) so that the device's queue stays full; a warm load announces nothing.
+    When the bytes exceed what the page cache can hold
+    (:func:`~bigmodel.storage.page_cache.page_cache_room`), nothing is announced, the thread
+    stays within ``io.inflight_bytes`` of the tensor being placed, and the load does not wait
+    for the rest.
+    """
+    spans = ckpt.file_spans(keys)
+    total = sum(end - begin for ranges in spans.values() for begin, end in ranges)
+    cached = resident_bytes(spans)
+    room = page_cache_room()
+    fits = room is None or total - (cached or 0) <= room
+    if fits and (cached is None or cached < total) and any(map(needs_announcing, spans)):
+        ckpt.readahead(keys)
+    views = {key: ckpt.get_tensor(key, readahead=False) for key in keys}
+    populator = Populator(list(views.values()), ahead_bytes=None if fits else io.inflight)
+    return MappedRead(ckpt, views, populator, cached or 0, fits)
+
+
+def start_early_read(ckpt: Checkpoint, io: IOOptions, *, whole: bool) -> MappedRead | None:
+    """For a load that will read every tensor of a local safetensors checkpoint through the
+    mapping (``whole``: no device map, one process), start reading at once, in file order,
+    so that the disk works while the plan is made; None otherwise."""
+    if not whole or ckpt.remote is not None:
+        return None
+    if ckpt.format != "safetensors" or pick_io(io.mode, ckpt.directory) != "mmap":
+        return None
+    return start_mapped_read(ckpt, ckpt.file_order(), io)
 
 
 def _in_order(stream: Iterator[tuple[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:

@@ -52,8 +52,27 @@ class LoadReport:
     #: Module keys kept on disk (a device map's ``disk`` entries): not read by the load, read
     #: by their hooks when their module runs.
     offloaded_keys: list[str] = field(default_factory=list)
+    #: Bytes of tensor data this load read: made resident and mapped (a file view), or copied
+    #: into memory the model owns (a cast, a device copy, ``io="pread"``, a remote read), once
+    #: per stored tensor. Offloaded tensors are not read by the load (their hooks read them
+    #: when their module runs) and are not counted; under ``torch.distributed``, only what
+    #: this rank read.
     bytes_read: int = 0
+    #: Of :attr:`bytes_read`, the bytes that were already in the page cache when the load
+    #: started (``mincore``; counted for mapped reads only): equal to it on a warm load, 0 on
+    #: a cold one.
+    cached_bytes: int = 0
+    #: Wall time of the read phase: from the first read to the last tensor in place with its
+    #: pages resident (planning, initialisation and hooks excluded).
+    read_seconds: float = 0.0
+    #: Wall time of the whole load.
     seconds: float = 0.0
+
+    @property
+    def read_rate(self) -> float:
+        """:attr:`bytes_read` / :attr:`read_seconds`, in bytes per second (0.0 when nothing
+        was read)."""
+        return self.bytes_read / self.read_seconds if self.read_seconds > 0 else 0.0
 
 
 class ShardedLoadReport(LoadReport):

@@ -11,14 +11,24 @@ each memory cgroup holding this process (v2, this group and its ancestors; v1, i
 hierarchical limit), the limit minus what is charged to it and is not page cache (page cache
 charged there is reclaimable, so it counts as room). Linux only; ``None`` elsewhere or when
 nothing can be read.
+
+:func:`resident_bytes` says how much of some file ranges is already in the page cache
+(``mincore`` on a fresh mapping, which reads nothing): a load whose bytes are all cached skips
+announcing the read (the page cache is warm; there is nothing to read).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["page_cache_room"]
+__all__ = ["page_cache_room", "resident_bytes"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNLIMITED = 1 << 60  # v1 writes "no limit" as a number near 2**63
@@ -93,3 +103,85 @@ def _v1_room(hierarchy: Path, path: str) -> int | None:
     usage = int((folder / "memory.usage_in_bytes").read_text())
     cache = stat.get("total_cache", stat.get("cache", 0))
     return limit - usage + cache
+
+
+# -- what is cached already -----------------------------------------------------------------------
+
+_PAGE = mmap.PAGESIZE
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):  # pragma: no cover - not Linux
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+        libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+        libc.mmap.restype = ctypes.c_void_p
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        return libc
+    except (OSError, AttributeError):  # pragma: no cover - no libc
+        return None
+
+
+_libc_fns = _libc()
+
+
+def resident_bytes(spans: Mapping[Path, Sequence[tuple[int, int]]]) -> int | None:
+    """Bytes of each file's (begin, end) ranges that are in the page cache now, counted by
+    whole pages (a page partly in a range counts for the part inside it); ``None`` where it
+    cannot be known (not Linux, a file that does not open). Reads nothing: the file is mapped
+    (address space only) and ``mincore`` reports which pages are cached."""
+    if _libc_fns is None:  # pragma: no cover - not Linux
+        return None
+    total = 0
+    for path, ranges in spans.items():
+        try:
+            total += _file_resident(path, ranges)
+        except OSError:
+            return None
+    return total
+
+
+def _file_resident(path: Path, ranges: Sequence[tuple[int, int]]) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        base = _libc_fns.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+    finally:
+        os.close(fd)
+    try:
+        vec = (ctypes.c_ubyte * (-(-size // _PAGE)))()
+        if _libc_fns.mincore(ctypes.c_void_p(base), size, vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+        return sum(_range_resident(vec, begin, min(end, size)) for begin, end in ranges)
+    finally:
+        _libc_fns.munmap(ctypes.c_void_p(base), size)
+
+
+_LOW_BIT = bytes(i & 1 for i in range(256))
+
+
+def _range_resident(vec: Any, begin: int, end: int) -> int:
+    """Bytes of [begin, end) on pages that ``vec`` (mincore's answer) marks cached."""
+    if end <= begin:
+        return 0
+    first, last = begin // _PAGE, (end - 1) // _PAGE
+    flags = ctypes.string_at(ctypes.addressof(vec) + first, last + 1 - first).translate(
+        _LOW_BIT
+    )  # other bits are reserved
+    cached = flags.count(1)
+    if cached == len(flags):
+        return end - begin
+    # exact at the edges: partial first/last pages count for their part inside the range
+    full = cached * _PAGE
+    if flags[0] & 1:
+        full -= begin - first * _PAGE
+    if flags[-1] & 1:
+        full -= (last + 1) * _PAGE - end
+    return max(0, full)

@@ -1,0 +1,268 @@
+"""Cold loads at the disk's rate: the mapped read made resident before a load returns, the
+whole-read announcement (cold only), io="auto" by filesystem, the sequential readahead of
+``get_tensor``, and what ``LoadReport`` says about the bytes read."""
+
+import os
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import bigmodel
+import bigmodel.execution.reading as reading_module
+import bigmodel.storage.pread as pread_module
+import bigmodel.storage.readahead as readahead_module
+from bigmodel.checkpoint.handle import Checkpoint
+from bigmodel.storage.page_cache import resident_bytes
+from bigmodel.storage.pread import pick_io
+from bigmodel.storage.readahead import FileMappings, Populator, kernel_window
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 64, depth: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+
+def _saved(tmp_path, **kwargs):
+    torch.manual_seed(0)
+    model = Net()
+    bigmodel.save_checkpoint(model, tmp_path, **kwargs)
+    return model
+
+
+def _evict(folder):
+    for path in folder.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _spans(folder):
+    with bigmodel.open_checkpoint(folder) as ckpt:
+        return ckpt.file_spans(ckpt.keys()), ckpt.total_size
+
+
+def _no_populate_threads():
+    return not any(t.name == "bigmodel-populate" and t.is_alive() for t in threading.enumerate())
+
+
+def test_the_default_load_returns_with_every_page_resident_and_keeps_zero_copy(tmp_path):
+    _saved(tmp_path, max_shard_size="20KB")
+    _evict(tmp_path)
+    spans, total = _spans(tmp_path)
+    with bigmodel.init_empty_weights():
+        model = Net()
+    report = bigmodel.load_checkpoint(model, tmp_path)
+    assert resident_bytes(spans) == total  # every planned byte is in the page cache
+    maps = FileMappings()
+    assert all(maps.holds(p) for p in model.parameters())  # views of the file: zero copy
+    assert report.bytes_read == total and report.cached_bytes < total
+    assert _no_populate_threads()
+
+
+@pytest.mark.parametrize(
+    ("cold", "small_window", "announced"),
+    [
+        (True, True, True),  # cold, the kernel reads 128 KiB per fault: announce the whole read
+        (True, False, False),  # cold, large kernel windows: faults keep the queue full alone
+        (False, True, False),  # warm: nothing to read, nothing announced
+    ],
+)
+def test_the_whole_read_is_announced_only_when_cold_and_the_kernel_window_is_small(
+    tmp_path, monkeypatch, cold, small_window, announced
+):
+    _saved(tmp_path, max_shard_size="20KB")
+    _, total = _spans(tmp_path)
+    monkeypatch.setattr(reading_module, "resident_bytes", lambda s: 0 if cold else total)
+    monkeypatch.setattr(reading_module, "needs_announcing", lambda path: small_window)
+    calls = []
+    real = Checkpoint.readahead
+    monkeypatch.setattr(
+        Checkpoint, "readahead", lambda self, names: calls.append(list(names)) or real(self, names)
+    )
+    with bigmodel.init_empty_weights():
+        model = Net()
+    report = bigmodel.load_checkpoint(model, tmp_path)
+    assert report.bytes_read == total
+    if announced:
+        assert len(calls) == 1 and sorted(calls[0]) == sorted(model.state_dict())
+    else:
+        assert calls == []
+    assert report.cached_bytes == (0 if cold else total)
+
+
+def test_io_auto_picks_pread_on_network_filesystems_from_their_statfs_magic(monkeypatch, tmp_path):
+    assert pick_io("auto", tmp_path) == "mmap"  # this test's folder is on a local disk
+    for magic, expected in (
+        (0x6969, "pread"),
+        (0x65735546, "pread"),
+        (0xFF534D42, "pread"),
+        (0xEF53, "mmap"),
+        (0x58465342, "mmap"),
+        (0x01021994, "mmap"),
+    ):
+        monkeypatch.setattr(pread_module, "filesystem_magic", lambda path, m=magic: m)
+        assert pick_io("auto", tmp_path) == expected, hex(magic)
+    assert pick_io("mmap", tmp_path) == "mmap"  # an explicit mode is kept
+
+
+def test_a_load_on_a_network_filesystem_reads_with_pread_into_private_memory(tmp_path, monkeypatch):
+    _saved(tmp_path)
+    monkeypatch.setattr(pread_module, "filesystem_magic", lambda path: 0x6969)
+    with bigmodel.init_empty_weights():
+        model = Net()
+    report = bigmodel.load_checkpoint(model, tmp_path)
+    maps = FileMappings()
+    assert not any(maps.holds(p) for p in model.parameters())
+    assert report.bytes_read == sum(p.nbytes for p in model.state_dict().values())
+    assert report.cached_bytes == 0 and report.read_seconds > 0
+
+
+def test_load_report_counts_exactly_the_tensor_bytes_read_and_a_rate(tmp_path):
+    state = _saved(tmp_path).state_dict()
+    total = sum(t.nbytes for t in state.values())
+    for dtype in (None, torch.bfloat16):
+        with bigmodel.init_empty_weights():
+            model = Net()
+        report = bigmodel.load_checkpoint(model, tmp_path, dtype=dtype)
+        assert report.bytes_read == total  # stored bytes read, whatever the target dtype
+        assert 0 < report.read_seconds <= report.seconds
+        assert report.read_rate == pytest.approx(total / report.read_seconds)
+        assert report.cached_bytes == total  # just written: warm
+
+
+def test_an_offloaded_part_is_not_counted_as_read(tmp_path):
+    state = _saved(tmp_path).state_dict()
+    with bigmodel.init_empty_weights():
+        model = Net()
+    device_map = {
+        "layers.0": "cpu",
+        "layers.1": "cpu",
+        "layers.2": "disk",
+        "layers.3": "disk",
+        "norm": "cpu",
+    }
+    report = bigmodel.load_checkpoint(
+        model, tmp_path, device_map=device_map, offload_folder=tmp_path / "off"
+    )
+    on_cpu = sum(t.nbytes for k, t in state.items() if not k.startswith(("layers.2.", "layers.3.")))
+    assert report.bytes_read == on_cpu
+    assert sorted(report.offloaded_keys) == sorted(
+        k for k in state if k.startswith(("layers.2.", "layers.3."))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_converting_load_is_bit_exact_with_torch_casts(tmp_path, dtype):
+    state = _saved(tmp_path, max_shard_size="20KB").state_dict()
+    _evict(tmp_path)
+    with bigmodel.init_empty_weights():
+        model = Net()
+    bigmodel.load_checkpoint(model, tmp_path, dtype=dtype)
+    for name, value in model.state_dict().items():
+        assert value.dtype == dtype
+        assert torch.equal(value.view(torch.int16), state[name].to(dtype).view(torch.int16)), name
+
+
+def test_a_failed_load_stops_its_background_read(tmp_path):
+    _saved(tmp_path)
+    model = nn.Linear(3, 3)  # nothing matches: a strict load raises after the read started
+    with pytest.raises(bigmodel.KeyMismatchError):
+        bigmodel.load_checkpoint(model, tmp_path)
+    assert _no_populate_threads()
+
+
+def _file_views(tmp_path, sizes):
+    state = {f"t{i:02d}": torch.full((n,), float(i)) for i, n in enumerate(sizes)}
+    bigmodel.save_checkpoint(state, tmp_path)
+    ckpt = bigmodel.open_checkpoint(tmp_path)
+    return ckpt, [ckpt.get_tensor(k, readahead=False) for k in sorted(state)]
+
+
+def test_the_populator_never_reads_further_ahead_of_its_consumer_than_its_bound(
+    tmp_path, monkeypatch
+):
+    ckpt, views = _file_views(tmp_path, [1024] * 8)  # 4 KiB each
+    seen = []
+    real = Populator._populate
+
+    def spy(self, tensor):
+        seen.append((len(seen), self._wanted, self._pending(len(seen))))
+        real(self, tensor)
+
+    monkeypatch.setattr(Populator, "_populate", spy)
+    populator = Populator(views, ahead_bytes=8192)
+    for i in range(len(views)):
+        populator.wait(i)
+    populator.join()
+    assert [i for i, _, _ in seen] == list(range(8))
+    assert all(i <= wanted or pending <= 8192 for i, wanted, pending in seen)
+    ckpt.close()
+
+
+def test_reading_every_tensor_in_file_order_reads_ahead_and_a_jump_stops_it(tmp_path, monkeypatch):
+    started = []
+    real_init = Populator.__init__
+
+    def spy(self, tensors, **kwargs):
+        started.append(len(tensors))
+        real_init(self, tensors, **kwargs)
+
+    monkeypatch.setattr(Populator, "__init__", spy)
+    ckpt, _ = _file_views(tmp_path, [1024] * 6)
+    names = ckpt.file_order()
+    ckpt.get_tensor(names[0])
+    assert started == []  # one tensor says nothing about the pattern
+    ckpt.get_tensor(names[1])
+    assert started == [5]  # sequential: the rest is read ahead from the second tensor on
+    follower = ckpt._sequential
+    assert follower._populator is not None
+    ckpt.get_tensor(names[4])  # a jump: reading ahead stops
+    assert follower._populator is None
+    ckpt.close()
+
+
+def test_a_single_get_tensor_starts_no_read_ahead(tmp_path):
+    ckpt, _ = _file_views(tmp_path, [1024] * 4)
+    ckpt.get_tensor(ckpt.file_order()[2])
+    assert ckpt._sequential._populator is None
+    ckpt.close()
+
+
+def test_resident_bytes_counts_the_cached_pages_of_the_ranges_asked_for(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(64 * 4096))
+    os.sync()
+    _fadvise(path, os.POSIX_FADV_DONTNEED)
+    assert resident_bytes({path: [(0, 64 * 4096)]}) == 0
+    with open(path, "rb") as f:
+        f.seek(8 * 4096)
+        f.read(4 * 4096)
+    got = resident_bytes({path: [(8 * 4096, 12 * 4096), (8 * 4096 + 100, 9 * 4096)]})
+    assert got >= 4 * 4096 + (4096 - 100)  # the kernel may read a little more, never less
+    assert resident_bytes({path: [(0, 64 * 4096)]}) >= 4 * 4096
+    assert resident_bytes({tmp_path / "missing": [(0, 1)]}) is None
+
+
+def _fadvise(path, advice):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, advice)
+    finally:
+        os.close(fd)
+
+
+def test_the_kernel_window_is_read_from_the_backing_device(tmp_path):
+    fake = tmp_path / "bdi"
+    dev = os.stat(tmp_path).st_dev
+    (fake / f"{os.major(dev)}:{os.minor(dev)}").mkdir(parents=True)
+    (fake / f"{os.major(dev)}:{os.minor(dev)}" / "read_ahead_kb").write_text("128\n")
+    assert kernel_window(tmp_path, bdi_root=fake) == 128 * 1024
+    assert kernel_window(tmp_path, bdi_root=tmp_path / "missing") is None
+    assert readahead_module.LARGE_WINDOW > 128 * 1024
