@@ -266,3 +266,24 @@ def test_the_kernel_window_is_read_from_the_backing_device(tmp_path):
     assert kernel_window(tmp_path, bdi_root=fake) == 128 * 1024
     assert kernel_window(tmp_path, bdi_root=tmp_path / "missing") is None
     assert readahead_module.LARGE_WINDOW > 128 * 1024
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_a_warm_load_leaves_the_cached_pages_to_the_views_and_a_cold_one_reads_them_ahead(
+    tmp_path, monkeypatch, cold
+):
+    _saved(tmp_path, max_shard_size="20KB")
+    _, total = _spans(tmp_path)
+    monkeypatch.setattr(reading_module, "resident_bytes", lambda s: 0 if cold else total)
+    started = []
+    real_init = Populator.__init__
+
+    def spy(self, tensors, **kwargs):
+        started.append(len(tensors))
+        real_init(self, tensors, **kwargs)
+
+    monkeypatch.setattr(Populator, "__init__", spy)
+    with bigmodel.init_empty_weights():
+        model = Net()
+    bigmodel.load_checkpoint(model, tmp_path)
+    assert started == ([len(model.state_dict())] if cold else [])

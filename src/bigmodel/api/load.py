@@ -11,7 +11,9 @@ Call order inside :func:`load_checkpoint`:
 4. materialise and initialise only the tensors the checkpoint lacked;
 5. check that nothing is left on ``meta``.
 
-At most one converted tensor is in flight beyond the final model. Where each tensor goes is
+Every page of a mapped load is resident when it returns (read in file order from a background
+thread that starts before step 2). At most one converted tensor is in flight beyond the final
+model. Where each tensor goes is
 :mod:`bigmodel.placement` (the plan of step 2 is :mod:`bigmodel.placement.load_plan`); how
 the bytes are read (mmap, pread, DTensor slices, process groups) is
 :mod:`bigmodel.execution.reading`; offload hooks are :mod:`bigmodel.execution.offload`.
@@ -125,7 +127,7 @@ def _read(
         return _plan_and_read(model, ckpt, targets, placement, opts, group, early, start)
     finally:
         if early is not None:
-            early.populator.cancel()  # stops at once when done; on failure stops reading
+            early.cancel()  # returns at once when done; on failure stops reading
 
 
 def _plan_and_read(
@@ -322,7 +324,12 @@ def load_checkpoint(
     Works whether the module's tensors are on ``meta`` (see :func:`bigmodel.init_empty_weights`),
     materialised, or a mix. Each tensor goes from the file to its final ``device`` and dtype in
     one step and is assigned into the module; on CPU with an unchanged dtype it stays a view of
-    the file mapping (no copy, no anonymous memory).
+    the file mapping (no copy, no anonymous memory). From a local disk the files are read in
+    order at the disk's rate from a background thread (started before keys are matched; casts
+    run while the next tensors are read), and the call returns with every page of every
+    loaded weight resident, so the first forward pass reads nothing. The returned
+    :class:`~bigmodel.LoadReport` says how many bytes were read (``bytes_read``, of which
+    ``cached_bytes`` were already cached) in how long (``read_seconds``, ``read_rate``).
 
     * ``dtype`` (a ``torch.dtype`` or a name: ``"bf16"``, ``"float16"``...) casts floating-point
       tensors; integer and bool tensors keep theirs. Without it,

@@ -216,13 +216,17 @@ class IOOptions:
     """How a load reads bytes. ``load_checkpoint(io="pread")`` is short for
     ``io=IOOptions(mode="pread")``.
 
-    * ``mode``: ``"mmap"`` maps the files (zero copy when dtype and device match; the kernel is
-      asked to read the planned tensors ahead); ``"pread"`` reads with parallel ``preadv``
-      calls (for network and FUSE filesystems, where page faults are slow); ``"auto"`` picks
-      pread on such filesystems and mmap elsewhere. ``.bin`` files are always mapped by torch.
+    * ``mode``: ``"mmap"`` maps the files (zero copy when dtype and device match) and makes
+      every planned tensor resident in file order from a background thread, so that the load
+      returns with every page in memory and casts run on resident pages while the next
+      tensors are read; ``"pread"`` reads with parallel ``preadv`` calls (for network and
+      FUSE filesystems, where page faults are slow); ``"auto"`` picks pread on such
+      filesystems (by ``statfs`` magic) and mmap elsewhere. ``.bin`` files are always mapped
+      by torch.
       A pread load owns its memory: the files may change afterwards without affecting the
       model, where a mapped (zero-copy) model must never see its files modified in place.
-    * ``inflight_bytes`` (pread only): how far reads may run ahead of the tensor being placed.
+    * ``inflight_bytes``: how far reads may run ahead of the tensor being placed (pread; and
+      mmap when the planned bytes exceed what the page cache can hold).
     """
 
     mode: str = "auto"
