@@ -211,3 +211,21 @@ def test_remote_offload_fetches_concurrently_and_stays_within_the_in_flight_boun
     assert specs.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(specs[name].load(), tensor), name
+
+
+def test_a_remote_offload_that_fails_raises_the_typed_error_and_leaves_no_partial_file(
+    served, tmp_path
+):
+    _, server = served
+    options = RemoteOptions(retries=1, backoff=0.01, max_backoff=0.02, timeout=5)
+    with bigmodel.open_checkpoint(server.url("ckpt"), remote=options) as ckpt:
+        with bigmodel.init_empty_weights():
+            targets = Model().state_dict(keep_vars=True)
+        items = [(key, [key]) for key in ckpt.keys() if key.startswith(ON_DISK)]
+        for path in (tmp_path / "ckpt").glob("*.safetensors"):
+            server.faults.fixed_status[path.name] = 500
+        with pytest.raises(bigmodel.RemoteError, match="HTTP 500"):
+            offload_sources.offload_sources(
+                ckpt, targets, items, lambda _, t: t.dtype, tmp_path / "off"
+            )
+    assert list((tmp_path / "off").iterdir()) == []
