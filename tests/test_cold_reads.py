@@ -222,7 +222,7 @@ def test_reading_every_tensor_in_file_order_reads_ahead_and_a_jump_stops_it(tmp_
     ckpt.get_tensor(names[1])
     assert started == [5]  # sequential: the rest is read ahead from the second tensor on
     follower = ckpt._sequential
-    assert follower._populator is not None
+    assert follower._populator is not None and follower._mode == 0
     ckpt.get_tensor(names[4])  # a jump: reading ahead stops
     assert follower._populator is None
     ckpt.close()
@@ -287,3 +287,19 @@ def test_a_warm_load_leaves_the_cached_pages_to_the_views_and_a_cold_one_reads_t
         model = Net()
     bigmodel.load_checkpoint(model, tmp_path)
     assert started == ([len(model.state_dict())] if cold else [])
+
+
+def test_reading_every_key_in_the_index_order_reads_ahead_too(tmp_path):
+    state = {f"t{i:02d}": torch.full((1024,), float(i)) for i in range(6)}
+    bigmodel.save_checkpoint(state, tmp_path, max_shard_size="9KB")  # 2 tensors a shard
+    with bigmodel.open_checkpoint(tmp_path) as ckpt:
+        index_order = ckpt.stored_keys()
+        ckpt._sequential._index()
+        ckpt._sequential._orders = [ckpt.file_order()[::-1], index_order]  # force two orders
+        ckpt._sequential._positions = [
+            {n: i for i, n in enumerate(o)} for o in ckpt._sequential._orders
+        ]
+        ckpt._sequential._last = [-2, -2]
+        for name in index_order[:3]:
+            ckpt.get_tensor(name)
+        assert ckpt._sequential._mode == 1 and ckpt._sequential._populator is not None

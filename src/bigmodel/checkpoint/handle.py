@@ -351,22 +351,25 @@ class Checkpoint:
 
 class _SequentialReads:
     """Follows a :class:`Checkpoint`'s ``get_tensor`` calls. When a tensor follows the one read
-    before it in file order (stored tensors, files in shard order), the reader is taken to
-    read everything in order: a :class:`~bigmodel.storage.readahead.Populator` makes the
-    following tensors resident and mapped from a background thread, at most ``window`` bytes
-    ahead of the reader (1 GiB, or a quarter of the page cache's room, so that what is read
-    ahead is still cached when it is used); where the device's own readahead window is small,
-    that window is also announced to the kernel (``POSIX_FADV_WILLNEED``). A read out of order
-    stops it. Local safetensors files only; a hint, never an error."""
+    before it -- in file order (files in shard order, then offsets) or in the order of
+    :meth:`Checkpoint.stored_keys` (the index's order, what ``for k in ckpt.keys()`` walks) --
+    the reader is taken to read everything in that order: a
+    :class:`~bigmodel.storage.readahead.Populator` makes the following tensors resident and
+    mapped from a background thread, at most ``window`` bytes ahead of the reader (1 GiB, or a
+    quarter of the page cache's room, so that what is read ahead is still cached when it is
+    used); where the device's own readahead window is small, that window is also announced to
+    the kernel (``POSIX_FADV_WILLNEED``). A read out of that order stops it. Local safetensors
+    files only; a hint, never an error."""
 
     WINDOW = 2**30
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self._ckpt = ckpt
-        self._order: dict[str, int] | None = None
-        self._names: list[str] = []
-        self._starts: list[int] = []  # cumulative bytes before each stored tensor
-        self._last = -2
+        self._orders: list[list[str]] | None = None
+        self._positions: list[dict[str, int]] = []
+        self._last: list[int] = []
+        self._mode: int | None = None  # which order the reader follows
+        self._starts: list[int] = []  # cumulative bytes before each tensor of that order
         self._announced = 0  # cumulative bytes announced so far (from the start)
         self._window = 0
         self._announce = False
@@ -374,43 +377,50 @@ class _SequentialReads:
         self._first = 0  # the index of the populator's first tensor
 
     def saw(self, stored: str) -> None:
-        if self._order is None:
+        if self._orders is None:
             self._index()
-        assert self._order is not None
-        i = self._order.get(stored, -2)
-        sequential = i == self._last + 1 and i >= 0
-        self._last = i
-        if not sequential:
-            self.stop()
+        here = [position.get(stored, -2) for position in self._positions]
+        follows = [i >= 0 and i == last + 1 for i, last in zip(here, self._last, strict=True)]
+        self._last = here
+        if self._mode is not None and follows[self._mode]:
+            self._populator.advance(here[self._mode] - self._first)
+            if self._announce:
+                self._announce_from(here[self._mode])
             return
-        if self._populator is None:
-            self._start(i)
-        self._populator.advance(i - self._first)
-        if self._announce:
-            self._announce_from(i)
+        self.stop()
+        if any(follows):
+            self._start(follows.index(True), here[follows.index(True)])
 
-    def _start(self, i: int) -> None:
+    def _start(self, mode: int, i: int) -> None:
         from bigmodel.storage.page_cache import page_cache_room
         from bigmodel.storage.readahead import Populator, needs_announcing
 
+        assert self._orders is not None
+        names = self._orders[mode]
         room = page_cache_room()
         self._window = self.WINDOW if room is None else max(64 * 2**20, min(self.WINDOW, room // 4))
-        spans = self._ckpt.file_spans(self._names[i : i + 1])
-        self._announce = any(needs_announcing(path) for path in spans)
-        views = [self._ckpt.get_tensor(name, readahead=False) for name in self._names[i:]]
-        self._first = i
+        self._announce = any(map(needs_announcing, self._ckpt.file_spans(names[i : i + 1])))
+        self._starts = [0]
+        for name in names:
+            self._starts.append(self._starts[-1] + self._ckpt.nbytes(name))
+        self._mode, self._first, self._announced = mode, i, 0
+        views = [self._ckpt.get_tensor(name, readahead=False) for name in names[i:]]
         self._populator = Populator(views, ahead_bytes=self._window)
         # a checkpoint dropped without close() must not leave the thread waiting with its views
         weakref.finalize(self._ckpt, self._populator.finish)
+        if self._announce:
+            self._announce_from(i)
 
     def _announce_from(self, i: int) -> None:
+        assert self._orders is not None and self._mode is not None
+        names = self._orders[self._mode]
         here = self._starts[i]
         if here + self._window // 2 < self._announced:
             return
         end = bisect.bisect_right(self._starts, here + self._window)
         first = bisect.bisect_right(self._starts, max(self._announced, here)) - 1
-        self._ckpt.readahead(self._names[max(first, i) : end])
-        self._announced = self._starts[min(end, len(self._names))]
+        self._ckpt.readahead(names[max(first, i) : end])
+        self._announced = self._starts[min(end, len(names))]
 
     def stop(self, *, finish: bool = False) -> None:
         """Stop reading ahead: at once (a read out of order), or once the tensors already
@@ -421,17 +431,18 @@ class _SequentialReads:
             else:
                 self._populator.cancel(wait=False)
             self._populator = None
+        self._mode = None
 
     def _index(self) -> None:
         local = all(
             isinstance(r, SafetensorsFile) and not isinstance(r, RemoteSafetensorsFile)
             for r in self._ckpt._readers.values()
         )
-        self._names = self._ckpt.file_order() if local else []
-        self._order = {name: i for i, name in enumerate(self._names)}
-        self._starts = [0]
-        for name in self._names:
-            self._starts.append(self._starts[-1] + self._ckpt.nbytes(name))
+        by_file = self._ckpt.file_order() if local else []
+        by_key = self._ckpt.stored_keys() if local else []
+        self._orders = [by_file] if by_key == by_file else [by_file, by_key]
+        self._positions = [{name: i for i, name in enumerate(o)} for o in self._orders]
+        self._last = [-2] * len(self._orders)
 
 
 def first_floating_dtype(ckpt: Checkpoint) -> torch.dtype | None:
