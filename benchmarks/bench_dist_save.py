@@ -61,9 +61,9 @@ def _timed(module: object, name: str, into: list[float]) -> None:
 def _rank(rank: int, port: int, size: str, saves: int, root: Path) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
+    from bench_train_save import llama
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import bigmodel
     from bigmodel.execution import background, distributed_save
@@ -75,18 +75,7 @@ def _rank(rank: int, port: int, size: str, saves: int, root: Path) -> dict[str, 
         world_size=2,
         timeout=datetime.timedelta(seconds=600),
     )
-    hidden, layers, inter, vocab = SIZES[size]
-    config = LlamaConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 64),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = llama(*SIZES[size])
     mesh = init_device_mesh("cpu", (2,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)

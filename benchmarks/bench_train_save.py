@@ -42,9 +42,13 @@ METHODS = ("bigmodel sync", "bigmodel background", "dcp async_save")
 
 
 def _model(size: str) -> torch.nn.Module:
+    return llama(*SIZES[size])
+
+
+def llama(hidden: int, layers: int, inter: int, vocab: int) -> torch.nn.Module:
+    """A seeded fp32 Llama-style model of these dimensions (also used by bench_dist_save)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers, inter, vocab = SIZES[size]
     config = LlamaConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
