@@ -232,7 +232,10 @@ class Populator:
 
     For views of a file mapping this is the read itself (:func:`prefault`: ``MADV_WILLNEED``
     then ``MADV_POPULATE_READ``, in pieces of at most ``chunk_bytes``, so that the consumer
-    learns of each tensor as soon as it is in). The consumer calls :meth:`wait` ``(i)`` before
+    learns of each tensor as soon as it is in), then, with ``touch``, one byte of every page
+    is read: in a VM, the first access to a page the host has not backed yet costs a host
+    fault even when the guest has it mapped (measured: 0.2-0.6 s of first touches for 3 GB
+    after the load returned), and that cost is better paid here, while the disk reads on. The consumer calls :meth:`wait` ``(i)`` before
     it computes on tensor ``i`` (a cast then reads pages that are in memory, while the
     thread is already reading the tensors after it) and :meth:`join` when it needs them all.
 
@@ -248,7 +251,9 @@ class Populator:
         *,
         chunk_bytes: int = 64 * 2**20,
         ahead_bytes: int | None = None,
+        touch: bool = True,
     ) -> None:
+        self._touch = touch
         self._tensors: list[torch.Tensor | None] = list(tensors)
         self._sizes = [t.numel() * t.element_size() for t in tensors]
         self._chunk = max(_PAGE, chunk_bytes - chunk_bytes % _PAGE)
@@ -304,6 +309,8 @@ class Populator:
                 if self._stop:
                     return
                 _prefault_span(start, min(end, start + self._chunk))
+                if self._touch:
+                    _touch(start, min(end, start + self._chunk) - start)
 
     def advance(self, i: int) -> None:
         """The consumer is at tensor ``i``: the thread may read up to the bound past it."""
