@@ -127,6 +127,10 @@ def main() -> None:
         )
     lines += [
         "",
+        "On this VM, page cache freed seconds before a save appears to be handed back to the host "
+        "(free page reporting; measured for cold loads in load.md), so each page a save then writes "
+        "costs a host fault: the same count for every method, which narrows the ratios.",
+        "",
         "| target | measured |",
         "|---|---|",
         f"| durable save ≥ 70% of the raw fsync'd write bandwidth | {raw_s / med['bigmodel-durable'] * 100:.0f}% |",
