@@ -229,3 +229,39 @@ def test_a_remote_offload_that_fails_raises_the_typed_error_and_leaves_no_partia
                 ckpt, targets, items, lambda _, t: t.dtype, tmp_path / "off"
             )
     assert list((tmp_path / "off").iterdir()) == []
+
+
+def test_a_url_load_bounds_its_offload_reads_by_the_callers_in_flight_bytes(
+    served, tmp_path, monkeypatch
+):
+    reference, server = served
+    seen: list[int | None] = []
+    real = offload_sources.offload_sources
+
+    def spy(*args, inflight_bytes=None, **kwargs):
+        seen.append(inflight_bytes)
+        return real(*args, inflight_bytes=inflight_bytes, **kwargs)
+
+    monkeypatch.setattr("bigmodel.api.load.offload_sources", spy)
+    model = _load(server, tmp_path / "offload", io=bigmodel.IOOptions(inflight_bytes=INFLIGHT))
+    assert seen == [INFLIGHT]
+    with torch.no_grad():
+        assert torch.equal(model(IDS), reference(IDS))
+
+
+def test_a_url_load_to_bf16_casts_each_tensor_as_its_bytes_arrive(served, monkeypatch):
+    reference, server = served
+    seen: list[list[torch.dtype | None]] = []
+    real = remote_read.remote_tensors
+
+    def spy(*args, dtypes=None, **kwargs):
+        seen.append(list(dtypes or []))
+        return real(*args, dtypes=dtypes, **kwargs)
+
+    monkeypatch.setattr("bigmodel.execution.reading.remote_tensors", spy)
+    model = Model()
+    bigmodel.load_checkpoint(model, server.url("ckpt"), dtype=torch.bfloat16)
+    assert seen and all(dtypes and set(dtypes) == {torch.bfloat16} for dtypes in seen)
+    for name, tensor in reference.state_dict().items():
+        got = model.state_dict()[name]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, tensor.to(torch.bfloat16)), name

@@ -175,6 +175,7 @@ def _plan_and_read(
             [(k, g) for k, g in plan.items if placement.offloaded(g[0])],
             placement.dtype_for,
             opts.offload_folder,
+            inflight_bytes=opts.io.inflight,
         )
     return plan, offloaded
 

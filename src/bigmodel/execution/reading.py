@@ -113,6 +113,8 @@ class PlanReader:
                 ckpt.remote,
                 [ckpt.remote_range(key) for key, _ in items],
                 max_inflight_bytes=self.io.inflight,
+                # cast part by part as the bytes arrive: no whole tensor in its stored dtype
+                dtypes=[self.placement.dtype_for(g[0], self.targets[g[0]]) for _, g in items],
             )
             return _in_order(stream)
         ranges = [ckpt.byte_range(key) for key, _ in items]
