@@ -380,6 +380,10 @@ def cold_child(method: str, folder: Path, size: str, dtype_name: str, cache: Pat
         print(json.dumps({"skipped": f"`{PEERS[method]}` is not importable"}))
         return
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    if os.environ.get("BENCH_ALLOCATE_AHEAD") == "0":  # A/B: the cast allocating its outputs
+        import bigmodel.execution.reading
+
+        bigmodel.execution.reading.ALLOCATE_AHEAD = False
     with bigmodel.init_empty_weights():  # warm up torch's lazy imports outside the timing
         LlamaForCausalLM(_config("small"))
     shards = [str(p) for p in sorted(folder.glob("*.safetensors"))]

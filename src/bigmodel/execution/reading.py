@@ -13,11 +13,16 @@ the progress bar); :meth:`PlanReader.read` sends each planned tensor down one of
   :mod:`bigmodel.execution.distributed`).
 
 Tensors go from the file to their final dtype and device in one step; at most one converted
-tensor is in flight beyond the final model (``io="pread"``: the in-flight bound).
+tensor is in flight beyond the final model (``io="pread"``: the in-flight bound). A converting
+CPU load (the stored dtype differs from the target's) casts into outputs a background thread
+allocated ahead with their pages already mapped (:class:`~bigmodel.storage.allocate_ahead.
+AllocateAhead`, within ``io.inflight_bytes``), so that the page faults of the fresh memory
+overlap the disk instead of adding to the cast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,12 +46,17 @@ from bigmodel.foundations.types import IOOptions, LoadReport
 from bigmodel.placement.conversions import DerivedGroup
 from bigmodel.placement.load_plan import Plan, tie_groups
 from bigmodel.placement.policy import Placement, like, place
+from bigmodel.storage.allocate_ahead import AllocateAhead
 from bigmodel.storage.page_cache import page_cache_room, resident_bytes
 from bigmodel.storage.pread import pick_io, pread_tensors
 from bigmodel.storage.readahead import Populator, needs_announcing
 from bigmodel.storage.remote_read import remote_tensors
 
 __all__ = ["MappedRead", "PlanReader", "start_early_read", "start_mapped_read"]
+
+#: Whether converting CPU loads cast into outputs allocated ahead (see the module docstring);
+#: a switch for measuring the difference (benchmarks/bench_load.py), not an option.
+ALLOCATE_AHEAD = True
 
 
 @dataclass
@@ -67,6 +77,8 @@ class PlanReader:
     #: The background read of a mapped load (None for other paths), possibly started before
     #: the plan was made (:func:`start_mapped_read`).
     mapped: MappedRead | None = None
+    #: The outputs of a converting single-process load, allocated ahead (None otherwise).
+    ahead: AllocateAhead | None = None
 
     def read(self, plan: Plan, group: Group | None = None) -> None:
         """Read each planned tensor in file order and put it in place.
@@ -89,10 +101,15 @@ class PlanReader:
                 )
             if group is None:
                 try:
-                    self.read_local(self._fetcher(replicated), replicated)
+                    self.ahead = self._allocate_ahead(replicated)
+                    with _cast_threads(busy=2 if self.ahead is not None else 0):
+                        self.read_local(self._fetcher(replicated), replicated)
                     if self.mapped is not None:
                         self.mapped.settle()  # every page resident before the load returns
                 finally:
+                    if self.ahead is not None:
+                        self.ahead.cancel()  # a failed load frees what was allocated ahead
+                        self.ahead = None
                     if self.mapped is not None:
                         self.mapped.cancel()
             elif replicated:
@@ -130,6 +147,38 @@ class PlanReader:
         )
         return _in_order(stream)
 
+    def _allocate_ahead(self, items: Plan) -> AllocateAhead | None:
+        """Start allocating the outputs of the converting CPU tensors among ``items`` (None
+        when there is none, or for a remote checkpoint, whose reads cast as bytes arrive)."""
+        if not ALLOCATE_AHEAD or self.ckpt.remote is not None:
+            return None
+        specs = [self._output_spec(key, group[0]) for key, group in items]
+        if not any(specs):
+            return None
+        return AllocateAhead(specs, ahead_bytes=self.io.inflight)
+
+    def _output_spec(self, key: str, name: str) -> tuple[torch.Size, torch.dtype] | None:
+        """(shape, dtype) of the new CPU tensor that ``key`` is cast into; None when it is
+        placed otherwise (same dtype: a view; another device; copied into ``name``'s tensor)."""
+        old = self.targets[name]
+        if not (self.assign or old.is_meta) or is_dtensor(old):
+            return None
+        info = self.ckpt.tensor_info(key)
+        dtype = self.placement.dtype_for(name, old)
+        if dtype == info.dtype or self.placement.device_for(name, old).type != "cpu":
+            return None
+        return torch.Size(info.shape), dtype
+
+    def _converted(self, n: int, data: torch.Tensor, old: torch.Tensor, name: str) -> torch.Tensor:
+        """``data`` on its target's device in its target's dtype: cast into output ``n``
+        allocated ahead when there is one, else by ``Tensor.to``."""
+        out = self.ahead.take(n) if self.ahead is not None else None
+        if out is None or out.shape != data.shape:
+            device = self.placement.device_for(name, old)
+            return data.to(device=device, dtype=self.placement.dtype_for(name, old))
+        with torch.no_grad():
+            return out.copy_(data)
+
     def read_local(
         self,
         fetch: Callable[[str], torch.Tensor],
@@ -139,16 +188,11 @@ class PlanReader:
     ) -> None:
         """``fetch(key)`` gives the stored tensor (usually a file view); ``counts(key)`` says
         whether this process read its bytes (for ``LoadReport.bytes_read``)."""
-        placement = self.placement
-        for key, group in items:
+        for n, (key, group) in enumerate(items):
             old = self.targets[group[0]]
             data = fetch(key)
             if self.assign or old.is_meta:
-                value = data.to(
-                    device=placement.device_for(group[0], old),
-                    dtype=placement.dtype_for(group[0], old),
-                )
-                place(self.model, group, old, value)
+                place(self.model, group, old, self._converted(n, data, old, group[0]))
             else:
                 with torch.no_grad():
                     old.copy_(data)
@@ -239,6 +283,29 @@ def start_early_read(ckpt: Checkpoint, io: IOOptions, *, whole: bool) -> MappedR
     if ckpt.format != "safetensors" or pick_io(io.mode, ckpt.directory) != "mmap":
         return None
     return start_mapped_read(ckpt, ckpt.file_order(), io)
+
+
+@contextlib.contextmanager
+def _cast_threads(*, busy: int) -> Iterator[None]:
+    """Run the casts on at most as many intra-op threads as cores are left beside ``busy``
+    background threads (the mapped read and the outputs allocated ahead), at least one.
+
+    A cast split over more threads than there are free cores waits for its slowest part, a
+    thread the scheduler put behind a background one: measured on 2 cores, casting a 3 GB
+    fp32 model to bf16 into memory already mapped took 0.75-0.82 s on torch's 2 threads and
+    0.43-0.49 s on 1. ``torch.set_num_threads`` is process-wide for threads started meanwhile
+    (OpenMP: the calling thread's setting); it is restored when the read ends."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    wanted = max(1, min(before, (cores or 1) - busy))
+    if busy == 0 or wanted == before:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _in_order(stream: Iterator[tuple[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:

@@ -35,6 +35,7 @@ __all__ = [
     "kernel_window",
     "merge_ranges",
     "needs_announcing",
+    "populate_private",
     "prefault",
     "readahead",
 ]
@@ -110,6 +111,7 @@ def readahead(spans: dict[Path, list[tuple[int, int]]]) -> int:
 _MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
 _MADV_POPULATE_READ = 22  # Linux 5.14+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _PAGE = mmap.PAGESIZE
 
 
@@ -148,6 +150,27 @@ def prefault(tensors: Iterable[torch.Tensor]) -> int:
         _madvise_fn(ctypes.c_void_p(begin), size, _MADV_WILLNEED)
         if _madvise_fn(ctypes.c_void_p(begin), size, _MADV_POPULATE_READ) != 0:
             _touch(begin, end - begin)
+        covered += end - begin
+    return covered
+
+
+def populate_private(tensor: torch.Tensor) -> int:
+    """Map the pages of a freshly allocated CPU tensor now, in the calling thread, without
+    changing its content: the page faults (and the kernel's zeroing of fresh pages) happen
+    here instead of in whoever writes the tensor first.
+
+    Only the page-aligned interior of the tensor's data is populated
+    (``MADV_POPULATE_WRITE``), never a page it shares with a neighbouring allocation. Where
+    that is missing (kernels before 5.14), one byte per page is written (the tensor's content
+    is undefined until written anyway: meant for ``torch.empty`` outputs). Returns the bytes
+    populated (0 where nothing can be done: not Linux, not CPU, smaller than a page)."""
+    if _madvise_fn is None:  # pragma: no cover - not Linux
+        return 0
+    covered = 0
+    for begin, end in _page_spans([tensor], outward=False):
+        if _madvise_fn(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), _MADV_POPULATE_WRITE):
+            pages = (ctypes.c_ubyte * (end - begin)).from_address(begin)  # pragma: no cover
+            torch.frombuffer(pages, dtype=torch.uint8)[::_PAGE] = 0  # pragma: no cover
         covered += end - begin
     return covered
 
