@@ -7,12 +7,16 @@ these primitives into its commit protocol (see :mod:`bigmodel.storage.commit`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from bigmodel.foundations.log import logger
 
 __all__ = [
     "ALIAS_MARKER",
@@ -22,6 +26,7 @@ __all__ = [
     "fsync_dir",
     "new_token",
     "open_temp",
+    "preallocate",
     "temp_name",
     "write_all",
 ]
@@ -65,6 +70,57 @@ def write_all(fh: BinaryIO, data: memoryview | bytes) -> None:
         if written == 0:  # never spin: a file that accepts nothing is full
             raise OSError(errno.ENOSPC, "write accepted no bytes", getattr(fh, "name", None))
         view = view[written:]
+
+
+#: ``fallocate(2)`` mode: allocate blocks past the end without changing the file's size, so a
+#: file always ends where its last write ended, whatever size was announced.
+FALLOC_FL_KEEP_SIZE = 0x01
+#: Errors after which a file is simply written without preallocation: the filesystem cannot
+#: preallocate (EOPNOTSUPP, ENOSYS, EINVAL: tmpfs variants, FUSE, NFS < 4.2), or it refuses the
+#: reservation up front (ENOSPC, EDQUOT: the write itself then says whether the bytes fit).
+_NO_PREALLOCATION = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOSPC, errno.EDQUOT, errno.EPERM}
+)
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate(fd, mode, offset, length)``, or None where there is none (not Linux).
+
+    Not ``os.posix_fallocate``: where the filesystem cannot preallocate, glibc emulates it by
+    writing one byte into every block, which costs more than the write it prepares.
+    """
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def preallocate(fh: BinaryIO, size: int) -> bool:
+    """Reserve ``size`` bytes of disk for the file ``fh`` is about to receive, in one extent
+    allocation rather than one per written page (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``:
+    the file's size still grows only with what is written).
+
+    A hint: returns False, having changed nothing, where the file has no descriptor, the
+    platform has no ``fallocate`` or the filesystem refuses (see :data:`_NO_PREALLOCATION`).
+    """
+    fallocate = _fallocate()
+    if fallocate is None or size <= 0:
+        return False
+    try:
+        fd = fh.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+    if fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code not in _NO_PREALLOCATION:
+        raise OSError(code, os.strerror(code), getattr(fh, "name", None))
+    logger.debug("no preallocation of %s: %s", getattr(fh, "name", fd), os.strerror(code))
+    return False
 
 
 def fsync_dir(directory: Path) -> None:
