@@ -310,6 +310,15 @@ def first_touch_child(size: str, dtype_name: str) -> None:
     print(json.dumps({"ready_s": seconds, "bytes": sum(t.nbytes for t in kept)}))
 
 
+def _ab_switches() -> None:
+    """``BENCH_ALLOCATE_AHEAD=0``: converting loads allocate each output in the cast, as
+    before outputs were allocated ahead (for an A/B of old and new code in the same minute)."""
+    if os.environ.get("BENCH_ALLOCATE_AHEAD") == "0":
+        import bigmodel.execution.reading
+
+        bigmodel.execution.reading.ALLOCATE_AHEAD = False
+
+
 def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
     import torch
     from safetensors.torch import load_file
@@ -320,6 +329,7 @@ def child(method: str, folder: Path, size: str, dtype_name: str) -> None:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     config = _config(size)
+    _ab_switches()
     with bigmodel.init_empty_weights():  # warm up torch's lazy imports outside the timing
         LlamaForCausalLM(_config("small"))
     construct = None
@@ -380,10 +390,7 @@ def cold_child(method: str, folder: Path, size: str, dtype_name: str, cache: Pat
         print(json.dumps({"skipped": f"`{PEERS[method]}` is not importable"}))
         return
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    if os.environ.get("BENCH_ALLOCATE_AHEAD") == "0":  # A/B: the cast allocating its outputs
-        import bigmodel.execution.reading
-
-        bigmodel.execution.reading.ALLOCATE_AHEAD = False
+    _ab_switches()
     with bigmodel.init_empty_weights():  # warm up torch's lazy imports outside the timing
         LlamaForCausalLM(_config("small"))
     shards = [str(p) for p in sorted(folder.glob("*.safetensors"))]

@@ -16,7 +16,7 @@ import bigmodel.execution.reading as reading_module
 import bigmodel.storage.allocate_ahead as allocate_module
 from bigmodel.foundations.types import IOOptions
 from bigmodel.storage.allocate_ahead import AllocateAhead
-from bigmodel.storage.readahead import populate_private
+from bigmodel.storage.readahead import FileMappings, populate_private
 
 
 class Net(nn.Module):
@@ -26,10 +26,18 @@ class Net(nn.Module):
         self.norm = nn.LayerNorm(width)
 
 
-def _saved(tmp_path):
+def _saved(tmp_path, *, cold=True):
+    """A saved Net's state, its files evicted from the page cache (a cold load) by default."""
     torch.manual_seed(0)
     model = Net()
     bigmodel.save_checkpoint(model, tmp_path, max_shard_size="20KB")
+    for path in tmp_path.glob("*.safetensors") if cold else ():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     return model.state_dict()
 
 
@@ -82,6 +90,20 @@ def test_a_same_dtype_load_allocates_nothing_ahead_and_stays_zero_copy(tmp_path,
         model = Net()
     bigmodel.load_checkpoint(model, tmp_path)
     assert spy.instances == [] and spy.outputs == []
+    assert all(FileMappings().holds(p) for p in model.parameters())
+
+
+def test_a_warm_converting_load_casts_on_torchs_threads_without_allocating_ahead(
+    tmp_path, monkeypatch
+):
+    state = _saved(tmp_path, cold=False)
+    spy = _Spy(monkeypatch)
+    with bigmodel.init_empty_weights():
+        model = Net()
+    bigmodel.load_checkpoint(model, tmp_path, dtype=torch.bfloat16)
+    assert spy.instances == []
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name].to(torch.bfloat16)), name
 
 
 def test_outputs_allocated_ahead_never_exceed_the_bound_and_a_larger_one_still_comes(monkeypatch):

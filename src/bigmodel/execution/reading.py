@@ -14,8 +14,8 @@ the progress bar); :meth:`PlanReader.read` sends each planned tensor down one of
 
 Tensors go from the file to their final dtype and device in one step; at most one converted
 tensor is in flight beyond the final model (``io="pread"``: the in-flight bound). A converting
-CPU load (the stored dtype differs from the target's) casts into outputs a background thread
-allocated ahead with their pages already mapped (:class:`~bigmodel.storage.allocate_ahead.
+CPU load (the stored dtype differs from the target's) with pages to read from the disk casts
+into outputs a background thread allocated ahead with their pages already mapped (:class:`~bigmodel.storage.allocate_ahead.
 AllocateAhead`, within ``io.inflight_bytes``), so that the page faults of the fresh memory
 overlap the disk instead of adding to the cast.
 """
@@ -101,9 +101,10 @@ class PlanReader:
                 )
             if group is None:
                 try:
+                    fetch = self._fetcher(replicated)
                     self.ahead = self._allocate_ahead(replicated)
                     with _cast_threads(busy=2 if self.ahead is not None else 0):
-                        self.read_local(self._fetcher(replicated), replicated)
+                        self.read_local(fetch, replicated)
                     if self.mapped is not None:
                         self.mapped.settle()  # every page resident before the load returns
                 finally:
@@ -148,9 +149,13 @@ class PlanReader:
         return _in_order(stream)
 
     def _allocate_ahead(self, items: Plan) -> AllocateAhead | None:
-        """Start allocating the outputs of the converting CPU tensors among ``items`` (None
-        when there is none, or for a remote checkpoint, whose reads cast as bytes arrive)."""
-        if not ALLOCATE_AHEAD or self.ckpt.remote is not None:
+        """Start allocating the outputs of the converting CPU tensors among ``items``, for a
+        mapped read with bytes to read from the disk (None otherwise).
+
+        Only then is there a wait to hide the page faults behind: warm, the cast is the whole
+        load and torch's threads fault the fresh pages as fast (measured on 2 cores: a warm
+        fp32 -> bf16 load took 0.63 s with outputs allocated ahead, 0.58 s without)."""
+        if not ALLOCATE_AHEAD or self.mapped is None or self.mapped.populator is None:
             return None
         specs = [self._output_spec(key, group[0]) for key, group in items]
         if not any(specs):
