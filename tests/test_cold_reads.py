@@ -3,6 +3,9 @@ whole-read announcement (cold only), io="auto" by filesystem, the sequential rea
 ``get_tensor``, and what ``LoadReport`` says about the bytes read."""
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -306,3 +309,50 @@ def test_reading_every_key_in_the_index_order_reads_ahead_too(tmp_path):
         for name in index_order[:3]:
             ckpt.get_tensor(name)
         assert ckpt._sequential._mode == 1 and ckpt._sequential._populator is not None
+
+
+_EXIT_CHILD = textwrap.dedent(
+    """
+    import atexit, threading, time, torch
+    from bigmodel.storage import readahead
+
+    def slow_touch(begin, size):  # a torch operation in flight on the populate thread
+        time.sleep(0.05)
+        torch.ones(1000).sum()
+
+    readahead._touch = slow_touch
+    # atexit runs last-registered first: this runs after bigmodel's hook
+    atexit.register(lambda: print("alive at exit:", any(
+        t.name == "bigmodel-populate" and t.is_alive() for t in threading.enumerate())))
+    tensors = [torch.zeros(2**20) for _ in range(64)]
+    readahead.Populator(tensors, chunk_bytes=2**16)
+    time.sleep(0.1)
+    """
+)
+
+
+def test_a_process_exiting_while_a_populate_thread_runs_stops_it_before_torch_is_torn_down():
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_CHILD], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "alive at exit: False" in done.stdout, done.stdout
+
+
+def test_stop_populators_stops_and_joins_every_running_populator():
+    release = threading.Event()
+    tensors = [torch.zeros(2**16) for _ in range(8)]
+    original = readahead_module._touch
+
+    def blocked_touch(begin, size):
+        release.wait(10)
+        original(begin, size)
+
+    readahead_module._touch = blocked_touch
+    try:
+        populator = Populator(tensors)
+        threading.Timer(0.05, release.set).start()
+        readahead_module.stop_populators()
+        assert not populator._thread.is_alive()
+    finally:
+        readahead_module._touch = original

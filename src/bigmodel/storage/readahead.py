@@ -15,6 +15,7 @@ tensors resident and mapped, in order, so that the load can return with every pa
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import ctypes
@@ -22,6 +23,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ __all__ = [
     "populate_private",
     "prefault",
     "readahead",
+    "stop_populators",
 ]
 
 
@@ -289,6 +292,7 @@ class Populator:
         self._cv = threading.Condition()
         self.bytes = sum(self._sizes)
         self._thread = threading.Thread(target=self._run, name="bigmodel-populate", daemon=True)
+        _register(self)
         self._thread.start()
 
     def _run(self) -> None:
@@ -382,3 +386,32 @@ def _prefault_span(begin: int, end: int) -> None:
     _madvise_fn(ctypes.c_void_p(begin), size, _MADV_WILLNEED)
     if _madvise_fn(ctypes.c_void_p(begin), size, _MADV_POPULATE_READ) != 0:
         _touch(begin, end - begin)
+
+
+_LIVE: weakref.WeakSet[Populator] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def _register(populator: Populator) -> None:
+    """Remember a running :class:`Populator` so that interpreter exit can stop it first."""
+    global _HOOKED
+    with _LIVE_LOCK:
+        _LIVE.add(populator)
+        if not _HOOKED:
+            atexit.register(stop_populators)
+            _HOOKED = True
+
+
+def stop_populators() -> None:
+    """Stop every running :class:`Populator` and wait for it (registered with ``atexit``).
+
+    A populate thread is a daemon (a reader that is dropped must not keep the process alive),
+    but it runs torch operations on mapped pages: one still inside such an operation while
+    the interpreter tears torch down aborts the process ("terminate called without an active
+    exception", seen with a checkpoint read in order and the process exiting right after).
+    Each thread stops after the piece it is reading (at most ``chunk_bytes``)."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for populator in live:
+        populator.cancel(wait=True)
