@@ -83,6 +83,7 @@ def test_the_whole_read_is_announced_only_when_cold_and_the_kernel_window_is_sma
 ):
     _saved(tmp_path, max_shard_size="20KB")
     _, total = _spans(tmp_path)
+    monkeypatch.setattr(reading_module, "looks_cached", lambda s: not cold)
     monkeypatch.setattr(reading_module, "resident_bytes", lambda s: 0 if cold else total)
     monkeypatch.setattr(reading_module, "needs_announcing", lambda path: small_window)
     calls = []
@@ -280,6 +281,7 @@ def test_a_warm_load_leaves_the_cached_pages_to_the_views_and_a_cold_one_reads_t
 ):
     _saved(tmp_path, max_shard_size="20KB")
     _, total = _spans(tmp_path)
+    monkeypatch.setattr(reading_module, "looks_cached", lambda s: not cold)
     monkeypatch.setattr(reading_module, "resident_bytes", lambda s: 0 if cold else total)
     started = []
     real_init = Populator.__init__
@@ -356,3 +358,25 @@ def test_stop_populators_stops_and_joins_every_running_populator():
         assert not populator._thread.is_alive()
     finally:
         readahead_module._touch = original
+
+
+def test_a_sample_of_pages_tells_a_wholly_cached_checkpoint_from_a_partly_cached_one(tmp_path):
+    from bigmodel.storage.page_cache import looks_cached
+
+    mib = 2**20
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(16 * mib))
+    spans = {path: [(0, mib), (12 * mib, 16 * mib)]}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.pread(fd, 16 * mib, 0)  # every page cached
+        assert looks_cached(spans)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead beyond what is read
+        os.pread(fd, mib, 0)  # only the first range comes back
+    finally:
+        os.close(fd)
+    if resident_bytes(spans) == 5 * mib:
+        pytest.skip("this filesystem keeps every page (tmpfs?): nothing to tell apart")
+    assert not looks_cached(spans)

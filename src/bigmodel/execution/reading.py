@@ -47,7 +47,7 @@ from bigmodel.placement.conversions import DerivedGroup
 from bigmodel.placement.load_plan import Plan, tie_groups
 from bigmodel.placement.policy import Placement, like, place
 from bigmodel.storage.allocate_ahead import AllocateAhead
-from bigmodel.storage.page_cache import page_cache_room, resident_bytes
+from bigmodel.storage.page_cache import looks_cached, page_cache_room, resident_bytes
 from bigmodel.storage.pread import pick_io, pread_tensors
 from bigmodel.storage.readahead import Populator, needs_announcing
 from bigmodel.storage.remote_read import remote_tensors
@@ -266,7 +266,8 @@ def start_mapped_read(ckpt: Checkpoint, keys: list[str], io: IOOptions) -> Mappe
     """
     spans = ckpt.file_spans(keys)
     total = sum(end - begin for ranges in spans.values() for begin, end in ranges)
-    cached = resident_bytes(spans)
+    # a sample first: counting every page of a warm checkpoint would cost more than it saves
+    cached = total if looks_cached(spans) else resident_bytes(spans)
     room = page_cache_room()
     fits = room is None or total - (cached or 0) <= room
     if fits and (cached is None or cached < total) and any(map(needs_announcing, spans)):
