@@ -556,8 +556,8 @@ def cold_table(raw, cold, ckpt_bytes: int, args) -> list[str]:  # type: ignore[n
         "",
         f"Raw limit: the fastest plain read of the same {ckpt_bytes / 1e9:.2f} GB, measured in the same run: "
         f"**{limit:.2f} s = {ckpt_bytes / limit / 1e9:.2f} GB/s**. Every row reads every page of every weight "
-        "(one byte per page, as the plain reads do). The machine (2 cores) was shared with other work: "
-        "cold numbers vary by about ±20% from run to run.",
+        "(one byte per page, as the plain reads do). On this 2-core VM, cold numbers vary by about "
+        "±20% from run to run.",
         "",
         "| plain read | s | GB/s |",
         "|---|---|---|",
