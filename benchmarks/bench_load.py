@@ -153,14 +153,8 @@ def evict_page_cache(folder: Path) -> None:
     (posix_fadvise DONTNEED), so the next load reads from the disk. Works without root for
     clean pages."""
     for path in folder.iterdir():
-        if not path.is_file():
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        if path.is_file():
+            _evict_file(path)
 
 
 def raw_read_bandwidth(folder: Path) -> float:

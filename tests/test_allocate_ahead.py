@@ -17,6 +17,7 @@ import bigmodel.storage.allocate_ahead as allocate_module
 from bigmodel.foundations.types import IOOptions
 from bigmodel.storage.allocate_ahead import AllocateAhead
 from bigmodel.storage.readahead import FileMappings, populate_private
+from conftest import evict_from_page_cache
 
 
 class Net(nn.Module):
@@ -32,12 +33,7 @@ def _saved(tmp_path, *, cold=True):
     model = Net()
     bigmodel.save_checkpoint(model, tmp_path, max_shard_size="20KB")
     for path in tmp_path.glob("*.safetensors") if cold else ():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_from_page_cache(path)
     return model.state_dict()
 
 

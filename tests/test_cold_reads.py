@@ -20,6 +20,7 @@ from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.storage.page_cache import resident_bytes
 from bigmodel.storage.pread import pick_io
 from bigmodel.storage.readahead import FileMappings, Populator, kernel_window
+from conftest import evict_from_page_cache
 
 
 class Net(nn.Module):
@@ -38,12 +39,7 @@ def _saved(tmp_path, **kwargs):
 
 def _evict(folder):
     for path in folder.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_from_page_cache(path)
 
 
 def _spans(folder):
