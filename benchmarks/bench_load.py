@@ -374,15 +374,15 @@ def cold_child(method: str, folder: Path, size: str, dtype_name: str, cache: Pat
     """One cold-cache measurement: the load, then every page of every weight read."""
     import importlib.util
 
+    if method in PEERS and importlib.util.find_spec(PEERS[method]) is None:
+        print(json.dumps({"skipped": f"`{PEERS[method]}` is not importable"}))
+        return  # before the imports below: a skipped peer costs no torch start-up
     import torch
     from transformers import LlamaForCausalLM
 
     import bigmodel
     from bigmodel.foundations.memory import MemorySampler
 
-    if method in PEERS and importlib.util.find_spec(PEERS[method]) is None:
-        print(json.dumps({"skipped": f"`{PEERS[method]}` is not importable"}))
-        return
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     _ab_switches()
     with bigmodel.init_empty_weights():  # warm up torch's lazy imports outside the timing
