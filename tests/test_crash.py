@@ -279,7 +279,7 @@ print(i)
 def test_readers_that_race_a_writer_always_see_one_complete_version(tmp_path):
     bigmodel.save_checkpoint(OLD, tmp_path, max_shard_size="1.1MB")
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path), "4"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER, str(tmp_path), "2"], stdout=subprocess.PIPE, text=True
     )
     reads = 0
     try:
