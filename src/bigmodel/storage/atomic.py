@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bigmodel.foundations.log import logger
+from bigmodel.storage.libc import libc_function
 
 __all__ = [
     "ALIAS_MARKER",
@@ -90,12 +91,8 @@ def _fallocate() -> Callable[[int, int, int, int], int] | None:
     Not ``os.posix_fallocate``: where the filesystem cannot preallocate, glibc emulates it by
     writing one byte into every block, which costs more than the write it prepares.
     """
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
+    args = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn: Callable[[int, int, int, int], int] | None = libc_function("fallocate", args)
     return fn
 
 

@@ -23,10 +23,11 @@ import contextlib
 import ctypes
 import mmap
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from bigmodel.storage.libc import libc_function
 
 __all__ = ["looks_cached", "page_cache_room", "resident_bytes"]
 
@@ -110,22 +111,15 @@ def _v1_room(hierarchy: Path, path: str) -> int | None:
 _PAGE = mmap.PAGESIZE
 
 
-def _libc() -> Any:
-    if not sys.platform.startswith("linux"):  # pragma: no cover - not Linux
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
-        libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
-        libc.mmap.restype = ctypes.c_void_p
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        return libc
-    except (OSError, AttributeError):  # pragma: no cover - no libc
-        return None
-
-
-_libc_fns = _libc()
+_mmap = libc_function(
+    "mmap",
+    [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long],
+    ctypes.c_void_p,
+)
+_munmap = libc_function("munmap", [ctypes.c_void_p, ctypes.c_size_t])
+_mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+#: False where any of the three is missing (not Linux): nothing can be known of the page cache
+_CAN_ASK = all(fn is not None for fn in (_mmap, _munmap, _mincore))
 
 
 def resident_bytes(spans: Mapping[Path, Sequence[tuple[int, int]]]) -> int | None:
@@ -133,7 +127,7 @@ def resident_bytes(spans: Mapping[Path, Sequence[tuple[int, int]]]) -> int | Non
     whole pages (a page partly in a range counts for the part inside it); ``None`` where it
     cannot be known (not Linux, a file that does not open). Reads nothing: the file is mapped
     (address space only) and ``mincore`` reports which pages are cached."""
-    if _libc_fns is None:  # pragma: no cover - not Linux
+    if not _CAN_ASK:  # pragma: no cover - not Linux
         return None
     total = 0
     for path, ranges in spans.items():
@@ -150,7 +144,7 @@ def looks_cached(spans: Mapping[Path, Sequence[tuple[int, int]]]) -> bool:
     asking ``mincore`` about every page of a multi-gigabyte checkpoint costs milliseconds
     per file (measured: 17 ms for 3 GB, against a 0.28 s warm load). False when any sampled
     page is not cached, or when it cannot be known; then :func:`resident_bytes` counts."""
-    if _libc_fns is None:  # pragma: no cover - not Linux
+    if not _CAN_ASK:  # pragma: no cover - not Linux
         return False
     try:
         return all(_file_sampled(path, ranges) for path, ranges in spans.items())
@@ -167,7 +161,7 @@ def _file_sampled(path: Path, ranges: Sequence[tuple[int, int]]) -> bool:
                 continue
             for offset in {begin, (begin + end) // 2, end - 1}:
                 page = base + offset - offset % _PAGE
-                if _libc_fns.mincore(ctypes.c_void_p(page), _PAGE, flag) != 0:
+                if _mincore(ctypes.c_void_p(page), _PAGE, flag) != 0:
                     raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
                 if not flag[0] & 1:
                     return False
@@ -184,7 +178,7 @@ def _mapped(path: Path) -> Iterator[tuple[int, int]]:
         if size == 0:
             yield 0, 0
             return
-        base = _libc_fns.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        base = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if base in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
     finally:
@@ -192,7 +186,7 @@ def _mapped(path: Path) -> Iterator[tuple[int, int]]:
     try:
         yield base, size
     finally:
-        _libc_fns.munmap(ctypes.c_void_p(base), size)
+        _munmap(ctypes.c_void_p(base), size)
 
 
 def _file_resident(path: Path, ranges: Sequence[tuple[int, int]]) -> int:
@@ -200,7 +194,7 @@ def _file_resident(path: Path, ranges: Sequence[tuple[int, int]]) -> int:
         if size == 0:
             return 0
         vec = (ctypes.c_ubyte * (-(-size // _PAGE)))()
-        if _libc_fns.mincore(ctypes.c_void_p(base), size, vec) != 0:
+        if _mincore(ctypes.c_void_p(base), size, vec) != 0:
             raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
         return sum(_range_resident(vec, begin, min(end, size)) for begin, end in ranges)
 

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bigmodel.foundations.errors import InvalidCheckpointError
 from bigmodel.foundations.types import IO_MODES
+from bigmodel.storage.libc import libc_function
 
 __all__ = ["ByteRange", "filesystem_magic", "is_network_filesystem", "pick_io", "pread_tensors"]
 
@@ -85,19 +84,7 @@ def filesystem_magic(path: Path) -> int | None:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type, the first field
 
 
-def _load_statfs() -> Any:
-    if not sys.platform.startswith("linux"):  # pragma: no cover - not Linux
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).statfs
-    except (OSError, AttributeError):  # pragma: no cover - no libc statfs
-        return None
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_statfs = _load_statfs()
+_statfs = libc_function("statfs", [ctypes.c_char_p, ctypes.c_void_p])
 
 
 @dataclass(frozen=True)

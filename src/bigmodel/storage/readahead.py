@@ -21,14 +21,14 @@ import contextlib
 import ctypes
 import mmap
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from bigmodel.storage.libc import libc_function
 
 __all__ = [
     "FileMappings",
@@ -118,20 +118,7 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _PAGE = mmap.PAGESIZE
 
 
-def _madvise() -> Any:
-    if not sys.platform.startswith("linux"):  # pragma: no cover - not Linux
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):  # pragma: no cover - no libc madvise
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise_fn = _madvise()
+_madvise_fn = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 
 
 def prefault(tensors: Iterable[torch.Tensor]) -> int:
