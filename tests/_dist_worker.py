@@ -407,18 +407,10 @@ def bg_save_llama(folder: str, opts: dict) -> dict:
 def bg_save_failing(folder: str, opts: dict) -> dict:
     """Both ranks background-save an FSDP2 Net; rank opts['bad_rank'] fails (opts['fail']:
     'write' a full disk, 'stage' staging memory that cannot be had)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     import bigmodel.execution.background as background_module
     import bigmodel.execution.writing as writing_module
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    with bigmodel.init_empty_weights():
-        model = Net()
-    for layer in (model.up, model.down):
-        fully_shard(layer, mesh=mesh)
-    bigmodel.load_checkpoint(model, folder)
+    model = _fsdp_net(folder)
     real_write = writing_module._write_shard
     if dist.get_rank() == opts["bad_rank"]:
         if opts["fail"] == "write":

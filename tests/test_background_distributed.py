@@ -34,6 +34,21 @@ def net_folder(tmp_path_factory):
     return path
 
 
+def _previous_checkpoint(tmp_path):
+    """(the model, its folder, the folder's listing) of the checkpoint a failed save must keep."""
+    torch.manual_seed(1)
+    old = Net()
+    out = tmp_path / "out"
+    bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
+    return old, out, sorted(p.name for p in out.iterdir())
+
+
+def _assert_untouched_and_group_alive(ranks, net_folder, old, out, before):
+    assert sorted(p.name for p in out.iterdir()) == before  # both ranks' staged files removed
+    assert_same_state(_loaded(out), old.state_dict())
+    assert [r["sum"] for r in ranks.run("ping", net_folder)] == [3, 3]  # the group goes on
+
+
 def _loaded(folder):
     with bigmodel.open_checkpoint(folder) as ckpt:
         return {k: ckpt.get_tensor(k).clone() for k in ckpt.keys()}
@@ -72,11 +87,7 @@ def test_an_fsdp_background_save_holds_the_weights_of_the_call_while_training_go
 def test_one_rank_failing_a_background_save_raises_on_every_handle_and_keeps_the_old_checkpoint(
     ranks, tmp_path, net_folder, fail
 ):
-    torch.manual_seed(1)
-    old = Net()
-    out = tmp_path / "out"
-    bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
-    before = sorted(p.name for p in out.iterdir())
+    old, out, before = _previous_checkpoint(tmp_path)
     results = ranks.run(
         "bg-save-failing", net_folder, {"out": str(out), "bad_rank": 1, "fail": fail}
     )
@@ -87,9 +98,7 @@ def test_one_rank_failing_a_background_save_raises_on_every_handle_and_keeps_the
     # rank 1's own error is chained on rank 1; rank 0 had none
     assert results[1]["cause"] == ("OSError" if fail == "write" else "MemoryError")
     assert results[0]["cause"] is None
-    assert sorted(p.name for p in out.iterdir()) == before  # both ranks' staged files removed
-    assert_same_state(_loaded(out), old.state_dict())
-    assert [r["sum"] for r in ranks.run("ping", net_folder)] == [3, 3]  # the group goes on
+    _assert_untouched_and_group_alive(ranks, net_folder, old, out, before)
 
 
 def test_a_repeated_background_save_runs_no_collective_in_the_calling_thread_and_reuses_its_plan(
@@ -107,19 +116,13 @@ def test_a_repeated_background_save_runs_no_collective_in_the_calling_thread_and
 def test_ranks_that_plan_a_save_differently_fail_every_rank_instead_of_writing_a_wrong_checkpoint(
     ranks, tmp_path, net_folder, background
 ):
-    torch.manual_seed(1)
-    old = Net()
-    out = tmp_path / "out"
-    bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
-    before = sorted(p.name for p in out.iterdir())
+    old, out, before = _previous_checkpoint(tmp_path)
     results = ranks.run("bg-save-mismatch", net_folder, {"out": str(out), "background": background})
     for r in results:
         assert r["raised"] == "DistributedError" and r["ranks"] == [1], r
         assert "planned other files than rank 0" in r["message"], r
         assert "Fix: " in r["message"], r
-    assert sorted(p.name for p in out.iterdir()) == before
-    assert_same_state(_loaded(out), old.state_dict())
-    assert [r["sum"] for r in ranks.run("ping", net_folder)] == [3, 3]  # the group goes on
+    _assert_untouched_and_group_alive(ranks, net_folder, old, out, before)
 
 
 def test_the_manager_saves_rotates_and_restores_an_fsdp_model_and_its_optimizer_on_two_ranks(
