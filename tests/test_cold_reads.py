@@ -47,6 +47,19 @@ def _spans(folder):
         return ckpt.file_spans(ckpt.keys()), ckpt.total_size
 
 
+def _count_populators(monkeypatch) -> list[int]:
+    """A list that gets the number of tensors of every Populator started from now on."""
+    started: list[int] = []
+    real_init = Populator.__init__
+
+    def spy(self, tensors, **kwargs):
+        started.append(len(tensors))
+        real_init(self, tensors, **kwargs)
+
+    monkeypatch.setattr(Populator, "__init__", spy)
+    return started
+
+
 def _populate_threads():
     return {t for t in threading.enumerate() if t.name == "bigmodel-populate" and t.is_alive()}
 
@@ -210,14 +223,7 @@ def test_the_populator_never_reads_further_ahead_of_its_consumer_than_its_bound(
 
 
 def test_reading_every_tensor_in_file_order_reads_ahead_and_a_jump_stops_it(tmp_path, monkeypatch):
-    started = []
-    real_init = Populator.__init__
-
-    def spy(self, tensors, **kwargs):
-        started.append(len(tensors))
-        real_init(self, tensors, **kwargs)
-
-    monkeypatch.setattr(Populator, "__init__", spy)
+    started = _count_populators(monkeypatch)
     ckpt, _ = _file_views(tmp_path, [1024] * 6)
     names = ckpt.file_order()
     ckpt.get_tensor(names[0])
@@ -279,14 +285,7 @@ def test_a_warm_load_leaves_the_cached_pages_to_the_views_and_a_cold_one_reads_t
     _, total = _spans(tmp_path)
     monkeypatch.setattr(reading_module, "looks_cached", lambda s: not cold)
     monkeypatch.setattr(reading_module, "resident_bytes", lambda s: 0 if cold else total)
-    started = []
-    real_init = Populator.__init__
-
-    def spy(self, tensors, **kwargs):
-        started.append(len(tensors))
-        real_init(self, tensors, **kwargs)
-
-    monkeypatch.setattr(Populator, "__init__", spy)
+    started = _count_populators(monkeypatch)
     with bigmodel.init_empty_weights():
         model = Net()
     bigmodel.load_checkpoint(model, tmp_path)
