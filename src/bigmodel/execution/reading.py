@@ -6,7 +6,7 @@ the progress bar); :meth:`PlanReader.read` sends each planned tensor down one of
 (the last two are in :mod:`bigmodel.execution.distributed_reading`):
 
 * local (one process, or a strategy where every rank maps the files): ``io="mmap"`` views of
-  the mapping, made resident before the load returns (see :func:`_populated`), or
+  the mapping, made resident before the load returns (see :func:`start_mapped_read`), or
   ``io="pread"`` parallel reads bounded by bytes in flight (see :mod:`bigmodel.storage.pread`);
 * sharded (a DTensor target): only the slice this rank's placement owns is read;
 * replicated under a process group: ``mmap``, ``shm``, ``scatter`` or ``rank0`` (see
@@ -120,7 +120,7 @@ class PlanReader:
         """How the single-process path gets each stored tensor, by ``io``.
 
         mmap: views of the mapping, read in the background at the disk's rate and handed out
-        once resident (see :func:`_populated`). pread: parallel reads scheduled by bytes in
+        once resident (see :func:`start_mapped_read`). pread: parallel reads scheduled by bytes in
         flight (see ``bigmodel.storage.pread``). A remote checkpoint: concurrent range
         requests under the same bound (see ``bigmodel.storage.remote_read``).
         """

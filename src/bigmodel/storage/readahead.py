@@ -136,10 +136,7 @@ def prefault(tensors: Iterable[torch.Tensor]) -> int:
         return 0
     covered = 0
     for begin, end in _page_spans(tensors, outward=True):
-        size = ctypes.c_size_t(end - begin)
-        _madvise_fn(ctypes.c_void_p(begin), size, _MADV_WILLNEED)
-        if _madvise_fn(ctypes.c_void_p(begin), size, _MADV_POPULATE_READ) != 0:
-            _touch(begin, end - begin)
+        _prefault_span(begin, end)
         covered += end - begin
     return covered
 
