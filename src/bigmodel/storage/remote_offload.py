@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from bigmodel.storage.atomic import new_token, open_temp
+from bigmodel.storage.atomic import open_temp
 from bigmodel.storage.dtypes import stored_dtype, stored_nbytes
 from bigmodel.storage.remote import RemoteFolder
 from bigmodel.storage.remote_read import RemoteRange, remote_tensors
 from bigmodel.storage.safetensors import SafetensorsFile, header_bytes
+from bigmodel.storage.scratch import scratch_paths
 
 __all__ = ["write_remote_offload"]
 
@@ -43,13 +44,15 @@ class _Out:
     fd: int = -1
 
 
-def _layout(final: Path, dtype: torch.dtype, items: list[RemoteRange]) -> tuple[_Out, bytes]:
-    """The file's header and each tensor's offset in the file, from the announced shapes."""
+def _layout(
+    folder: Path, label: str, dtype: torch.dtype, items: list[RemoteRange]
+) -> tuple[_Out, bytes]:
+    """A new scratch file's header and each tensor's offset in it, from the announced shapes."""
     placeholders = [
         (item.key, torch.empty(item.shape, dtype=item.dtype, device="meta")) for item in items
     ]
     header, ordered = header_bytes(placeholders, {"format": "pt"}, cast=dtype)
-    out = _Out(final, final.parent / f".{final.name}.tmp", dtype)
+    out = _Out(*scratch_paths(folder, dtype, label), dtype)
     at = len(header)
     for name, placeholder in ordered:
         out.offsets[name] = at
@@ -93,10 +96,7 @@ def write_remote_offload(
     files: list[_Out] = []
     with contextlib.ExitStack() as stack:
         for dtype, ranges in by_dtype.items():
-            kind = str(dtype).removeprefix("torch.")
-            out, header = _layout(
-                folder / f"{label}-{kind}-{new_token()}.safetensors", dtype, ranges
-            )
+            out, header = _layout(folder, label, dtype, ranges)
             out.fd = stack.enter_context(open_temp(out.temp, durable=False)).fileno()
             _pwrite_all(out.fd, memoryview(header), 0)
             files.append(out)

@@ -15,7 +15,7 @@ import torch
 from bigmodel.storage.atomic import new_token, open_temp
 from bigmodel.storage.safetensors import SafetensorsFile, write_safetensors
 
-__all__ = ["write_converted"]
+__all__ = ["scratch_paths", "write_converted"]
 
 
 def write_converted(
@@ -33,12 +33,18 @@ def write_converted(
         by_dtype.setdefault(dtype, []).append((name, tensor))
     readers: dict[str, SafetensorsFile] = {}
     for dtype, tensors in by_dtype.items():
-        kind = str(dtype).removeprefix("torch.")
-        final = folder / f"{label}-{kind}-{new_token()}.safetensors"
-        temp = folder / f".{final.name}.tmp"
+        final, temp = scratch_paths(folder, dtype, label)
         with open_temp(temp, durable=False) as fh:
             write_safetensors(fh, tensors, {"format": "pt"}, cast=dtype)
         os.replace(temp, final)
         reader = SafetensorsFile(final)
         readers.update(dict.fromkeys((name for name, _ in tensors), reader))
     return readers
+
+
+def scratch_paths(folder: Path, dtype: torch.dtype, label: str) -> tuple[Path, Path]:
+    """(final, temporary) path of a new scratch file of ``dtype`` tensors in ``folder``: named
+    by bigmodel (label, dtype, a fresh token), written under the temporary name, then renamed."""
+    kind = str(dtype).removeprefix("torch.")
+    final = folder / f"{label}-{kind}-{new_token()}.safetensors"
+    return final, folder / f".{final.name}.tmp"
