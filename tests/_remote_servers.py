@@ -23,20 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
-from torch import nn
-
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-
-
-class TinyNet(nn.Module):
-    """The model the remote tests save and load: an embedding (``rows`` of 16), three blocks
-    and a head, so that ``max_shard_size=2500`` gives a sharded checkpoint."""
-
-    def __init__(self, rows: int = 40) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(rows, 16)
-        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-        self.head = nn.Linear(16, 40)
 
 
 @dataclass

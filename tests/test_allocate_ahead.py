@@ -9,28 +9,21 @@ import weakref
 
 import pytest
 import torch
-from torch import nn
 
 import bigmodel
 import bigmodel.execution.reading as reading_module
 import bigmodel.storage.allocate_ahead as allocate_module
+from _models import Linears
 from bigmodel.foundations.types import IOOptions
 from bigmodel.storage.allocate_ahead import AllocateAhead
 from bigmodel.storage.readahead import FileMappings, populate_private
 from conftest import evict_from_page_cache
 
 
-class Net(nn.Module):
-    def __init__(self, width: int = 64, depth: int = 4) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-
-
 def _saved(tmp_path, *, cold=True):
-    """A saved Net's state, its files evicted from the page cache (a cold load) by default."""
+    """A saved Linears' state, its files evicted from the page cache (a cold load) by default."""
     torch.manual_seed(0)
-    model = Net()
+    model = Linears()
     bigmodel.save_checkpoint(model, tmp_path, max_shard_size="20KB")
     for path in tmp_path.glob("*.safetensors") if cold else ():
         evict_from_page_cache(path)
@@ -68,7 +61,7 @@ def test_a_converting_load_places_the_outputs_allocated_ahead_bit_exact(tmp_path
     state = _saved(tmp_path)
     spy = _Spy(monkeypatch)
     with bigmodel.init_empty_weights():
-        model = Net()
+        model = Linears()
     bigmodel.load_checkpoint(model, tmp_path, dtype=torch.bfloat16)
     assert len(spy.instances) == 1
     placed = {p.data_ptr() for p in model.parameters()}
@@ -83,7 +76,7 @@ def test_a_same_dtype_load_allocates_nothing_ahead_and_stays_zero_copy(tmp_path,
     _saved(tmp_path)
     spy = _Spy(monkeypatch)
     with bigmodel.init_empty_weights():
-        model = Net()
+        model = Linears()
     bigmodel.load_checkpoint(model, tmp_path)
     assert spy.instances == [] and spy.outputs == []
     assert all(FileMappings().holds(p) for p in model.parameters())
@@ -95,7 +88,7 @@ def test_a_warm_converting_load_casts_on_torchs_threads_without_allocating_ahead
     state = _saved(tmp_path, cold=False)
     spy = _Spy(monkeypatch)
     with bigmodel.init_empty_weights():
-        model = Net()
+        model = Linears()
     bigmodel.load_checkpoint(model, tmp_path, dtype=torch.bfloat16)
     assert spy.instances == []
     for name, value in model.state_dict().items():
@@ -139,7 +132,7 @@ def test_a_converting_load_keeps_what_is_allocated_ahead_within_inflight_bytes(
     _saved(tmp_path)
     spy = _Spy(monkeypatch)
     with bigmodel.init_empty_weights():
-        model = Net()
+        model = Linears()
     bound = 3 * 64 * 64 * 2  # three of the 8 KiB bf16 weights
     bigmodel.load_checkpoint(
         model, tmp_path, dtype=torch.bfloat16, io=IOOptions(inflight_bytes=bound)
@@ -161,7 +154,7 @@ def test_a_failing_load_frees_what_it_allocated_ahead_and_stops_its_threads(tmp_
 
     monkeypatch.setattr(reading_module, "place", place)
     with bigmodel.init_empty_weights():
-        model = Net()
+        model = Linears()
     with pytest.raises(OSError, match="disk gone"):
         bigmodel.load_checkpoint(model, tmp_path, dtype=torch.bfloat16)
     assert _allocate_threads() <= before
@@ -182,7 +175,7 @@ def test_the_casts_run_on_the_cores_left_beside_the_background_threads(tmp_path,
         reading_module, "place", lambda *a: (seen.append(torch.get_num_threads()), real_place(*a))
     )
     with bigmodel.init_empty_weights():
-        model = Net()
+        model = Linears()
     bigmodel.load_checkpoint(model, tmp_path, dtype=torch.bfloat16)
     cores = len(os.sched_getaffinity(0))
     assert set(seen) == {max(1, min(before, cores - 2))}

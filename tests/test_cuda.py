@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import bigmodel
+from _models import TinyLM
 
 pytestmark = [
     pytest.mark.cuda,
@@ -46,33 +47,10 @@ INDEX: int | str = 0
 IDS = torch.tensor([[1, 5, 7, 2, 63, 30, 11, 4]])
 
 
-class Block(nn.Module):
-    """A residual MLP with a non-persistent buffer (like rotary ``inv_freq``): not in the
-    checkpoint, yet needed on the execution device."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(width, 2 * width)
-        self.down = nn.Linear(2 * width, width)
-        self.register_buffer("scale", torch.linspace(0.5, 1.5, width), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x))) * self.scale
-
-
-class Net(nn.Module):
-    def __init__(self, width: int = 256, layers: int = 6, vocab: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
+def _net() -> TinyLM:
+    """Width 256, six blocks with a non-persistent ``scale`` buffer (like rotary ``inv_freq``:
+    not in the checkpoint, yet needed on the execution device), an untied bias-free head."""
+    return TinyLM(width=256, layers=6, vocab=64, tie=False, scale=True)
 
 
 def _map() -> dict[str, int | str]:
@@ -94,15 +72,15 @@ def _map() -> dict[str, int | str]:
 def saved(tmp_path):
     """The in-memory CPU model, the same model on the GPU, and its checkpoint."""
     torch.manual_seed(0)
-    model = Net().eval()
+    model = _net().eval()
     bigmodel.save_checkpoint(model, tmp_path / "ckpt", max_shard_size="300KB")
     on_gpu = copy.deepcopy(model).to(DEVICE)
     return model, on_gpu, tmp_path / "ckpt"
 
 
-def _empty() -> Net:
+def _empty() -> TinyLM:
     with bigmodel.init_empty_weights():
-        return Net().eval()
+        return _net().eval()
 
 
 def _on_gpu_reference(on_gpu: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -195,7 +173,7 @@ def test_streamed_weights_leave_the_gpu_after_each_forward_and_stay_within_the_p
     saved,
 ):
     _, _, folder = saved
-    reference_sizes = Net()  # real tensors, for the byte counts
+    reference_sizes = _net()  # real tensors, for the byte counts
     largest = _largest_entry_bytes(reference_sizes, _map())
     model = _empty()
     bigmodel.load_checkpoint(model, folder, device_map=_map())

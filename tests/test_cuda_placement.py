@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import bigmodel
+from _models import LinearPair, Stack
 
 pytestmark = [
     pytest.mark.cuda,
@@ -25,37 +25,21 @@ WIDTH = 512  # a layer holds 2 x 512 x 512 fp32 = 2 MiB
 LAYER = 2 * WIDTH * WIDTH * 4
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.b = nn.Linear(WIDTH, WIDTH, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.b(torch.relu(self.a(x)))
-
-
-class Stack(nn.Module):
-    def __init__(self, layers: int = 12) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(Block() for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+def _stack() -> Stack:
+    """Twelve residual pairs of bias-free WIDTH x WIDTH Linears, held as ``layers.N``."""
+    return Stack((LinearPair(WIDTH, residual=True) for _ in range(12)), name="layers")
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_streaming_from_cpu_and_disk_stays_within_the_gpu_budget(tmp_path, prefetch):
     torch.manual_seed(0)
-    source = Stack()
+    source = _stack()
     bigmodel.save_checkpoint(source, tmp_path / "ckpt")
     budget = 8 * LAYER  # room for 8 layers resident, or fewer plus the streamed ones
     budgets = {0: budget, "cpu": 2 * LAYER, "disk": None}
     offload = bigmodel.OffloadOptions(prefetch=prefetch)
     with bigmodel.init_empty_weights():
-        model = Stack()
+        model = _stack()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -1,36 +1,17 @@
 import pytest
 import torch
-from torch import nn
 
 import bigmodel
+from _models import LinearPair, PairNet
 from bigmodel.foundations.devices import normalize_device
 from bigmodel.foundations.errors import PlanError
 from bigmodel.placement.device_map import compute_module_sizes, device_for, infer_device_map
 from bigmodel.placement.planner import repeated_block_classes
 
 
-class Layer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(10, 10, bias=False)  # 400 bytes
-        self.b = nn.Linear(10, 10, bias=False)  # 400 bytes
-
-
-class Net(nn.Module):
-    """embed 800 B, 12 layers of 800 B, norm 80 B, head tied to embed."""
-
-    def __init__(self, layers: int = 12) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 10)
-        self.layers = nn.ModuleList(Layer() for _ in range(layers))
-        self.norm = nn.LayerNorm(10)
-        self.head = nn.Linear(10, 20, bias=False)
-        self.head.weight = self.embed.weight
-
-
-def _empty(**kwargs) -> Net:
+def _empty(**kwargs) -> PairNet:
     with bigmodel.init_empty_weights():
-        return Net(**kwargs)
+        return PairNet(**kwargs)
 
 
 def test_module_sizes_count_every_tensor_once_even_when_tied():
@@ -44,7 +25,7 @@ def test_module_sizes_count_every_tensor_once_even_when_tied():
 
 
 def test_repeated_blocks_are_detected_as_units_that_must_not_be_split():
-    assert repeated_block_classes(_empty()) == {Layer}
+    assert repeated_block_classes(_empty()) == {LinearPair}
 
 
 def test_everything_that_fits_on_one_device_is_one_entry():
@@ -169,7 +150,7 @@ def test_estimate_memory_of_a_model_reports_bytes_per_device_and_the_largest_blo
 
 def test_estimate_memory_of_a_checkpoint_plans_from_tensor_names(tmp_path):
     torch.manual_seed(0)
-    bigmodel.save_checkpoint(Net(), tmp_path)
+    bigmodel.save_checkpoint(PairNet(), tmp_path)
     estimate = bigmodel.estimate_memory(tmp_path, max_memory="cpu=3500,disk", dtype=torch.bfloat16)
     assert estimate.fits
     assert estimate.total == (800 + 12 * 800 + 80) // 2

@@ -5,35 +5,9 @@ import torch
 from torch import nn
 
 import bigmodel
+from _models import TinyLM
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import offload_state
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(width, 2 * width)
-        self.down = nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
-
-
-class Model(nn.Module):
-    def __init__(self, width: int = 16, layers: int = 6, vocab: int = 40) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
-
 
 IDS = torch.tensor([[1, 5, 7, 2, 39]])
 
@@ -41,14 +15,14 @@ IDS = torch.tensor([[1, 5, 7, 2, 39]])
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
-    model = Model().eval()
+    model = TinyLM().eval()
     bigmodel.save_checkpoint(model, tmp_path / "ckpt", max_shard_size=3000)
     return model, tmp_path / "ckpt"
 
 
-def _empty() -> Model:
+def _empty() -> TinyLM:
     with bigmodel.init_empty_weights():
-        return Model().eval()
+        return TinyLM().eval()
 
 
 MAP = {
@@ -120,7 +94,7 @@ def test_an_impossible_auto_map_says_what_to_change(saved):
 
 def test_dispatch_model_offloads_an_already_loaded_model(saved, tmp_path):
     reference, folder = saved
-    model = bigmodel.from_pretrained(Model, folder)
+    model = bigmodel.from_pretrained(TinyLM, folder)
     bigmodel.dispatch_model(model, MAP, offload_folder=tmp_path / "off")
     assert model.layers[2].down.weight.is_meta
     with torch.no_grad():
@@ -399,7 +373,7 @@ class TiedThrough(nn.Module):
             },
         ),
         # a head tied to an embedding on disk goes to disk with it; the norm fills the cpu
-        (Model, 2000, {"embed": "disk", "layers": "disk", "norm": "cpu", "head": "disk"}),
+        (TinyLM, 2000, {"embed": "disk", "layers": "disk", "norm": "cpu", "head": "disk"}),
     ],
     ids=["tie-on-cpu", "tie-on-disk", "head-on-disk"],
 )

@@ -13,6 +13,7 @@ from torch import nn
 
 import bigmodel
 import bigmodel.execution.offload as offload_module
+from _models import Stack
 from bigmodel.execution.offload import attach_offload_hooks
 from bigmodel.execution.offload_sources import resident_sources
 from bigmodel.storage.page_cache import page_cache_room
@@ -55,15 +56,8 @@ class Big(nn.Module):
         return torch.tanh(self.lin(x))
 
 
-class Stack(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Big() for _ in range(3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+def _stack() -> Stack:
+    return Stack(Big() for _ in range(3))
 
 
 X = torch.randn(2, 256, generator=torch.Generator().manual_seed(1))
@@ -72,7 +66,7 @@ X = torch.randn(2, 256, generator=torch.Generator().manual_seed(1))
 @pytest.fixture
 def stack(tmp_path):
     torch.manual_seed(0)
-    reference = Stack().eval()
+    reference = _stack().eval()
     bigmodel.save_checkpoint(reference, tmp_path / "ckpt")
     with torch.no_grad():
         expected = reference(X)
@@ -85,7 +79,7 @@ PADS_ON_CPU = {"": "disk", **{f"blocks.{i}.pad": "cpu" for i in range(3)}}
 def _load(folder: Path, monkeypatch, room: int | None) -> Stack:
     monkeypatch.setattr(offload_module, "page_cache_room", lambda: room)
     with bigmodel.init_empty_weights():
-        model = Stack().eval()
+        model = _stack().eval()
     bigmodel.load_checkpoint(model, folder, device_map=PADS_ON_CPU)
     return model
 
@@ -143,11 +137,11 @@ def test_private_memory_streamed_under_the_constrained_rule_is_never_dropped(mon
     """Dropping private pages would zero them: the next forward would compute on zeros."""
     monkeypatch.setattr(offload_module, "page_cache_room", lambda: 0)
     torch.manual_seed(0)
-    reference = Stack().eval()
+    reference = _stack().eval()
     with torch.no_grad():
         expected = reference(X)
     with bigmodel.init_empty_weights():
-        model = Stack().eval()
+        model = _stack().eval()
     private = {
         k: nn.Parameter(v.detach().clone(), False)
         for k, v in reference.named_parameters()
@@ -248,7 +242,7 @@ def test_page_cache_room_without_a_limit_is_mem_available(tmp_path):
 def test_the_first_offloaded_unit_is_read_while_the_resident_modules_before_it_compute(stack):
     folder, expected = stack
     with bigmodel.init_empty_weights():
-        model = Stack().eval()
+        model = _stack().eval()
     device_map = {**PADS_ON_CPU, "": "cpu", "blocks.1.lin": "disk", "blocks.2.lin": "disk"}
     bigmodel.load_checkpoint(model, folder, device_map=device_map)
     offloader = model._bigmodel_offloader
@@ -266,7 +260,7 @@ def test_the_cpu_budget_copied_into_private_memory_leaves_its_file_pages_unmappe
     for the kernel to reclaim when the streamed units need the memory."""
     folder, expected = stack
     with bigmodel.init_empty_weights():
-        model = Stack().eval()
+        model = _stack().eval()
     bigmodel.load_checkpoint(model, folder, device_map=PADS_ON_CPU)
     checkpoint = model._bigmodel_offloader.tensors["blocks.0.lin.weight"].load.func.__self__
     source = checkpoint.get_tensor("blocks.1.pad.weight")  # the file view the copy was made from

@@ -13,6 +13,7 @@ from torch.nn import functional as F  # noqa: N812
 
 import bigmodel
 import bigmodel.execution.offload as offload_module
+from _models import Stack
 from bigmodel.execution.offload import attach_offload_hooks, unit_scopes
 from bigmodel.execution.offload_sources import offload_state
 from bigmodel.execution.residency import tensor_roles
@@ -394,15 +395,8 @@ class Big(nn.Module):
         return self.lin(x)
 
 
-class BigStack(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Big() for _ in range(3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+def _big_stack() -> Stack:
+    return Stack(Big() for _ in range(3))
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
@@ -410,10 +404,10 @@ def test_disk_weights_are_read_before_their_block_computes_not_page_by_page_duri
     tmp_path, monkeypatch, prefetch
 ):
     torch.manual_seed(0)
-    reference = BigStack().eval()
+    reference = _big_stack().eval()
     bigmodel.save_checkpoint(reference, tmp_path / "ckpt")
     with bigmodel.init_empty_weights():
-        model = BigStack().eval()
+        model = _big_stack().eval()
     bigmodel.load_checkpoint(
         model,
         tmp_path / "ckpt",

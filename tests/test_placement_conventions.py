@@ -10,16 +10,16 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import bigmodel
+from _models import PairNet
 from bigmodel.foundations.devices import accelerate_device, normalize_device, parse_max_memory
 from bigmodel.foundations.errors import PlanError
 from bigmodel.placement.device_map import device_for, infer_device_map
 from bigmodel.placement.planner import atoms, plan, tree_from_module
-from test_device_map import Net, _empty
+from test_device_map import _empty
 
-TOTAL = 800 + 12 * 800 + 80  # Net: embed 800, 12 layers of 800, norm 80, head tied to embed
+TOTAL = 800 + 12 * 800 + 80  # PairNet: embed 800, 12 layers of 800, norm 80, head tied to embed
 LAYER = 800
 
 
@@ -100,40 +100,12 @@ def test_a_main_device_too_small_for_the_reserve_is_a_plan_error_that_says_what_
 # -- max_memory without disk -------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(10, 10, bias=False)
-        self.b = nn.Linear(10, 10, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
-
-
-class RunNet(nn.Module):
-    """Net's sizes and tie, with a forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 10)
-        self.layers = nn.ModuleList(Block() for _ in range(12))
-        self.norm = nn.LayerNorm(10)
-        self.head = nn.Linear(10, 20, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(ids)
-        for layer in self.layers:
-            hidden = layer(hidden)
-        return self.head(self.norm(hidden))
-
-
 def test_load_checkpoint_with_a_budget_without_disk_offloads_the_rest_and_warns(tmp_path):
     torch.manual_seed(0)
-    source = RunNet()
+    source = PairNet()
     bigmodel.save_checkpoint(source, tmp_path)
     with bigmodel.init_empty_weights():
-        model = RunNet()
+        model = PairNet()
     with pytest.warns(UserWarning, match=r"max_memory names no 'disk': .* offloaded to disk"):
         report = bigmodel.load_checkpoint(
             model, tmp_path, device_map="auto", max_memory={"cpu": 3500}
@@ -150,7 +122,7 @@ def test_bigmodel_estimate_shows_the_reserve_and_plans_the_rest_on_disk_without_
 ):
     from bigmodel.cli import main
 
-    bigmodel.save_checkpoint(Net(), tmp_path)
+    bigmodel.save_checkpoint(PairNet(), tmp_path)
     code = main(["estimate", str(tmp_path), "--max-memory", f"0={TOTAL - LAYER},cpu=800", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and data["fits"] and data["implicit_disk"]
@@ -198,10 +170,10 @@ def test_balanced_low_0_leaves_the_first_accelerator_empty_when_the_others_hold_
 
 def test_balanced_low_0_is_a_device_map_name_of_load_checkpoint_and_from_pretrained(tmp_path):
     torch.manual_seed(0)
-    source = Net()
+    source = PairNet()
     bigmodel.save_checkpoint(source, tmp_path)
     model = bigmodel.from_pretrained(
-        Net, tmp_path, device_map="balanced_low_0", max_memory={"cpu": "1MB", "disk": None}
+        PairNet, tmp_path, device_map="balanced_low_0", max_memory={"cpu": "1MB", "disk": None}
     )  # no accelerator: planned as "auto" (as accelerate does with fewer than two)
     assert torch.equal(model.layers[3].a.weight, source.layers[3].a.weight)
 
@@ -232,32 +204,34 @@ def test_accelerate_device_values_are_integers_for_accelerator_indexes():
     "device_map", ["gpu", {"": "tpu"}, {"layers": "meta", "": "cpu"}], ids=["name", "dict", "meta"]
 )
 def test_an_unknown_device_in_a_device_map_is_a_plan_error_naming_it(tmp_path, device_map):
-    bigmodel.save_checkpoint(Net(), tmp_path)
+    bigmodel.save_checkpoint(PairNet(), tmp_path)
     with pytest.raises(PlanError, match=r"(device_map=|Unknown device )'(gpu|tpu|meta)'"):
         bigmodel.load_checkpoint(_empty(), tmp_path, device_map=device_map)
     with pytest.raises(PlanError, match="Unknown device"):
-        bigmodel.dispatch_model(Net(), {"": "tpu"})
+        bigmodel.dispatch_model(PairNet(), {"": "tpu"})
 
 
 def test_a_device_mapped_load_sets_hf_device_map_as_accelerate_does(tmp_path):
-    bigmodel.save_checkpoint(Net(), tmp_path / "ckpt")
+    bigmodel.save_checkpoint(PairNet(), tmp_path / "ckpt")
     model = _empty()
     budgets = {"cpu": 3500, "disk": None}
     bigmodel.load_checkpoint(model, tmp_path / "ckpt", device_map="auto", max_memory=budgets)
     assert model.hf_device_map == infer_device_map(_empty(), max_memory=budgets)
     assert {"cpu", "disk"} == set(model.hf_device_map.values())
-    dispatched = bigmodel.dispatch_model(Net(), {"": torch.device("cpu")})
+    dispatched = bigmodel.dispatch_model(PairNet(), {"": torch.device("cpu")})
     assert dispatched.hf_device_map == {"": "cpu"}
-    plain = bigmodel.from_pretrained(Net, tmp_path / "ckpt", device_map="cpu")
+    plain = bigmodel.from_pretrained(PairNet, tmp_path / "ckpt", device_map="cpu")
     assert not hasattr(plain, "hf_device_map")  # transformers sets it for several devices only
-    split = bigmodel.from_pretrained(Net, tmp_path / "ckpt", device_map="auto", max_memory=budgets)
+    split = bigmodel.from_pretrained(
+        PairNet, tmp_path / "ckpt", device_map="auto", max_memory=budgets
+    )
     assert split.hf_device_map == model.hf_device_map
 
 
 def test_hf_device_map_writes_accelerator_indexes_as_integers():
     from bigmodel.placement.device_map import set_hf_device_map
 
-    model = Net()
+    model = PairNet()
     set_hf_device_map(model, {"embed": "cuda:0", "layers": "cuda:1", "norm": "cpu", "head": "disk"})
     assert model.hf_device_map == {"embed": 0, "layers": 1, "norm": "cpu", "head": "disk"}
-    assert model.state_dict().keys() == Net().state_dict().keys()  # a plain attribute
+    assert model.state_dict().keys() == PairNet().state_dict().keys()  # a plain attribute

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bigmodel
+from _models import PairNet
 from bigmodel.foundations.devices import normalize_device, parse_max_memory, sort_devices
 from bigmodel.foundations.dtypes import parse_dtype
 from bigmodel.placement.device_map import device_for
@@ -15,7 +16,6 @@ from bigmodel.placement.planner import (
     tree_from_names,
 )
 from conftest import tiny_llama_config
-from test_device_map import Net
 
 
 def _summary(estimate):
@@ -30,9 +30,9 @@ def _summary(estimate):
 
 @pytest.fixture(scope="module")
 def net_and_checkpoints(tmp_path_factory):
-    """Net (repeated blocks, a head tied to the embedding) saved whole and in small shards."""
+    """PairNet (repeated blocks, a head tied to the embedding) saved whole and in small shards."""
     torch.manual_seed(0)
-    model = Net()
+    model = PairNet()
     single, sharded = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("sharded")
     bigmodel.save_checkpoint(model, single)
     bigmodel.save_checkpoint(model, sharded, max_shard_size=2000)
@@ -174,9 +174,9 @@ def test_the_budget_parser_names_the_device_the_rule_and_the_fix(budgets, expect
 
 def test_every_planner_entry_point_applies_the_same_budget_rule():
     with pytest.raises(ValueError, match="only 'disk' may be unlimited"):
-        bigmodel.infer_device_map(Net(layers=2), max_memory={"cpu": None})
+        bigmodel.infer_device_map(PairNet(layers=2), max_memory={"cpu": None})
     with pytest.raises(ValueError, match="only 'disk' may be unlimited"):
-        bigmodel.estimate_memory(Net(layers=2), max_memory="cpu")
+        bigmodel.estimate_memory(PairNet(layers=2), max_memory="cpu")
 
 
 def test_devices_have_one_spelling_and_one_order():

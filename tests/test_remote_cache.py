@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import bigmodel
-from _remote_servers import TinyNet, http_server
+from _models import TinyNet
+from _remote_servers import http_server
 from bigmodel import RemoteOptions
 from bigmodel.storage.atomic import temp_name
 from bigmodel.storage.remote_cache import RemoteCache, sweep_temporaries
@@ -172,7 +173,7 @@ _FILL = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import bigmodel
-from _remote_servers import TinyNet
+from _models import TinyNet
 options = bigmodel.RemoteOptions(cache_dir=sys.argv[3], chunk_bytes=2**16, threads=1)
 bigmodel.load_checkpoint(TinyNet(rows=40_000), sys.argv[2], remote=options)
 """

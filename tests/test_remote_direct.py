@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import bigmodel
-from _remote_servers import TinyNet, http_server, self_signed
+from _models import TinyNet
+from _remote_servers import http_server, self_signed
 from bigmodel import RemoteOptions
 from bigmodel.storage.remote_http import MAX_MISSES, DirectHttp
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import bigmodel
+from _models import TinyNet
 from _remote_servers import http_server
 from bigmodel import RemoteError, RemoteOptions
 from bigmodel.checkpoint.open import verify_checkpoint
@@ -31,13 +32,11 @@ pytest.importorskip(
 FAST = RemoteOptions(retries=3, backoff=0.01, max_backoff=0.05, timeout=10)
 
 
-class Net(nn.Module):
+class Net(TinyNet):
+    """TinyNet with an int64 buffer ``steps``."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(40, 16)
-        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-        self.head = nn.Linear(16, 40)
-        self.register_buffer("steps", torch.arange(7))
+        super().__init__(steps=7)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import bigmodel
+from _models import TinyLM
 from _remote_servers import http_server
 from bigmodel import RemoteOptions
 from bigmodel.execution import offload_sources
@@ -23,29 +24,9 @@ pytest.importorskip(
 )
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(width, 2 * width)
-        self.down = nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
-
-
-class Model(nn.Module):
-    def __init__(self, width: int = 32, layers: int = 4, vocab: int = 40) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
+def _model() -> TinyLM:
+    """An untied head with a bias, width 32, four blocks."""
+    return TinyLM(width=32, layers=4, tie=False, head_bias=True)
 
 
 IDS = torch.tensor([[1, 5, 7, 2, 39]])
@@ -64,7 +45,7 @@ ON_DISK = ("layers.1.", "layers.2.", "norm.")
 @pytest.fixture
 def served(tmp_path):
     torch.manual_seed(0)
-    reference = Model().eval()
+    reference = _model().eval()
     bigmodel.save_checkpoint(reference, tmp_path / "ckpt", max_shard_size=3000)
     with http_server(tmp_path) as server:
         yield reference, server
@@ -74,9 +55,9 @@ def _disk_state(reference: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in reference.state_dict().items() if k.startswith(ON_DISK)}
 
 
-def _load(server, folder, **kwargs) -> Model:
+def _load(server, folder, **kwargs) -> TinyLM:
     with bigmodel.init_empty_weights():
-        model = Model().eval()
+        model = _model().eval()
     bigmodel.load_checkpoint(
         model, server.url("ckpt"), device_map=MAP, offload_folder=folder, **kwargs
     )
@@ -143,7 +124,7 @@ def test_a_url_load_writes_each_offloaded_tensor_once_in_one_file_per_dtype(serv
     assert not list((tmp_path / "offload").glob(".*"))  # no temporary file left
     local = tmp_path / "local-offload"
     with bigmodel.init_empty_weights():
-        model = Model().eval()
+        model = _model().eval()
     bigmodel.load_checkpoint(model, tmp_path / "ckpt", device_map=MAP, offload_folder=local)
     with torch.no_grad():
         assert torch.equal(_load(server, tmp_path / "again")(IDS), model(IDS))
@@ -199,7 +180,7 @@ def test_remote_offload_fetches_concurrently_and_stays_within_the_in_flight_boun
     with bigmodel.open_checkpoint(server.url("ckpt"), remote=options) as ckpt:
         count = _count_in_flight(monkeypatch, ckpt.remote)
         with bigmodel.init_empty_weights():
-            targets = Model().state_dict(keep_vars=True)
+            targets = _model().state_dict(keep_vars=True)
         items = [(key, [key]) for key in ckpt.keys() if key.startswith(ON_DISK)]
         server.faults.delay = 0.02  # requests last long enough to overlap
         specs = offload_sources.offload_sources(
@@ -220,7 +201,7 @@ def test_a_remote_offload_that_fails_raises_the_typed_error_and_leaves_no_partia
     options = RemoteOptions(retries=1, backoff=0.01, max_backoff=0.02, timeout=5)
     with bigmodel.open_checkpoint(server.url("ckpt"), remote=options) as ckpt:
         with bigmodel.init_empty_weights():
-            targets = Model().state_dict(keep_vars=True)
+            targets = _model().state_dict(keep_vars=True)
         items = [(key, [key]) for key in ckpt.keys() if key.startswith(ON_DISK)]
         for path in (tmp_path / "ckpt").glob("*.safetensors"):
             server.faults.fixed_status[path.name] = 500
@@ -259,7 +240,7 @@ def test_a_url_load_to_bf16_casts_each_tensor_as_its_bytes_arrive(served, monkey
         return real(*args, dtypes=dtypes, **kwargs)
 
     monkeypatch.setattr("bigmodel.execution.reading.remote_tensors", spy)
-    model = Model()
+    model = _model()
     bigmodel.load_checkpoint(model, server.url("ckpt"), dtype=torch.bfloat16)
     assert seen and all(dtypes and set(dtypes) == {torch.bfloat16} for dtypes in seen)
     for name, tensor in reference.state_dict().items():

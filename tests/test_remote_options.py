@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import bigmodel
-from _remote_servers import TinyNet, http_server
+from _models import TinyNet
+from _remote_servers import http_server
 from bigmodel import RemoteError, RemoteOptions
 from bigmodel.api.estimate import estimate_memory
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import bigmodel
-from _remote_servers import TinyNet, moto_s3_server, s3_environment, upload_folder
+from _models import TinyNet
+from _remote_servers import moto_s3_server, s3_environment, upload_folder
 from bigmodel.foundations.errors import CheckpointNotFoundError, InvalidCheckpointError
 
 pytest.importorskip(
