@@ -12,26 +12,9 @@ import pytest
 import torch
 
 import bigmodel
-
-sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import Net
+from _ranks import free_port, net_folder_fixture, ranks_fixture  # noqa: F401
 from conftest import assert_same_state, tiny_llama_config
-from test_distributed import RankGroup
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    group = RankGroup(world=2)
-    yield group
-    group.close()
-
-
-@pytest.fixture(scope="module")
-def net_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("bgdist") / "net"
-    bigmodel.save_checkpoint(Net(), path, max_shard_size="12KB")
-    return path
 
 
 def _previous_checkpoint(tmp_path):
@@ -157,9 +140,7 @@ def _run_killed_pair(folder, kill_at):
     import os
     import subprocess
 
-    from test_distributed import _free_port
-
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
     procs = [
         subprocess.Popen(

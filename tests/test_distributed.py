@@ -1,174 +1,31 @@
 """Gloo groups on CPU, each rank a real subprocess: replicated and sharded loads and saves, errors.
 
-The scenarios share one pair of long-lived ranks (the ``ranks`` fixture), each run in turn in the
-same process group, so the module pays torch's import and the group's set-up once, not once a
-test. Only the four-rank HSDP save starts ranks of its own (``run_ranks``).
+The scenarios share one pair of long-lived ranks (the ``ranks`` fixture, tests/_ranks.py), each
+run in turn in the same process group, so the module pays torch's import and the group's set-up
+once, not once a test. Only the four-rank HSDP save starts ranks of its own (``run_ranks``).
 """
 
-import contextlib
-import json
-import os
-import select
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import bigmodel
-
-WORKER = Path(__file__).with_name("_dist_worker.py")
-sys.path.insert(0, str(WORKER.parent))
-from _dist_worker import Net  # noqa: E402
+from _dist_worker import Net
+from _ranks import net_folder_fixture, ranks_fixture, run_ranks  # noqa: F401
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RankGroup:
-    """``world`` long-lived ranks of _dist_worker.py in one gloo group, running scenarios in turn.
-
-    Every wait has a deadline: a rank that does not answer in time, dies, or raises fails the
-    test with its message and the end of its stderr, and the group is torn down; the next
-    scenario starts a fresh one, so a broken group never hangs or poisons the tests after it.
-    """
-
-    def __init__(self, world: int = 2) -> None:
-        self.world = world
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list = []
-        self.buffers: list[bytes] = []
-
-    def _start(self) -> None:
-        port = _free_port()
-        # each rank's stderr, to a file: a pipe nobody reads could fill and stall the rank
-        self.logs = [tempfile.TemporaryFile() for _ in range(self.world)]  # noqa: SIM115
-        self.buffers = [b""] * self.world
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(rank), str(self.world), str(port)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self.logs[rank],
-                # loopback for gloo: a sandbox's hostname may not resolve to a usable interface
-                env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
-            )
-            for rank in range(self.world)
-        ]
-
-    def _report(self, rank: int) -> str:
-        code = self.procs[rank].poll()
-        log = self.logs[rank]
-        log.seek(0)
-        tail = log.read().decode(errors="replace")[-3000:] or "(empty)\n"
-        state = "still running" if code is None else f"exit code {code}"
-        return f"\n-- rank {rank} ({state}), end of its stderr:\n{tail}"
-
-    def _fail(self, message: str) -> None:
-        details = "".join(self._report(rank) for rank in range(len(self.procs)))
-        self.close(timeout=0)  # peers of a failed rank may be stuck in a collective
-        pytest.fail(message + details, pytrace=False)
-
-    def _answer(self, rank: int, scenario: str, deadline: float, timeout: float) -> dict:
-        """Rank ``rank``'s next answer line, read before ``deadline``."""
-        fd = self.procs[rank].stdout.fileno()
-        while b"\n" not in self.buffers[rank]:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._fail(f"rank {rank} gave no answer to {scenario!r} within {timeout} s")
-            readable, _, _ = select.select([fd], [], [], left)
-            if readable:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    self._fail(f"rank {rank} exited during {scenario!r}")
-                self.buffers[rank] += chunk
-        line, self.buffers[rank] = self.buffers[rank].split(b"\n", 1)
-        return json.loads(line)
-
-    def run(self, scenario: str, folder, options=None, timeout: float = 90) -> list[dict]:
-        """Run ``scenario`` on every rank; return each rank's result, in rank order."""
-        if not self.procs:
-            self._start()
-        request = {"scenario": scenario, "folder": str(folder), "options": options or {}}
-        deadline = time.monotonic() + timeout
-        try:
-            for proc in self.procs:
-                proc.stdin.write(json.dumps(request).encode() + b"\n")
-                proc.stdin.flush()
-        except BrokenPipeError:
-            self._fail(f"a rank had exited before {scenario!r} was sent")
-        answers = [self._answer(rank, scenario, deadline, timeout) for rank in range(self.world)]
-        errors = [a for a in answers if "error" in a]
-        if errors:  # a rank raised where the scenario expects none: its peers may be stuck
-            self._fail(
-                "".join(f"rank {a['rank']} raised in {scenario!r}:\n{a['error']}" for a in errors)
-            )
-        return [{"rank": a["rank"], **a["result"]} for a in answers]
-
-    def close(self, timeout: float = 30) -> None:
-        """Ask every rank to leave the group and exit; kill those still there at the deadline."""
-        for proc in self.procs:
-            with contextlib.suppress(OSError):  # a rank already gone
-                proc.stdin.write(b"{}\n")
-                proc.stdin.flush()
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        deadline = time.monotonic() + timeout
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-        for log in self.logs:
-            log.close()
-        self.procs, self.logs = [], []
-
-
-def run_ranks(scenario, folder, options=None, world=2, timeout=90):
-    """Start ``world`` fresh ranks for one scenario; return each rank's result, in rank order."""
-    group = RankGroup(world)
-    try:
-        return group.run(scenario, folder, options, timeout=timeout)
-    finally:
-        group.close()
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    """Two ranks shared by every two-rank scenario of this module, torn down at its end."""
-    group = RankGroup(world=2)
-    yield group
-    group.close()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dist") / "ckpt"
-    bigmodel.save_checkpoint(Net(), path, max_shard_size="12KB")
-    return path
-
-
-def test_replicated_cpu_loads_map_the_same_files_on_every_rank(ranks, folder):
-    for r in ranks.run("replicated", folder, {"strategy": "auto"}):
+def test_replicated_cpu_loads_map_the_same_files_on_every_rank(ranks, net_folder):
+    for r in ranks.run("replicated", net_folder, {"strategy": "auto"}):
         assert r["equal"] and r["tied"]
         assert r["bytes_read"] == r["total"]
-        assert r["up_weight_file"].startswith(str(folder)), r  # a view of the shard, no copy
+        assert r["up_weight_file"].startswith(str(net_folder)), r  # a view of the shard, no copy
 
 
 def test_a_cpu_conversion_is_done_once_per_node_in_shared_memory_and_mapped_by_every_rank(
-    ranks, folder
+    ranks, net_folder
 ):
-    results = ranks.run("replicated", folder, {"strategy": "auto", "dtype": "bfloat16"})
+    results = ranks.run("replicated", net_folder, {"strategy": "auto", "dtype": "bfloat16"})
     for r in results:
         assert r["equal"] and r["tied"]
         assert r["dtypes"] == ["torch.bfloat16", "torch.int64"]
@@ -178,8 +35,8 @@ def test_a_cpu_conversion_is_done_once_per_node_in_shared_memory_and_mapped_by_e
 
 
 @pytest.mark.parametrize("strategy", ["scatter", "rank0"])
-def test_scatter_and_rank0_read_each_byte_once_and_broadcast(ranks, folder, strategy):
-    results = ranks.run("replicated", folder, {"strategy": strategy, "dtype": "bfloat16"})
+def test_scatter_and_rank0_read_each_byte_once_and_broadcast(ranks, net_folder, strategy):
+    results = ranks.run("replicated", net_folder, {"strategy": strategy, "dtype": "bfloat16"})
     assert all(r["equal"] and r["tied"] for r in results)
     total = results[0]["total"]
     assert sum(r["bytes_read"] for r in results) == total
@@ -190,8 +47,10 @@ def test_scatter_and_rank0_read_each_byte_once_and_broadcast(ranks, folder, stra
 
 
 @pytest.mark.parametrize("how", ["fsdp", "tp"])
-def test_dtensor_parameters_get_only_their_slice_and_gather_to_the_checkpoint(ranks, folder, how):
-    results = ranks.run("sharded", folder, {"how": how})
+def test_dtensor_parameters_get_only_their_slice_and_gather_to_the_checkpoint(
+    ranks, net_folder, how
+):
+    results = ranks.run("sharded", net_folder, {"how": how})
     for r in results:
         assert r["equal"] and r["same_output"], r
         assert r["sharded"], r
@@ -234,21 +93,24 @@ def test_fused_experts_of_an_fsdp_model_are_built_per_rank_from_only_their_exper
 
 
 def test_a_sharded_parameter_missing_from_the_checkpoint_is_an_error_on_every_rank(
-    ranks, folder, tmp_path
+    ranks, net_folder, tmp_path
 ):
-    for r in ranks.run("sharded-missing", folder, {"partial": str(tmp_path / "partial")}):
+    for r in ranks.run("sharded-missing", net_folder, {"partial": str(tmp_path / "partial")}):
         assert r["raised"] == "MetaTensorError" and "up.weight" in r["message"], r
 
 
 @pytest.mark.parametrize("strategy", ["auto", "scatter"])
 def test_a_failure_on_one_rank_raises_on_every_rank_and_names_it_and_the_group_goes_on(
-    ranks, folder, strategy
+    ranks, net_folder, strategy
 ):
-    for r in ranks.run("failing", folder, {"bad_rank": 1, "strategy": strategy}):
+    for r in ranks.run("failing", net_folder, {"bad_rank": 1, "strategy": strategy}):
         assert r["raised"] == "DistributedError", r
         assert r["ranks"] == [1]
         assert "-missing" in r["message"] and "rank 1" in r["message"]
-    assert [r["sum"] for r in ranks.run("ping", folder)] == [3, 3]  # no rank left mid-collective
+    assert [r["sum"] for r in ranks.run("ping", net_folder)] == [
+        3,
+        3,
+    ]  # no rank left mid-collective
 
 
 def test_a_single_process_has_no_group_and_takes_the_ordinary_path():
@@ -325,7 +187,7 @@ def test_an_hsdp_model_on_a_two_by_two_mesh_is_gathered_without_any_all_gather(t
 
 
 def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(
-    ranks, tmp_path, folder
+    ranks, tmp_path, net_folder
 ):
     from conftest import assert_same_state
 
@@ -334,7 +196,7 @@ def test_a_rank_failing_mid_save_raises_everywhere_and_keeps_the_old_checkpoint(
     out = tmp_path / "out"
     bigmodel.save_checkpoint(old, out, max_shard_size="12KB")
     before = sorted(p.name for p in out.iterdir())
-    for r in ranks.run("save-failing", folder, {"out": str(out), "bad_rank": 1}):
+    for r in ranks.run("save-failing", net_folder, {"out": str(out), "bad_rank": 1}):
         assert r["raised"] == "DistributedError" and r["ranks"] == [1], r
         assert "No space left" in r["message"]
     assert sorted(p.name for p in out.iterdir()) == before  # staged files of both ranks removed
