@@ -18,7 +18,7 @@ from torch import nn
 
 import bigmodel
 from _models import TinyNet
-from _remote_servers import http_server
+from _remote_fixtures import save_served, server_fixture  # noqa: F401
 from bigmodel import RemoteOptions
 from bigmodel.storage.atomic import temp_name
 from bigmodel.storage.remote_cache import RemoteCache, sweep_temporaries
@@ -35,16 +35,7 @@ class Net(TinyNet):
 
 @pytest.fixture
 def saved(tmp_path):
-    torch.manual_seed(0)
-    model = Net()
-    bigmodel.save_checkpoint(model, tmp_path / "ckpt", max_shard_size=2500)
-    return model, tmp_path
-
-
-@pytest.fixture
-def server(saved):
-    with http_server(saved[1]) as srv:
-        yield srv
+    return save_served(tmp_path, Net)
 
 
 def _options(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 import bigmodel
 from _models import TinyNet
+from _remote_fixtures import save_served, server_fixture  # noqa: F401
 from _remote_servers import http_server, self_signed
 from bigmodel import RemoteOptions
 from bigmodel.storage.remote_http import MAX_MISSES, DirectHttp
@@ -26,16 +27,7 @@ FAST = RemoteOptions(retries=3, backoff=0.01, max_backoff=0.05, timeout=10, chun
 
 @pytest.fixture
 def saved(tmp_path):
-    torch.manual_seed(0)
-    model = TinyNet(rows=400)
-    bigmodel.save_checkpoint(model, tmp_path / "ckpt", max_shard_size=20_000)
-    return model, tmp_path
-
-
-@pytest.fixture
-def server(saved):
-    with http_server(saved[1]) as srv:
-        yield srv
+    return save_served(tmp_path, lambda: TinyNet(rows=400), max_shard_size=20_000)
 
 
 def _load_counting(

@@ -15,7 +15,7 @@ from torch import nn
 
 import bigmodel
 from _models import TinyNet
-from _remote_servers import http_server
+from _remote_fixtures import save_served, server_fixture  # noqa: F401
 from bigmodel import RemoteError, RemoteOptions
 from bigmodel.checkpoint.open import verify_checkpoint
 from bigmodel.foundations.errors import (
@@ -41,17 +41,9 @@ class Net(TinyNet):
 
 @pytest.fixture
 def saved(tmp_path):
-    torch.manual_seed(0)
-    model = Net()
-    bigmodel.save_checkpoint(model, tmp_path / "ckpt", max_shard_size=2500)
+    model, _ = save_served(tmp_path, Net)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
     return model, tmp_path
-
-
-@pytest.fixture
-def server(saved):
-    with http_server(saved[1]) as srv:
-        yield srv
 
 
 def _shards(root):

@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import bigmodel
 from _models import TinyNet
-from _remote_servers import http_server
+from _remote_fixtures import saved_fixture, server_fixture  # noqa: F401
 from bigmodel import RemoteError, RemoteOptions
 from bigmodel.api.estimate import estimate_memory
 
@@ -27,14 +26,6 @@ FAST = RemoteOptions(retries=3, backoff=0.01, max_backoff=0.05, timeout=10)
 
 
 Net = TinyNet
-
-
-@pytest.fixture
-def server(tmp_path):
-    torch.manual_seed(0)
-    bigmodel.save_checkpoint(Net(), tmp_path / "ckpt", max_shard_size=2500)
-    with http_server(tmp_path) as srv:
-        yield srv
 
 
 def test_load_checkpoint_reads_a_url_with_the_remote_options_it_is_given(server):
