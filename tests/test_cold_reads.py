@@ -18,7 +18,7 @@ import bigmodel.storage.pread as pread_module
 import bigmodel.storage.readahead as readahead_module
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.storage.page_cache import resident_bytes
-from bigmodel.storage.pread import pick_io
+from bigmodel.storage.pread import NETWORK_READ_THREADS, mapped_read_threads, pick_io
 from bigmodel.storage.readahead import FileMappings, Populator, kernel_window
 from conftest import evict_from_page_cache
 
@@ -111,31 +111,58 @@ def test_the_whole_read_is_announced_only_when_cold_and_the_kernel_window_is_sma
     assert report.cached_bytes == (0 if cold else total)
 
 
-def test_io_auto_picks_pread_on_network_filesystems_from_their_statfs_magic(monkeypatch, tmp_path):
-    assert pick_io("auto", tmp_path) == "mmap"  # this test's folder is on a local disk
-    for magic, expected in (
-        (0x6969, "pread"),
-        (0x65735546, "pread"),
-        (0xFF534D42, "pread"),
-        (0xEF53, "mmap"),
-        (0x58465342, "mmap"),
-        (0x01021994, "mmap"),
+def test_io_auto_maps_every_filesystem_and_reads_network_ones_with_several_threads(
+    monkeypatch, tmp_path
+):
+    assert mapped_read_threads(tmp_path) == 1  # this test's folder is on a local disk
+    for magic, threads in (
+        (0x6969, NETWORK_READ_THREADS),  # nfs
+        (0x65735546, NETWORK_READ_THREADS),  # fuse
+        (0xFF534D42, NETWORK_READ_THREADS),  # cifs
+        (0xEF53, 1),  # ext4
+        (0x58465342, 1),  # xfs
+        (0x01021994, 1),  # tmpfs
     ):
         monkeypatch.setattr(pread_module, "filesystem_magic", lambda path, m=magic: m)
-        assert pick_io("auto", tmp_path) == expected, hex(magic)
-    assert pick_io("mmap", tmp_path) == "mmap"  # an explicit mode is kept
+        assert pick_io("auto", tmp_path) == "mmap", hex(magic)
+        assert mapped_read_threads(tmp_path) == threads, hex(magic)
+    assert pick_io("pread", tmp_path) == "pread"  # an explicit mode is kept
 
 
-def test_a_load_on_a_network_filesystem_reads_with_pread_into_private_memory(tmp_path, monkeypatch):
-    _saved(tmp_path)
+def test_a_cold_load_on_a_network_filesystem_stays_zero_copy_read_by_several_threads(
+    tmp_path, monkeypatch
+):
+    state = _saved(tmp_path).state_dict()
     monkeypatch.setattr(pread_module, "filesystem_magic", lambda path: 0x6969)
+    threads: list[int] = []
+    real_init = Populator.__init__
+
+    def spy(self, tensors, **kwargs):
+        threads.append(kwargs.get("threads", 1))
+        real_init(self, tensors, **kwargs)
+
+    monkeypatch.setattr(Populator, "__init__", spy)
+    _evict(tmp_path)
     with bigmodel.init_empty_weights():
         model = Net()
     report = bigmodel.load_checkpoint(model, tmp_path)
+    assert threads == [NETWORK_READ_THREADS]
+    maps = FileMappings()
+    assert all(maps.holds(p) for p in model.parameters())  # views of the files: no copy
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)
+    assert report.bytes_read == sum(t.nbytes for t in state.values())
+
+
+def test_io_pread_reads_into_private_memory_on_any_filesystem(tmp_path):
+    _saved(tmp_path)
+    with bigmodel.init_empty_weights():
+        model = Net()
+    report = bigmodel.load_checkpoint(model, tmp_path, io="pread")
     maps = FileMappings()
     assert not any(maps.holds(p) for p in model.parameters())
     assert report.bytes_read == sum(p.nbytes for p in model.state_dict().values())
-    assert report.cached_bytes == 0 and report.read_seconds > 0
+    assert report.read_seconds > 0
 
 
 def test_load_report_counts_exactly_the_tensor_bytes_read_and_a_rate(tmp_path):
@@ -201,24 +228,54 @@ def _file_views(tmp_path, sizes):
     return ckpt, [ckpt.get_tensor(k, readahead=False) for k in sorted(state)]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 def test_the_populator_never_reads_further_ahead_of_its_consumer_than_its_bound(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, threads
 ):
     ckpt, views = _file_views(tmp_path, [1024] * 8)  # 4 KiB each
     seen = []
-    real = Populator._populate
+    real = Populator._claim
 
-    def spy(self, tensor):
-        seen.append((len(seen), self._wanted, self._pending(len(seen))))
-        real(self, tensor)
+    def spy(self):
+        k = real(self)
+        if k is not None:
+            i = self._pieces[k][0]
+            seen.append((i, self._wanted, sum(self._sizes[self._wanted : i])))
+        return k
 
-    monkeypatch.setattr(Populator, "_populate", spy)
-    populator = Populator(views, ahead_bytes=8192)
+    monkeypatch.setattr(Populator, "_claim", spy)
+    populator = Populator(views, ahead_bytes=8192, threads=threads)
     for i in range(len(views)):
         populator.wait(i)
     populator.join()
-    assert [i for i, _, _ in seen] == list(range(8))
+    assert sorted({i for i, _, _ in seen}) == list(range(8))  # every tensor read
     assert all(i <= wanted or pending <= 8192 for i, wanted, pending in seen)
+    ckpt.close()
+
+
+def test_several_populate_threads_hand_out_each_tensor_only_once_all_its_pieces_are_in(
+    tmp_path, monkeypatch
+):
+    ckpt, views = _file_views(tmp_path, [4096] * 6)  # 16 KiB each: several 4 KiB pieces
+    finished: list[tuple[int, int]] = []  # (begin, end) of each piece, as it completes
+    real = readahead_module._prefault_span
+
+    def slow(begin, end):
+        real(begin, end)
+        finished.append((begin, end))
+
+    monkeypatch.setattr(readahead_module, "_prefault_span", slow)
+    populator = Populator(views, chunk_bytes=4096, threads=3)
+    for i, view in enumerate(views):
+        populator.wait(i)
+        first = view.data_ptr() - view.data_ptr() % 4096
+        last = view.data_ptr() + view.nbytes
+        covered = sum(
+            min(e, last) - max(b, first) for b, e in list(finished) if b < last and e > first
+        )
+        assert covered >= last - first  # every page of tensor i was read before it was handed out
+    populator.join()
+    assert len(finished) == len(populator._pieces)  # each piece read once, by one thread
     ckpt.close()
 
 
@@ -347,10 +404,10 @@ def test_stop_populators_stops_and_joins_every_running_populator():
 
     readahead_module._touch = blocked_touch
     try:
-        populator = Populator(tensors)
+        populators = [Populator(tensors), Populator(tensors, threads=3)]
         threading.Timer(0.05, release.set).start()
         readahead_module.stop_populators()
-        assert not populator._thread.is_alive()
+        assert not any(t.is_alive() for p in populators for t in p._threads)
     finally:
         readahead_module._touch = original
 

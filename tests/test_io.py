@@ -99,14 +99,14 @@ def test_io_auto_maps_local_files_and_rejects_unknown_modes(tmp_path):
         pick_io("fast", tmp_path)
 
 
-def test_io_auto_reads_network_filesystems_with_pread_by_mount_type_without_statfs(
+def test_network_filesystems_are_told_by_mount_type_where_statfs_says_nothing(
     monkeypatch, tmp_path
 ):
     monkeypatch.setattr(pread_module, "filesystem_magic", lambda path: None)
-    monkeypatch.setattr(pread_module, "filesystem_type", lambda path: "nfs4")
-    assert pick_io("auto", tmp_path) == "pread"
-    monkeypatch.setattr(pread_module, "filesystem_type", lambda path: "fuse.s3fs")
-    assert pick_io("auto", tmp_path) == "pread"
+    for kind, network in (("nfs4", True), ("fuse.s3fs", True), ("ext4", False), ("", False)):
+        monkeypatch.setattr(pread_module, "filesystem_type", lambda path, k=kind: k)
+        assert pread_module.is_network_filesystem(tmp_path) is network, kind
+        assert pick_io("auto", tmp_path) == "mmap"  # the mapping everywhere, zero copy
 
 
 def test_prefetch_advises_the_kernel_about_exactly_the_tensors_asked_for(tmp_path):

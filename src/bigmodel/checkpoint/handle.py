@@ -393,6 +393,7 @@ class _SequentialReads:
 
     def _start(self, mode: int, i: int) -> None:
         from bigmodel.storage.page_cache import page_cache_room
+        from bigmodel.storage.pread import mapped_read_threads
         from bigmodel.storage.readahead import Populator, needs_announcing
 
         assert self._orders is not None
@@ -405,7 +406,9 @@ class _SequentialReads:
             self._starts.append(self._starts[-1] + self._ckpt.nbytes(name))
         self._mode, self._first, self._announced = mode, i, 0
         views = [self._ckpt.get_tensor(name, readahead=False) for name in names[i:]]
-        self._populator = Populator(views, ahead_bytes=self._window)
+        self._populator = Populator(
+            views, ahead_bytes=self._window, threads=mapped_read_threads(self._ckpt.directory)
+        )
         # a checkpoint dropped without close() must not leave the thread waiting with its views
         weakref.finalize(self._ckpt, self._populator.finish)
         if self._announce:

@@ -238,21 +238,29 @@ class FileMappings:
 
 
 class Populator:
-    """Make CPU tensors' pages resident and mapped, in order, from one background thread.
+    """Make CPU tensors' pages resident and mapped, in order, from background threads.
 
     For views of a file mapping this is the read itself (:func:`prefault`: ``MADV_WILLNEED``
     then ``MADV_POPULATE_READ``, in pieces of at most ``chunk_bytes``, so that the consumer
     learns of each tensor as soon as it is in), then, with ``touch``, one byte of every page
     is read: in a VM, the first access to a page the host has not backed yet costs a host
     fault even when the guest has it mapped (measured: 0.2-0.6 s of first touches for 3 GB
-    after the load returned), and that cost is better paid here, while the disk reads on. The consumer calls :meth:`wait` ``(i)`` before
-    it computes on tensor ``i`` (a cast then reads pages that are in memory, while the
-    thread is already reading the tensors after it) and :meth:`join` when it needs them all.
+    after the load returned), and that cost is better paid here, while the disk reads on.
+    The consumer calls :meth:`wait` ``(i)`` before it computes on tensor ``i`` (a cast then
+    reads pages that are in memory, while the thread is already reading the tensors after it)
+    and :meth:`join` when it needs them all.
 
-    ``ahead_bytes`` bounds how far the thread runs ahead of the tensor the consumer waits for
+    ``threads`` threads take the pieces in order, each the next one not taken; tensor ``i`` is
+    resident once every piece up to its last is. One thread suits a local disk, whose own
+    readahead keeps the device busy (measured: 2 or 3 threads made a cold 3 GB load 20-35%
+    slower on 2 cores); where each read request is a round trip (network and FUSE
+    filesystems, whose readahead window is small), several pieces in flight hide the round
+    trips (see :func:`bigmodel.storage.pread.mapped_read_threads`).
+
+    ``ahead_bytes`` bounds how far the threads run ahead of the tensor the consumer waits for
     (``None``: no bound, for tensors that all stay mapped anyway); with a bound, pages read
     ahead of a cast cannot pile up beyond it and be evicted before they are used. Private
-    memory is left as it is. Errors of the thread are raised by :meth:`wait` and :meth:`join`.
+    memory is left as it is. Errors of a thread are raised by :meth:`wait` and :meth:`join`.
     """
 
     def __init__(
@@ -262,11 +270,25 @@ class Populator:
         chunk_bytes: int = 64 * 2**20,
         ahead_bytes: int | None = None,
         touch: bool = True,
+        threads: int = 1,
     ) -> None:
         self._touch = touch
         self._tensors: list[torch.Tensor | None] = list(tensors)
         self._sizes = [t.numel() * t.element_size() for t in tensors]
-        self._chunk = max(_PAGE, chunk_bytes - chunk_bytes % _PAGE)
+        chunk = max(_PAGE, chunk_bytes - chunk_bytes % _PAGE)
+        #: the work, in order: (tensor index, begin, end) address pieces of at most ``chunk``
+        self._pieces: list[tuple[int, int, int]] = []
+        self._ends: list[int] = []  # tensor i is resident once pieces [0, _ends[i]) are
+        for i, tensor in enumerate(tensors):
+            if tensor.device.type == "cpu" and tensor.numel():
+                for begin, end in _page_spans([tensor], outward=True):
+                    self._pieces += [
+                        (i, at, min(end, at + chunk)) for at in range(begin, end, chunk)
+                    ]
+            self._ends.append(len(self._pieces))
+        self._claimed = 0  # pieces [0, _claimed) are taken by a thread
+        self._finished = [False] * len(self._pieces)
+        self._frontier = 0  # pieces [0, _frontier) are all resident
         self._ahead = ahead_bytes
         self._done = 0  # tensors [0, _done) are resident
         self._wanted = 0  # the tensor the consumer waits for (or used last)
@@ -275,53 +297,62 @@ class Populator:
         self._final = False  # no consumer will ask for more than it has asked for
         self._cv = threading.Condition()
         self.bytes = sum(self._sizes)
-        self._thread = threading.Thread(target=self._run, name="bigmodel-populate", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name="bigmodel-populate", daemon=True)
+            for _ in range(max(1, min(threads, len(self._pieces))))
+        ]
+        with self._cv:
+            self._settle()  # tensors with nothing to read (empty, not on the CPU) at the front
         _register(self)
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         try:
-            for i, tensor in enumerate(self._tensors):
-                self._hold_back(i)
-                if self._stop or (self._final and i > self._wanted):
-                    return
-                assert tensor is not None
-                self._populate(tensor)
-                self._tensors[i] = None  # the consumer holds it; the mapping keeps its pages
+            while (k := self._claim()) is not None:
+                _, begin, end = self._pieces[k]
+                _prefault_span(begin, end)
+                if self._touch:
+                    _touch(begin, end - begin)
                 with self._cv:
-                    self._done = i + 1
-                    self._cv.notify_all()
+                    self._finished[k] = True
+                    self._settle()
         except BaseException as exc:  # pragma: no cover - madvise errors are not raised
             with self._cv:
                 self._error = exc
                 self._cv.notify_all()
 
-    def _hold_back(self, i: int) -> None:
-        """Wait while tensors [wanted, i) already exceed the bound ahead of the consumer."""
-        if self._ahead is None:
-            return
+    def _claim(self) -> int | None:
+        """The next piece to read, once the bound allows it; None when done or stopped."""
         with self._cv:
-            while (
-                not self._stop
-                and not self._final
-                and i > self._wanted
-                and self._pending(i) > self._ahead
-            ):
+            while True:
+                k = self._claimed
+                if self._stop or k >= len(self._pieces):
+                    return None
+                i = self._pieces[k][0]
+                if self._final and i > self._wanted:
+                    return None
+                if (
+                    self._ahead is None
+                    or self._final
+                    or i <= self._wanted
+                    or sum(self._sizes[self._wanted : i]) <= self._ahead
+                ):
+                    self._claimed = k + 1
+                    return k
                 self._cv.wait()
 
-    def _pending(self, i: int) -> int:
-        return sum(self._sizes[self._wanted : i])
-
-    def _populate(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cpu" or tensor.numel() == 0:
-            return
-        for begin, end in _page_spans([tensor], outward=True):
-            for start in range(begin, end, self._chunk):
-                if self._stop:
-                    return
-                _prefault_span(start, min(end, start + self._chunk))
-                if self._touch:
-                    _touch(start, min(end, start + self._chunk) - start)
+    def _settle(self) -> None:
+        """Move the frontier past the finished pieces and mark the tensors that are now whole
+        (called with the condition held)."""
+        while self._frontier < len(self._pieces) and self._finished[self._frontier]:
+            self._frontier += 1
+        done = bisect.bisect_right(self._ends, self._frontier)
+        if done > self._done:
+            for i in range(self._done, done):
+                self._tensors[i] = None  # the consumer holds it; the mapping keeps its pages
+            self._done = done
+            self._cv.notify_all()
 
     def advance(self, i: int) -> None:
         """The consumer is at tensor ``i``: the thread may read up to the bound past it."""
@@ -343,7 +374,8 @@ class Populator:
         """Block until every tensor is resident."""
         if self._tensors:
             self.wait(len(self._tensors) - 1)
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
     def finish(self) -> None:
         """No more :meth:`advance`: read up to the last tensor asked for, then stop (for a
@@ -359,7 +391,8 @@ class Populator:
             self._stop = True
             self._cv.notify_all()
         if wait:
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()
 
 
 def _prefault_span(begin: int, end: int) -> None:
