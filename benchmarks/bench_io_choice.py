@@ -3,7 +3,7 @@ against both paths, cold and warm.
 
     python benchmarks/bench_io_choice.py                  # ~300 MB checkpoint (a few minutes)
     python benchmarks/bench_io_choice.py --size large     # ~3 GB
-    python benchmarks/bench_io_choice.py --latency-ms 1   # the network round trip to emulate
+    python benchmarks/bench_io_choice.py --latency-ms 1   # round trips to emulate (0.25 1)
 
 ``load_checkpoint(model, folder, io=...)`` reads a local checkpoint either through the file
 mapping (``"mmap"``: made resident in order by a background thread, zero copy) or with parallel
@@ -15,8 +15,8 @@ the same checkpoint behind each filesystem it can mount here and times both path
 * **FUSE, C passthrough**: the folder mounted with ``bindfs`` (a FUSE filesystem that adds only
   the user-space round trip); skipped unless ``bindfs`` and ``/dev/fuse`` are usable;
 * **FUSE, N ms per request**: the folder served by a small FUSE filesystem (``mfusepy``) that
-  waits ``--latency-ms`` before answering each read request, as a network filesystem's round
-  trip does (requests in flight overlap, as they do on a network); skipped unless ``mfusepy``
+  waits ``--latency-ms`` before answering each read request (one row per value), as a network
+  filesystem's round trip does (requests in flight overlap, as they do on a network); skipped unless ``mfusepy``
   is importable (``pip install mfusepy``) and FUSE is usable.
 
 Each measurement runs in a fresh process: the model is built under ``init_empty_weights``, the
@@ -213,7 +213,7 @@ def table_rows(name: str, runs, skipped: str | None) -> list[str]:  # type: igno
 def main() -> None:
     parser = common_parser(__doc__, "io_choice.md")
     parser.set_defaults(size="small")
-    parser.add_argument("--latency-ms", type=float, default=1.0)
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.25, 1.0])
     parser.add_argument("--mount-dir", type=Path, default=Path("/tmp/bigmodel-bench-mounts"))
     parser.add_argument("--child", choices=["measure"])
     parser.add_argument("--folder", type=Path)
@@ -232,15 +232,13 @@ def main() -> None:
     folder = ensure_checkpoint(args.cache, args.size)
     ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     rows = []
-    for name, kind in (
-        ("local disk", None),
-        ("FUSE, C passthrough (bindfs)", "bindfs"),
-        (f"FUSE, {args.latency_ms:g} ms per read request (mfusepy)", "delayed"),
-    ):
-        if kind is None:
-            rows += table_rows(name, measure(folder, folder, args), None)
-            continue
-        with mounted(kind, folder, args.mount_dir / kind, args.latency_ms) as skipped:
+    mounts = [("FUSE, C passthrough (bindfs)", "bindfs", 0.0)]
+    mounts += [
+        (f"FUSE, {ms:g} ms per read request (mfusepy)", "delayed", ms) for ms in args.latency_ms
+    ]
+    rows += table_rows("local disk", measure(folder, folder, args), None)
+    for name, kind, latency in mounts:
+        with mounted(kind, folder, args.mount_dir / kind, latency) as skipped:
             runs = None if skipped else measure(args.mount_dir / kind, folder, args)
             rows += table_rows(name, runs, skipped)
     lines = [
@@ -250,7 +248,8 @@ def main() -> None:
         f"Seconds from the call to a ready model (every page of every weight read), medians of "
         f"{args.repeats} runs, each in a fresh process. Cold: the page cache emptied right before "
         "the load; warm: the files read once through the same mount first. Command: "
-        f"`python benchmarks/bench_io_choice.py --size {args.size} --latency-ms {args.latency_ms:g}`.",
+        f"`python benchmarks/bench_io_choice.py --size {args.size} --latency-ms "
+        f"{' '.join(f'{ms:g}' for ms in args.latency_ms)}`.",
         "",
         "| filesystem | auto picks | cold mmap s | cold pread s | warm mmap s | warm pread s | auto picked the faster path (cold; warm) |",
         "|---|---|---|---|---|---|---|",

@@ -111,3 +111,15 @@ def test_the_conversion_benchmark_loads_an_original_layout_moe_both_ways_with_eq
     for row in ("| bigmodel |", "| transformers |", "ready time ≤ 1.0x transformers"):
         assert row in table
     assert "checksums equal): yes" in table
+
+
+def test_the_io_choice_benchmark_times_both_read_paths_and_says_whether_auto_picked_the_faster(
+    tmp_path,
+):
+    mounts = ["--mount-dir", str(tmp_path / "mounts"), "--latency-ms", "1"]
+    table = _run_tiny("bench_io_choice.py", tmp_path, *mounts)
+    assert "| local disk | mmap |" in table  # measured on any machine: auto maps local files
+    for row in ("| FUSE, C passthrough (bindfs) |", "| FUSE, 1 ms per read request (mfusepy) |"):
+        assert row in table  # measured, or skipped with the reason (no bindfs, mfusepy, FUSE)
+    assert "auto picked the faster path" in table
+    assert not any(p.is_mount() for p in (tmp_path / "mounts").glob("*"))  # unmounted after

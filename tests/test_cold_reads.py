@@ -18,7 +18,7 @@ import bigmodel.storage.pread as pread_module
 import bigmodel.storage.readahead as readahead_module
 from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.storage.page_cache import resident_bytes
-from bigmodel.storage.pread import NETWORK_READ_THREADS, mapped_read_threads, pick_io
+from bigmodel.storage.pread import LOCAL_READ, NETWORK_READ, mapped_read_shape, pick_io
 from bigmodel.storage.readahead import FileMappings, Populator, kernel_window
 from conftest import evict_from_page_cache
 
@@ -114,18 +114,18 @@ def test_the_whole_read_is_announced_only_when_cold_and_the_kernel_window_is_sma
 def test_io_auto_maps_every_filesystem_and_reads_network_ones_with_several_threads(
     monkeypatch, tmp_path
 ):
-    assert mapped_read_threads(tmp_path) == 1  # this test's folder is on a local disk
-    for magic, threads in (
-        (0x6969, NETWORK_READ_THREADS),  # nfs
-        (0x65735546, NETWORK_READ_THREADS),  # fuse
-        (0xFF534D42, NETWORK_READ_THREADS),  # cifs
-        (0xEF53, 1),  # ext4
-        (0x58465342, 1),  # xfs
-        (0x01021994, 1),  # tmpfs
+    assert mapped_read_shape(tmp_path) == LOCAL_READ  # this test's folder is on a local disk
+    for magic, shape in (
+        (0x6969, NETWORK_READ),  # nfs
+        (0x65735546, NETWORK_READ),  # fuse
+        (0xFF534D42, NETWORK_READ),  # cifs
+        (0xEF53, LOCAL_READ),  # ext4
+        (0x58465342, LOCAL_READ),  # xfs
+        (0x01021994, LOCAL_READ),  # tmpfs
     ):
         monkeypatch.setattr(pread_module, "filesystem_magic", lambda path, m=magic: m)
         assert pick_io("auto", tmp_path) == "mmap", hex(magic)
-        assert mapped_read_threads(tmp_path) == threads, hex(magic)
+        assert mapped_read_shape(tmp_path) == shape, hex(magic)
     assert pick_io("pread", tmp_path) == "pread"  # an explicit mode is kept
 
 
@@ -134,11 +134,11 @@ def test_a_cold_load_on_a_network_filesystem_stays_zero_copy_read_by_several_thr
 ):
     state = _saved(tmp_path).state_dict()
     monkeypatch.setattr(pread_module, "filesystem_magic", lambda path: 0x6969)
-    threads: list[int] = []
+    threads: list[tuple[int, int | None]] = []
     real_init = Populator.__init__
 
     def spy(self, tensors, **kwargs):
-        threads.append(kwargs.get("threads", 1))
+        threads.append((kwargs.get("threads", 1), kwargs.get("chunk_bytes")))
         real_init(self, tensors, **kwargs)
 
     monkeypatch.setattr(Populator, "__init__", spy)
@@ -146,7 +146,7 @@ def test_a_cold_load_on_a_network_filesystem_stays_zero_copy_read_by_several_thr
     with bigmodel.init_empty_weights():
         model = Net()
     report = bigmodel.load_checkpoint(model, tmp_path)
-    assert threads == [NETWORK_READ_THREADS]
+    assert threads == [tuple(NETWORK_READ)]
     maps = FileMappings()
     assert all(maps.holds(p) for p in model.parameters())  # views of the files: no copy
     for name, tensor in model.state_dict().items():

@@ -393,7 +393,7 @@ class _SequentialReads:
 
     def _start(self, mode: int, i: int) -> None:
         from bigmodel.storage.page_cache import page_cache_room
-        from bigmodel.storage.pread import mapped_read_threads
+        from bigmodel.storage.pread import mapped_read_shape
         from bigmodel.storage.readahead import Populator, needs_announcing
 
         assert self._orders is not None
@@ -406,8 +406,12 @@ class _SequentialReads:
             self._starts.append(self._starts[-1] + self._ckpt.nbytes(name))
         self._mode, self._first, self._announced = mode, i, 0
         views = [self._ckpt.get_tensor(name, readahead=False) for name in names[i:]]
+        shape = mapped_read_shape(self._ckpt.directory)
         self._populator = Populator(
-            views, ahead_bytes=self._window, threads=mapped_read_threads(self._ckpt.directory)
+            views,
+            ahead_bytes=self._window,
+            threads=shape.threads,
+            chunk_bytes=shape.chunk_bytes,
         )
         # a checkpoint dropped without close() must not leave the thread waiting with its views
         weakref.finalize(self._ckpt, self._populator.finish)

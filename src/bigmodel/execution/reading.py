@@ -48,7 +48,7 @@ from bigmodel.placement.load_plan import Plan, tie_groups
 from bigmodel.placement.policy import Placement, like, place
 from bigmodel.storage.allocate_ahead import AllocateAhead
 from bigmodel.storage.page_cache import looks_cached, page_cache_room, resident_bytes
-from bigmodel.storage.pread import mapped_read_threads, pick_io, pread_tensors
+from bigmodel.storage.pread import mapped_read_shape, pick_io, pread_tensors
 from bigmodel.storage.readahead import Populator, needs_announcing
 from bigmodel.storage.remote_read import remote_tensors
 
@@ -274,13 +274,15 @@ def start_mapped_read(ckpt: Checkpoint, keys: list[str], io: IOOptions) -> Mappe
         ckpt.readahead(keys)
     views = {key: ckpt.get_tensor(key, readahead=False) for key in keys}
     warm = cached is not None and cached >= total
+    shape = mapped_read_shape(ckpt.directory)
     populator = (
         None
         if warm
         else Populator(
             list(views.values()),
             ahead_bytes=None if fits else io.inflight,
-            threads=mapped_read_threads(ckpt.directory),
+            threads=shape.threads,
+            chunk_bytes=shape.chunk_bytes,
         )
     )
     return MappedRead(ckpt, views, populator, cached or 0, fits)

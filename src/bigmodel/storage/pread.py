@@ -2,8 +2,8 @@
 
 The default way bigmodel reads is the file mapping (zero copy, the page cache shared between
 processes), on every filesystem (:func:`pick_io`). ``io="pread"`` reads tensors with
-``os.preadv`` into private memory instead — measured 6-20% faster than the mapping where every
-read request costs a 1 ms round trip, at the price of a private copy of every byte:
+``os.preadv`` into private memory instead, for a caller that wants the weights to be its own
+memory (a file that may change under a long-running server):
 
 * each tensor is split into chunks (``chunk_bytes``) read by a pool of threads, which release
   the GIL while the kernel reads, so several requests keep the device busy;
@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +38,10 @@ __all__ = [
     "ByteRange",
     "filesystem_magic",
     "is_network_filesystem",
-    "mapped_read_threads",
+    "LOCAL_READ",
+    "NETWORK_READ",
+    "MappedReadShape",
+    "mapped_read_shape",
     "pick_io",
     "pread_tensors",
 ]
@@ -140,33 +144,43 @@ def is_network_filesystem(path: Path) -> bool:
 def pick_io(io: str, path: Path) -> str:
     """Resolve ``io=``: ``"mmap"`` or ``"pread"`` as given; ``"auto"`` is the mapping, on every
     filesystem: read in order in the background by a
-    :class:`~bigmodel.storage.readahead.Populator` (:func:`mapped_read_threads` threads), it
-    stays zero copy and reads at least as fast as parallel preads.
+    :class:`~bigmodel.storage.readahead.Populator` (:func:`mapped_read_shape`: threads and
+    piece size by filesystem), it stays zero copy and reads about as fast as parallel preads.
 
     Measured cold and warm with ``benchmarks/bench_io_choice.py`` (a local disk, a C FUSE
     passthrough, and a FUSE filesystem that adds a round trip to every read request): the
     mapping was faster on the local disk (warm: 1.6-2.5x), on the C passthrough (1.2-1.5x)
-    and with 0.25 ms round trips (1.45x); with 1 ms round trips parallel preads were 6-20%
-    faster, for a private copy of every byte. ``path`` is where the checkpoint lies; the
-    filesystem only changes how many threads read (:func:`mapped_read_threads`)."""
+    and with round trips added to every request; parallel preads only make a private copy of
+    every byte. ``path`` is where the checkpoint lies; the filesystem only changes how the
+    mapping is read (:func:`mapped_read_shape`)."""
     if io not in IO_MODES:
         raise ValueError(f"io={io!r}: choose one of {', '.join(IO_MODES)}.")
     return "mmap" if io == "auto" else io
 
 
-#: Threads that populate a mapping on a network or FUSE filesystem: each read request there is
-#: a round trip (readahead windows are small, 128 KiB on FUSE), and one thread waits for each
-#: in turn (measured, 300 MB with 0.25 ms round trips: 0.66 s with one thread, 0.33 s with
-#: four; eight were no faster).
-NETWORK_READ_THREADS = 4
+class MappedReadShape(NamedTuple):
+    """How a :class:`~bigmodel.storage.readahead.Populator` reads a mapping: how many threads,
+    and the most bytes each asks for at a time."""
+
+    threads: int
+    chunk_bytes: int
 
 
-def mapped_read_threads(path: Path) -> int:
-    """How many threads read a mapping of the files at ``path`` in order: one on a local disk
-    (its readahead keeps the device busy; more were measured slower),
-    :data:`NETWORK_READ_THREADS` on network and FUSE filesystems
-    (:func:`is_network_filesystem`)."""
-    return NETWORK_READ_THREADS if is_network_filesystem(path) else 1
+#: A local disk: one thread, 64 MiB at a time (the disk's own readahead keeps its queue full;
+#: 2-3 threads measured 20-35% slower on a cold 3 GB load).
+LOCAL_READ = MappedReadShape(threads=1, chunk_bytes=64 * 2**20)
+#: A network or FUSE filesystem: each read request is a round trip (readahead windows are
+#: small, 128 KiB on FUSE) and one thread waits for each in turn, so many small pieces are kept
+#: in flight. Measured on 300 MB with 1 ms round trips (benchmarks/bench_io_choice.py's FUSE
+#: filesystem): one thread 1.58 s; 4 x 64 MiB 0.67 s; 4 x 16 MiB 0.51 s; 8 x 8 MiB 0.48-0.49 s,
+#: about what 16 threads and parallel preads reach.
+NETWORK_READ = MappedReadShape(threads=8, chunk_bytes=8 * 2**20)
+
+
+def mapped_read_shape(path: Path) -> MappedReadShape:
+    """How to read a mapping of the files at ``path`` in order: :data:`NETWORK_READ` on network
+    and FUSE filesystems (:func:`is_network_filesystem`), :data:`LOCAL_READ` elsewhere."""
+    return NETWORK_READ if is_network_filesystem(path) else LOCAL_READ
 
 
 def _read_chunk(fd: int, view: memoryview, offset: int, where: str) -> None:

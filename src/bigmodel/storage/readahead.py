@@ -255,7 +255,7 @@ class Populator:
     readahead keeps the device busy (measured: 2 or 3 threads made a cold 3 GB load 20-35%
     slower on 2 cores); where each read request is a round trip (network and FUSE
     filesystems, whose readahead window is small), several pieces in flight hide the round
-    trips (see :func:`bigmodel.storage.pread.mapped_read_threads`).
+    trips (see :func:`bigmodel.storage.pread.mapped_read_shape`).
 
     ``ahead_bytes`` bounds how far the threads run ahead of the tensor the consumer waits for
     (``None``: no bound, for tensors that all stay mapped anyway); with a bound, pages read
