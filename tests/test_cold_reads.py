@@ -211,6 +211,63 @@ def test_a_converting_load_is_bit_exact_with_torch_casts(tmp_path, dtype):
         assert torch.equal(value.view(torch.int16), state[name].to(dtype).view(torch.int16)), name
 
 
+def test_a_cold_converting_load_casts_large_tensors_piece_by_piece_as_their_pages_come_in(
+    tmp_path, monkeypatch
+):
+    torch.manual_seed(0)
+    state = {"big": torch.randn(64, 256), "small": torch.randn(8), "last": torch.randn(32, 256)}
+    bigmodel.save_checkpoint(state, tmp_path)
+    _evict(tmp_path)
+    monkeypatch.setattr(reading_module, "STREAM_BYTES", 16 * 1024)  # 64 KiB "big": 4 pieces
+    waits: list[tuple[int, int]] = []
+    real = Populator.wait_prefix
+
+    def spy(self, i, nbytes):
+        waits.append((i, nbytes))
+        real(self, i, nbytes)
+
+    monkeypatch.setattr(Populator, "wait_prefix", spy)
+    model = nn.Module()
+    for name, value in state.items():
+        model.register_parameter(name, nn.Parameter(torch.empty_like(value, device="meta")))
+    bigmodel.load_checkpoint(model, tmp_path, dtype=torch.bfloat16)
+    order = {name: i for i, name in enumerate(sorted(state))}  # file order: by name here
+    assert [n for i, n in waits if i == order["big"]] == [16384, 32768, 49152, 65536]
+    assert [n for i, n in waits if i == order["last"]] == [16384, 32768]
+    assert not any(i == order["small"] for i, _ in waits)  # small: handed out whole
+    for name, value in model.state_dict().items():
+        expected = state[name].to(torch.bfloat16).view(torch.int16)
+        assert torch.equal(value.view(torch.int16), expected), name
+
+
+def test_waiting_for_a_tensors_first_bytes_returns_once_the_pieces_holding_them_are_in(
+    tmp_path, monkeypatch
+):
+    ckpt, views = _file_views(tmp_path, [1024, 8192])  # 4 KiB, then 32 KiB
+    release = threading.Event()
+    real = readahead_module._prefault_span
+    read: list[int] = []
+
+    def gated(begin, end):  # the last 16 KiB of the second tensor wait for the test
+        if end > views[1].data_ptr() + 16384 + 4096:
+            release.wait(10)
+        real(begin, end)
+        read.append(end)
+
+    monkeypatch.setattr(readahead_module, "_prefault_span", gated)
+    populator = Populator(views, chunk_bytes=4096, threads=2)
+    populator.wait_prefix(1, 8192)  # returns while the gated pieces are still waiting
+    assert not release.is_set()
+    start = views[1].data_ptr()
+    last_page_end = -(-(start + 8192) // 4096) * 4096
+    pages = set(range(start - start % 4096 + 4096, last_page_end + 1, 4096))
+    assert pages <= set(read)  # every page of the first 8 KiB is in
+    release.set()
+    populator.wait_prefix(1, views[1].nbytes)
+    populator.join()
+    ckpt.close()
+
+
 def test_a_failed_load_stops_its_background_read(tmp_path):
     _saved(tmp_path)
     _evict(tmp_path)  # cold: the read starts before the keys are matched

@@ -174,14 +174,27 @@ class PlanReader:
             return None
         return torch.Size(info.shape), dtype
 
-    def _converted(self, n: int, data: torch.Tensor, old: torch.Tensor, name: str) -> torch.Tensor:
+    def _converted(
+        self,
+        n: int,
+        data: torch.Tensor,
+        old: torch.Tensor,
+        name: str,
+        resident: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """``data`` on its target's device in its target's dtype: cast into output ``n``
-        allocated ahead when there is one, else by ``Tensor.to``."""
+        allocated ahead when there is one, else by ``Tensor.to``. ``resident(nbytes)``, when
+        given, blocks until the first ``nbytes`` of ``data`` are resident: the cast then runs
+        piece by piece behind the read (see :func:`_cast_in_pieces`)."""
         out = self.ahead.take(n) if self.ahead is not None else None
         if out is None or out.shape != data.shape:
+            if resident is not None:
+                resident(data.nbytes)
             device = self.placement.device_for(name, old)
             return data.to(device=device, dtype=self.placement.dtype_for(name, old))
         with torch.no_grad():
+            if resident is not None:
+                return _cast_in_pieces(out, data, resident)
             return out.copy_(data)
 
     def read_local(
@@ -195,9 +208,12 @@ class PlanReader:
         whether this process read its bytes (for ``LoadReport.bytes_read``)."""
         for n, (key, group) in enumerate(items):
             old = self.targets[group[0]]
-            data = fetch(key)
+            converting = self.ahead is not None and (self.assign or old.is_meta)
+            streamed = self.mapped.streamed(key) if converting and self.mapped else None
+            data, resident = streamed if streamed is not None else (fetch(key), None)
             if self.assign or old.is_meta:
-                place(self.model, group, old, self._converted(n, data, old, group[0]))
+                converted = self._converted(n, data, old, group[0], resident)
+                place(self.model, group, old, converted)
             else:
                 with torch.no_grad():
                     old.copy_(data)
@@ -231,6 +247,17 @@ class MappedRead:
             self.populator.wait(self.position[key])
         return self.views.pop(key)
 
+    def streamed(self, key: str) -> tuple[torch.Tensor, Callable[[int], None]] | None:
+        """For a large tensor still being read: its view at once, and a function that blocks
+        until the first ``nbytes`` of it are resident, so that a cast can follow the read
+        piece by piece (None otherwise: use :meth:`fetch`)."""
+        view = self.views.get(key)
+        if self.populator is None or view is None or view.nbytes < STREAM_BYTES:
+            return None
+        del self.views[key]
+        populator, i = self.populator, self.position[key]
+        return view, lambda nbytes: populator.wait_prefix(i, nbytes)
+
     def __post_init__(self) -> None:
         self.position = {key: i for i, key in enumerate(self.views)}
 
@@ -243,6 +270,29 @@ class MappedRead:
         """Stop the background read (done, or the load failed)."""
         if self.populator is not None:
             self.populator.cancel()
+
+
+#: Tensors at least this large are cast piece by piece as their pages come in (a cold
+#: converting load), and the pieces are this large: the cast of the last tensor then no
+#: longer waits for all of it to be read, nor the first cast for all of the first tensor.
+STREAM_BYTES = 16 * 2**20
+
+
+def _cast_in_pieces(
+    out: torch.Tensor, data: torch.Tensor, resident: Callable[[int], None]
+) -> torch.Tensor:
+    """``out.copy_(data)`` in pieces of about :data:`STREAM_BYTES` of ``data``, each once
+    ``resident`` says its bytes are in (both contiguous, same shape)."""
+    if not (data.is_contiguous() and out.is_contiguous()):
+        resident(data.nbytes)
+        return out.copy_(data)
+    src, dst = data.reshape(-1), out.view(-1)
+    step = max(1, STREAM_BYTES // data.element_size())
+    for begin in range(0, src.numel(), step):
+        end = min(src.numel(), begin + step)
+        resident(end * data.element_size())
+        dst[begin:end].copy_(src[begin:end])
+    return out
 
 
 def start_mapped_read(ckpt: Checkpoint, keys: list[str], io: IOOptions) -> MappedRead:

@@ -279,6 +279,7 @@ class Populator:
         #: the work, in order: (tensor index, begin, end) address pieces of at most ``chunk``
         self._pieces: list[tuple[int, int, int]] = []
         self._ends: list[int] = []  # tensor i is resident once pieces [0, _ends[i]) are
+        self._addresses = [t.data_ptr() for t in tensors]
         for i, tensor in enumerate(tensors):
             if tensor.device.type == "cpu" and tensor.numel():
                 for begin, end in _page_spans([tensor], outward=True):
@@ -367,6 +368,21 @@ class Populator:
             self._wanted = max(self._wanted, i)
             self._cv.notify_all()
             self._cv.wait_for(lambda: self._done > i or self._error is not None)
+            if self._error is not None:
+                raise self._error
+
+    def wait_prefix(self, i: int, nbytes: int) -> None:
+        """Block until the first ``nbytes`` bytes of tensor ``i`` are resident (and every
+        tensor before it): a consumer converting a large tensor piece by piece starts on its
+        first pieces while the rest of it is still being read."""
+        first = self._ends[i - 1] if i else 0
+        begins = [begin for _, begin, _ in self._pieces[first : self._ends[i]]]
+        # the pieces that begin before the prefix ends (pieces are in address order)
+        needed = first + bisect.bisect_left(begins, self._addresses[i] + nbytes)
+        with self._cv:
+            self._wanted = max(self._wanted, i)
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._frontier >= needed or self._error is not None)
             if self._error is not None:
                 raise self._error
 
