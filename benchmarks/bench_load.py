@@ -7,9 +7,10 @@ The reference checkpoint is generated once with transformers' random init and ca
 ``--cache`` (default ``~/.cache/bigmodel-bench``). Every measurement runs in a fresh
 subprocess, one after another in the same run, so the numbers compare side by side. The page
 cache is warm (the checkpoint is read once before timing); ``--cold`` adds cold-cache runs
-(pages evicted with posix_fadvise DONTNEED before each run): the *raw limit* (the fastest of
-three plain reads of the same bytes: parallel preads, the mapping read with kernel readahead,
-whole-file WILLNEED then the mapping touched), and, in the same run, ``load_checkpoint``
+(pages evicted with posix_fadvise DONTNEED before each run, after the same untimed plain read
+of the checkpoint: see ``settle_memory``): the *raw limit* (the fastest of four plain reads of
+the same bytes: parallel preads, the mapping read with kernel readahead, whole-file WILLNEED
+then the mapping touched, the mapping populated in order), and, in the same run, ``load_checkpoint``
 (default and ``io="pread"``, fp32 and fp32 -> bf16), ``open_checkpoint`` + ``get_tensor`` of
 every key without readahead, transformers ``from_pretrained``, ``safetensors.load_file``, and
 the peers that are importable (tensorizer, the Run:ai model streamer, fastsafetensors; install
@@ -209,11 +210,25 @@ def raw_limit(folder: Path) -> dict[str, float]:
         ),
         strict=True,
     ):
+        settle_memory(folder)
         evict_page_cache(folder)
         start = time.perf_counter()
         read()
         out[name] = time.perf_counter() - start
     return out
+
+
+def settle_memory(folder: Path) -> None:
+    """Put the machine in the same state before every timed cold read: the checkpoint read
+    once through its mapping (not timed; the timed read evicts it again).
+
+    On this VM the process before a measurement changes it: right after a process that held
+    gigabytes of private memory exits, the next cold read is 0.4-0.6 s slower (measured: the
+    same ``open`` row took 1.09-1.26 s right after the ``io="pread"`` bf16 row, and 0.65-0.67 s
+    when a plain read of the checkpoint came in between), so a row's number depended on which
+    row the table happened to run before it."""
+    evict_page_cache(folder)
+    _populate_mappings(sorted(folder.glob("*.safetensors")))
 
 
 def _read_mappings(shards: list[Path], *, willneed: bool) -> None:
@@ -529,7 +544,8 @@ def common_parser(doc: str | None, table: str) -> argparse.ArgumentParser:
 
 def measure_cold(folder: Path, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Every cold measurement, interleaved: each repeat reads the raw limit's plain reads,
-    then every row of :data:`COLD_RUNS`, each from an evicted page cache."""
+    then every row of :data:`COLD_RUNS`, each from an evicted page cache and after the same
+    untimed read (:func:`settle_memory`)."""
     raw: list[dict[str, float]] = []
     cold: dict[tuple[str, str], list[dict[str, float]]] = {}
     for _ in range(args.repeats):
@@ -538,6 +554,7 @@ def measure_cold(folder: Path, args: argparse.Namespace):  # type: ignore[no-unt
         for method, dtype in COLD_RUNS:
             if cold.get((method, dtype), [{}])[0].get("skipped"):
                 continue
+            settle_memory(folder)
             r = run_child(  # the child evicts the page cache itself, right before timing
                 __file__,
                 f"cold-{method}",
@@ -566,7 +583,7 @@ def cold_table(raw, cold, ckpt_bytes: int, args) -> list[str]:  # type: ignore[n
 
     lines = [
         "",
-        f"## Cold page cache (evicted with posix_fadvise DONTNEED right before each timed read; medians of {args.repeats})",
+        f"## Cold page cache (evicted with posix_fadvise DONTNEED right before each timed read, each read after the same untimed plain read; medians of {args.repeats})",
         "",
         f"Raw limit: the fastest plain read of the same {ckpt_bytes / 1e9:.2f} GB, measured in the same run: "
         f"**{limit:.2f} s = {ckpt_bytes / limit / 1e9:.2f} GB/s**. Every row reads every page of every weight "
