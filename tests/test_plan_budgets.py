@@ -356,7 +356,7 @@ def _streaming_cases(draw: Callable) -> tuple[nn.Module, dict, str, bool | int]:
     return root, budgets, draw(st.sampled_from(STRATEGIES)), prefetch
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_cases())
 def test_every_plan_keeps_every_budget_and_covers_every_tensor_once_or_raises(case):
     _verify(*case)
@@ -416,7 +416,7 @@ def _verify(model: nn.Module, budgets: dict, strategy: str, prefetch: bool | int
             assert all(device_for(b, device_map) == device.device for b in device.blocks)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(_cases())
 def test_estimate_memory_fits_exactly_when_infer_device_map_finds_a_plan(case):
     model, budgets, _, _ = case

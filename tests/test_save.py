@@ -337,44 +337,96 @@ def test_shards_written_in_parallel_are_byte_identical_to_a_sequential_save(tmp_
         bigmodel.save_checkpoint(state, tmp_path / "none", workers=0)
 
 
-def test_more_tensors_than_one_file_may_hold_are_split_so_the_reader_accepts_them(tmp_path):
-    from bigmodel.storage.safetensors import MAX_TENSORS
+def _small_file_limits(monkeypatch, *, tensors: int, header: int) -> None:
+    """Lower the per-file limits the writer plans with and the reader enforces, together (the
+    real ones take seconds to reach: see the ``slow`` tests at the real limits)."""
+    import bigmodel.checkpoint.sharding as sharding
+    import bigmodel.storage.safetensors as safetensors_module
 
-    state = {f"t{i}": torch.full((1,), float(i)) for i in range(MAX_TENSORS + 1)}
+    for module in (sharding, safetensors_module):
+        monkeypatch.setattr(module, "MAX_TENSORS", tensors)
+        monkeypatch.setattr(module, "MAX_HEADER_SIZE", header)
+
+
+def _split_by_count(tmp_path, limit: int) -> None:
+    state = {f"t{i}": torch.full((1,), float(i)) for i in range(limit + 1)}
     result = bigmodel.save_checkpoint(state, tmp_path, max_shard_size="10GB")
     assert len(result.files) == 2
     with bigmodel.open_checkpoint(tmp_path) as ckpt:
-        assert len(ckpt) == MAX_TENSORS + 1
-        assert max(len(keys) for keys in ckpt.keys_by_file().values()) <= MAX_TENSORS
-        assert ckpt.get_tensor(f"t{MAX_TENSORS}").item() == MAX_TENSORS
+        assert len(ckpt) == limit + 1
+        assert max(len(keys) for keys in ckpt.keys_by_file().values()) <= limit
+        assert ckpt.get_tensor(f"t{limit}").item() == limit
 
 
-def test_names_too_long_for_one_header_are_split_and_one_too_long_for_any_is_refused(tmp_path):
-    from bigmodel.storage.safetensors import MAX_HEADER_SIZE
+def test_more_tensors_than_one_file_may_hold_are_split_so_the_reader_accepts_them(
+    tmp_path, monkeypatch
+):
+    _small_file_limits(monkeypatch, tensors=500, header=10**6)
+    _split_by_count(tmp_path, 500)
 
-    long = {c * (MAX_HEADER_SIZE * 6 // 10): torch.zeros(1) for c in "ab"}
+
+@pytest.mark.slow
+def test_more_tensors_than_one_file_may_hold_at_the_real_limit_are_split(tmp_path):
+    from bigmodel.storage.safetensors import MAX_TENSORS
+
+    _split_by_count(tmp_path, MAX_TENSORS)
+
+
+def _split_by_header(tmp_path, limit: int) -> None:
+    long = {c * (limit * 6 // 10): torch.zeros(1) for c in "ab"}
     result = bigmodel.save_checkpoint(long, tmp_path / "two", max_shard_size="10GB")
     assert len(result.files) == 2
     with bigmodel.open_checkpoint(tmp_path / "two") as ckpt:
         assert sorted(ckpt.keys()) == sorted(long)
     bigmodel.save_checkpoint({"w": torch.ones(2)}, tmp_path / "one")
-    huge = {"x" * MAX_HEADER_SIZE: torch.zeros(1)}
+    huge = {"x" * limit: torch.zeros(1)}
     with pytest.raises(bigmodel.UnsupportedTensorError, match="bytes of file header"):
         bigmodel.save_checkpoint(huge, tmp_path / "one")
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["model.safetensors"]
 
 
+def test_names_too_long_for_one_header_are_split_and_one_too_long_for_any_is_refused(
+    tmp_path, monkeypatch
+):
+    _small_file_limits(monkeypatch, tensors=100_000, header=10**6)
+    _split_by_header(tmp_path, 10**6)
+
+
+@pytest.mark.slow
+def test_names_too_long_for_one_header_at_the_real_limit_are_split_or_refused(tmp_path):
+    from bigmodel.storage.safetensors import MAX_HEADER_SIZE
+
+    _split_by_header(tmp_path, MAX_HEADER_SIZE)
+
+
+def _refused_index(tmp_path, limit: int) -> None:
+    bigmodel.save_checkpoint({"w": torch.ones(2)}, tmp_path)
+    # each name fits a shard header on its own; together they overflow the index
+    state = {c * (limit // 5): torch.zeros(1) for c in "abcdef"}
+    with pytest.raises(bigmodel.UnsupportedTensorError, match="index of this checkpoint"):
+        bigmodel.save_checkpoint(state, tmp_path, max_shard_size="10GB")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
 def test_a_save_whose_index_the_reader_would_refuse_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    import bigmodel.checkpoint.index as index_module
+    import bigmodel.checkpoint.naming as naming
+
+    _small_file_limits(monkeypatch, tensors=100_000, header=10**6)
+    for module in (index_module, naming):
+        monkeypatch.setattr(module, "MAX_INDEX_SIZE", 2 * 10**6)
+    _refused_index(tmp_path, 2 * 10**6)
+
+
+@pytest.mark.slow
+def test_a_save_whose_index_would_pass_the_real_limit_is_refused_before_anything_is_written(
     tmp_path,
 ):
     from bigmodel.checkpoint.index import MAX_INDEX_SIZE
 
-    bigmodel.save_checkpoint({"w": torch.ones(2)}, tmp_path)
-    # each name fits a shard header on its own; together they overflow the index
-    state = {c * (MAX_INDEX_SIZE // 5): torch.zeros(1) for c in "abcdef"}
-    with pytest.raises(bigmodel.UnsupportedTensorError, match="index of this checkpoint"):
-        bigmodel.save_checkpoint(state, tmp_path, max_shard_size="10GB")
-    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    _refused_index(tmp_path, MAX_INDEX_SIZE)
 
 
 def _nested():
