@@ -19,8 +19,9 @@ the same checkpoint behind each filesystem it can mount here and times both path
   filesystem's round trip does (requests in flight overlap, as they do on a network); skipped unless ``mfusepy``
   is importable (``pip install mfusepy``) and FUSE is usable.
 
-Each measurement runs in a fresh process: the model is built under ``init_empty_weights``, the
-page cache is emptied (the mount's and the backing files', right before the timing; cold) or
+Each measurement runs in a fresh process, after the same untimed plain read of the checkpoint
+(``bench_load.settle_memory``): the model is built under ``init_empty_weights``, the page cache
+is emptied (the mount's and the backing files', right before the timing; cold) or
 the files read once through the mount first (warm), then the load runs and every page of every
 weight is read once ("ready", as in ``bench_load.py``). The table (medians over ``--repeats``)
 says, per filesystem, what ``auto`` picks and whether that was the faster path.
@@ -48,6 +49,7 @@ from bench_load import (  # noqa: E402
     evict_page_cache,
     publish_table,
     run_child,
+    settle_memory,
     touch_pages,
 )
 
@@ -173,6 +175,7 @@ def measure(folder: Path, backing: Path, args) -> dict[tuple[str, bool], list[di
     for _ in range(args.repeats):
         for warm in (False, True):
             for io in IO_PATHS:
+                settle_memory(backing)  # the same state before every run (see bench_load)
                 r = run_child(
                     __file__,
                     "measure",
@@ -246,7 +249,8 @@ def main() -> None:
         f"{ckpt_bytes / 1e9:.2f} GB fp32",
         "",
         f"Seconds from the call to a ready model (every page of every weight read), medians of "
-        f"{args.repeats} runs, each in a fresh process. Cold: the page cache emptied right before "
+        f"{args.repeats} runs, each in a fresh process after the same untimed plain read of the "
+        "checkpoint. Cold: the page cache emptied right before "
         "the load; warm: the files read once through the same mount first. Command: "
         f"`python benchmarks/bench_io_choice.py --size {args.size} --latency-ms "
         f"{' '.join(f'{ms:g}' for ms in args.latency_ms)}`.",

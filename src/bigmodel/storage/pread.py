@@ -149,8 +149,9 @@ def pick_io(io: str, path: Path) -> str:
 
     Measured cold and warm with ``benchmarks/bench_io_choice.py`` (a local disk, a C FUSE
     passthrough, and a FUSE filesystem that adds a round trip to every read request): the
-    mapping was faster on the local disk (warm: 1.6-2.5x), on the C passthrough (1.2-1.5x)
-    and with round trips added to every request; parallel preads only make a private copy of
+    mapping was faster or tied everywhere at 3 GB (cold: local disk 1.66x, C passthrough
+    1.12x, 0.25 ms round trips 1.11x, 1 ms a tie; warm 1.11-7.73x); at 0.3 GB, parallel preads
+    were 8% faster cold on the local disk only. Parallel preads also make a private copy of
     every byte. ``path`` is where the checkpoint lies; the filesystem only changes how the
     mapping is read (:func:`mapped_read_shape`)."""
     if io not in IO_MODES:
