@@ -192,30 +192,38 @@ RAW_READS = ("parallel pread", "mapping + readahead", "WILLNEED + mapping", "map
 
 
 def raw_limit(folder: Path) -> dict[str, float]:
-    """Seconds each plain read of every shard takes from a cold cache (see :data:`RAW_READS`):
+    """Seconds each plain read of every shard takes from a cold cache (see :data:`RAW_READS`
+    and :func:`plain_read`), each after the same untimed read (:func:`settle_memory`): in a
+    fresh process, as every row is measured, and in this long-lived process
+    (``"<name> (this process)"``), where the mapping reads measured faster (the same read:
+    0.64 s here, 0.68-1.08 s in fresh processes). The raw limit is the fastest of all."""
+    out = {}
+    for name in RAW_READS:
+        settle_memory(folder)
+        out[name] = run_child(__file__, "raw", folder=folder, read=name)["seconds"]
+        settle_memory(folder)
+        out[f"{name} (this process)"] = plain_read(name, folder)
+    return out
+
+
+def plain_read(name: str, folder: Path) -> float:
+    """Seconds one plain read (:data:`RAW_READS`) of every shard takes from a cold cache:
     8 threads of 16 MiB preads; the mapping read in order with ``MADV_SEQUENTIAL`` (the
     kernel's readahead); ``POSIX_FADV_WILLNEED`` over every whole file first, then the mapping
     read in order; the mapping populated in order, 64 MiB per ``MADV_POPULATE_READ`` (the
     kernel's readahead, no announcement), each piece read once populated. Each reads every
     page once."""
     shards = sorted(folder.glob("*.safetensors"))
-    out = {}
-    for name, read in zip(
-        RAW_READS,
-        (
-            lambda: _pread_bandwidth(folder, 8, 16 << 20),
-            lambda: _read_mappings(shards, willneed=False),
-            lambda: _read_mappings(shards, willneed=True),
-            lambda: _populate_mappings(shards),
-        ),
-        strict=True,
-    ):
-        settle_memory(folder)
-        evict_page_cache(folder)
-        start = time.perf_counter()
-        read()
-        out[name] = time.perf_counter() - start
-    return out
+    read = {
+        "parallel pread": lambda: _pread_bandwidth(folder, 8, 16 << 20),
+        "mapping + readahead": lambda: _read_mappings(shards, willneed=False),
+        "WILLNEED + mapping": lambda: _read_mappings(shards, willneed=True),
+        "mapping populated": lambda: _populate_mappings(shards),
+    }[name]
+    evict_page_cache(folder)
+    start = time.perf_counter()
+    read()
+    return time.perf_counter() - start
 
 
 def settle_memory(folder: Path) -> None:
@@ -568,15 +576,21 @@ def measure_cold(folder: Path, args: argparse.Namespace):  # type: ignore[no-unt
     return raw, cold
 
 
-def raw_limit_seconds(raw: list[dict[str, float]]) -> float:
-    """The raw limit: the fastest plain read (by its median over the repeats)."""
-    return min(statistics.median(r[name] for r in raw) for name in RAW_READS)
+def raw_limit_seconds(raw: list[dict[str, float]], *, where: str | None = None) -> float:
+    """The raw limit: the fastest plain read (by its median over the repeats), in a fresh
+    process or in the benchmark's own (``where``: ``""`` for fresh processes only,
+    ``" (this process)"`` for the benchmark's process only)."""
+    places = ("", " (this process)") if where is None else (where,)
+    return min(
+        statistics.median(r[name + place] for r in raw) for name in RAW_READS for place in places
+    )
 
 
 def cold_table(raw, cold, ckpt_bytes: int, args) -> list[str]:  # type: ignore[no-untyped-def]
     """The cold section: the plain reads, every row against the raw limit and transformers,
     and the issue's targets."""
     limit = raw_limit_seconds(raw)
+    fresh = raw_limit_seconds(raw, where="")
 
     def cmed(method: str, dtype: str, key: str = "ready_s") -> float:
         return statistics.median(r[key] for r in cold[(method, dtype)])
@@ -585,17 +599,23 @@ def cold_table(raw, cold, ckpt_bytes: int, args) -> list[str]:  # type: ignore[n
         "",
         f"## Cold page cache (evicted with posix_fadvise DONTNEED right before each timed read, each read after the same untimed plain read; medians of {args.repeats})",
         "",
-        f"Raw limit: the fastest plain read of the same {ckpt_bytes / 1e9:.2f} GB, measured in the same run: "
-        f"**{limit:.2f} s = {ckpt_bytes / limit / 1e9:.2f} GB/s**. Every row reads every page of every weight "
+        f"Raw limit: the fastest plain read of the same {ckpt_bytes / 1e9:.2f} GB, measured in the same run "
+        f"(in a fresh process, as every row is, or in the benchmark's own long-lived process): **{limit:.2f} s = {ckpt_bytes / limit / 1e9:.2f} GB/s**. "
+        "The mapping reads run faster in the benchmark's process; "
+        f"the fastest in a fresh process took {fresh:.2f} s. Every row reads every page of every weight "
         "(one byte per page, as the plain reads do). On this 2-core VM, cold numbers vary by about "
         "±20% from run to run.",
         "",
-        "| plain read | s | GB/s |",
-        "|---|---|---|",
+        "| plain read | s (fresh process) | GB/s | s (benchmark's process) | GB/s |",
+        "|---|---|---|---|---|",
     ]
     for name in RAW_READS:
-        seconds = statistics.median(r[name] for r in raw)
-        lines.append(f"| {name} | {seconds:.2f} | {ckpt_bytes / seconds / 1e9:.2f} |")
+        fresh = statistics.median(r[name] for r in raw)
+        own = statistics.median(r[f"{name} (this process)"] for r in raw)
+        lines.append(
+            f"| {name} | {fresh:.2f} | {ckpt_bytes / fresh / 1e9:.2f} | {own:.2f} | "
+            f"{ckpt_bytes / own / 1e9:.2f} |"
+        )
     lines += [
         "",
         "| dtype | method | ready s | GB/s | share of the raw limit | vs transformers | peak RssAnon GB |",
@@ -613,18 +633,21 @@ def cold_table(raw, cold, ckpt_bytes: int, args) -> list[str]:  # type: ignore[n
             f"{versus:.2f}x | {cmed(method, dtype, 'anon') / 1e9:.2f} |"
         )
     lines += ["", *(f"- **{m}**: {text}" for m, text in COLD_LEGEND.items())]
-    share = {
-        key: limit / cmed(*key) * 100
-        for key in (("bigmodel", "fp32"), ("bigmodel", "bf16"), ("open", "fp32"))
-    }
+    keys = (("bigmodel", "fp32"), ("bigmodel", "bf16"), ("open", "fp32"))
+    share = {key: limit / cmed(*key) * 100 for key in keys}
+    lax = {key: fresh / cmed(*key) * 100 for key in keys}  # against fresh processes only
+
+    def both(key: tuple[str, str]) -> str:
+        return f"{share[key]:.0f}% ({lax[key]:.0f}% of the fastest plain read in a fresh process)"
+
     lines += [
         "",
         "| cold target | measured |",
         "|---|---|",
-        f"| fp32 load, every weight read, ≥ 90% of the raw limit | {share[('bigmodel', 'fp32')]:.0f}% |",
+        f"| fp32 load, every weight read, ≥ 90% of the raw limit | {both(('bigmodel', 'fp32'))} |",
         f"| fp32 load ≤ 1.0x transformers | {cmed('bigmodel', 'fp32') / cmed('transformers', 'fp32'):.2f}x |",
-        f"| fp32 → bf16 ≥ 80% of the raw limit | {share[('bigmodel', 'bf16')]:.0f}% |",
-        f"| open_checkpoint + get_tensor of every key (no readahead) ≥ 80% of the raw limit | {share[('open', 'fp32')]:.0f}% |",
+        f"| fp32 → bf16 ≥ 80% of the raw limit | {both(('bigmodel', 'bf16'))} |",
+        f"| open_checkpoint + get_tensor of every key (no readahead) ≥ 80% of the raw limit | {both(('open', 'fp32'))} |",
         f"| `LoadReport.read_rate` of the default fp32 load | {cmed('bigmodel', 'fp32', 'bytes_read') / cmed('bigmodel', 'fp32', 'read_seconds') / 1e9:.2f} GB/s |",
     ]
     return lines
@@ -634,8 +657,9 @@ def main() -> None:
     parser = common_parser(__doc__, "load.md")
     parser.add_argument(
         "--child",
-        choices=sorted(set(METHODS) | {f"cold-{m}" for m in COLD_METHODS} | {"first-touch"}),
+        choices=sorted(set(METHODS) | {f"cold-{m}" for m in COLD_METHODS} | {"first-touch", "raw"}),
     )
+    parser.add_argument("--read", choices=RAW_READS, help="the plain read of `--child raw`")
     parser.add_argument(
         "--cold",
         action="store_true",
@@ -644,6 +668,9 @@ def main() -> None:
     parser.add_argument("--folder", type=Path)
     parser.add_argument("--dtype", default="fp32")
     args = parser.parse_args()
+    if args.child == "raw":
+        print(json.dumps({"seconds": plain_read(args.read, args.folder)}))
+        return
     if args.child == "first-touch":
         first_touch_child(args.size, args.dtype)
         return
@@ -730,8 +757,9 @@ def main() -> None:
             for (m, d), runs in cold.items()
             if "skipped" not in runs[0]
         }
-        data["cold_raw_s"] = {name: statistics.median(r[name] for r in raw) for name in RAW_READS}
+        data["cold_raw_s"] = {name: statistics.median(r[name] for r in raw) for name in raw[0]}
         data["raw_limit_s"] = limit
+        data["raw_limit_fresh_process_s"] = raw_limit_seconds(raw, where="")
         data["raw_read_bytes_per_s"] = ckpt_bytes / limit
     publish_table(lines, args.out, data)
 
