@@ -19,6 +19,7 @@ import atexit
 import bisect
 import contextlib
 import ctypes
+import itertools
 import mmap
 import os
 import threading
@@ -274,7 +275,8 @@ class Populator:
     ) -> None:
         self._touch = touch
         self._tensors: list[torch.Tensor | None] = list(tensors)
-        self._sizes = [t.numel() * t.element_size() for t in tensors]
+        #: bytes of the tensors before tensor i: what lies between two of them, in O(1)
+        self._before = list(itertools.accumulate((t.nbytes for t in tensors), initial=0))
         chunk = max(_PAGE, chunk_bytes - chunk_bytes % _PAGE)
         #: the work, in order: (tensor index, begin, end) address pieces of at most ``chunk``
         self._pieces: list[tuple[int, int, int]] = []
@@ -297,7 +299,7 @@ class Populator:
         self._stop = False
         self._final = False  # no consumer will ask for more than it has asked for
         self._cv = threading.Condition()
-        self.bytes = sum(self._sizes)
+        self.bytes = self._before[-1]
         self._threads = [
             threading.Thread(target=self._run, name="bigmodel-populate", daemon=True)
             for _ in range(max(1, min(threads, len(self._pieces))))
@@ -337,7 +339,7 @@ class Populator:
                     self._ahead is None
                     or self._final
                     or i <= self._wanted
-                    or sum(self._sizes[self._wanted : i]) <= self._ahead
+                    or self._before[i] - self._before[self._wanted] <= self._ahead
                 ):
                     self._claimed = k + 1
                     return k
@@ -364,25 +366,28 @@ class Populator:
 
     def wait(self, i: int) -> None:
         """Block until tensor ``i`` (its index in the list given) is resident."""
-        with self._cv:
-            self._wanted = max(self._wanted, i)
-            self._cv.notify_all()
-            self._cv.wait_for(lambda: self._done > i or self._error is not None)
-            if self._error is not None:
-                raise self._error
+        self._wait_for(i, self._ends[i])
 
     def wait_prefix(self, i: int, nbytes: int) -> None:
         """Block until the first ``nbytes`` bytes of tensor ``i`` are resident (and every
         tensor before it): a consumer converting a large tensor piece by piece starts on its
         first pieces while the rest of it is still being read."""
-        first = self._ends[i - 1] if i else 0
-        begins = [begin for _, begin, _ in self._pieces[first : self._ends[i]]]
-        # the pieces that begin before the prefix ends (pieces are in address order)
-        needed = first + bisect.bisect_left(begins, self._addresses[i] + nbytes)
+        # the pieces of tensor i that begin before the prefix ends (they are in address order)
+        needed = bisect.bisect_left(
+            self._pieces,
+            self._addresses[i] + nbytes,
+            lo=self._ends[i - 1] if i else 0,
+            hi=self._ends[i],
+            key=lambda piece: piece[1],
+        )
+        self._wait_for(i, needed)
+
+    def _wait_for(self, i: int, pieces: int) -> None:
+        """Block until pieces [0, ``pieces``) are resident, the consumer being at tensor ``i``."""
         with self._cv:
             self._wanted = max(self._wanted, i)
             self._cv.notify_all()
-            self._cv.wait_for(lambda: self._frontier >= needed or self._error is not None)
+            self._cv.wait_for(lambda: self._frontier >= pieces or self._error is not None)
             if self._error is not None:
                 raise self._error
 
