@@ -37,6 +37,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bigmodel.storage.page_cache import evict
+
 SIZES = {
     # hidden, intermediate, layers, vocab -> about 3.0 GB / 0.3 GB of float32
     "large": {
@@ -140,22 +142,13 @@ def publish_table(lines: list[str], out: Path, data: dict | None = None) -> None
         out.with_suffix(".json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _evict_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def evict_page_cache(folder: Path) -> None:
     """Drop every file of the checkpoint folder (shards, index, config) from the page cache
     (posix_fadvise DONTNEED), so the next load reads from the disk. Works without root for
     clean pages."""
     for path in folder.iterdir():
         if path.is_file():
-            _evict_file(path)
+            evict(path)
 
 
 def raw_read_bandwidth(folder: Path) -> float:
@@ -422,7 +415,7 @@ def cold_child(method: str, folder: Path, size: str, dtype_name: str, cache: Pat
     # for the same load, evicted 5 s before it instead of just before).
     evict_page_cache(folder)
     if tensorized.exists():
-        _evict_file(tensorized)
+        evict(tensorized)
     extra: dict[str, float] = {}
     with MemorySampler() as sampler:
         start = time.perf_counter()

@@ -90,14 +90,3 @@ def assert_same_state(actual: dict, expected: dict) -> None:
     assert sorted(actual) == sorted(expected)
     differing = differing_keys(actual, expected)
     assert not differing, f"dtype, shape or bytes differ for {differing}"
-
-
-def evict_from_page_cache(path) -> None:
-    """Drop a file's clean pages from the page cache (written back first), so the next read
-    of it is cold: ``posix_fadvise(DONTNEED)``, no root needed."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)

@@ -16,8 +16,8 @@ import bigmodel.storage.allocate_ahead as allocate_module
 from _models import Linears
 from bigmodel.foundations.types import IOOptions
 from bigmodel.storage.allocate_ahead import AllocateAhead
+from bigmodel.storage.page_cache import evict
 from bigmodel.storage.readahead import FileMappings, populate_private
-from conftest import evict_from_page_cache
 
 
 def _saved(tmp_path, *, cold=True):
@@ -26,7 +26,7 @@ def _saved(tmp_path, *, cold=True):
     model = Linears()
     bigmodel.save_checkpoint(model, tmp_path, max_shard_size="20KB")
     for path in tmp_path.glob("*.safetensors") if cold else ():
-        evict_from_page_cache(path)
+        evict(path)
     return model.state_dict()
 
 

@@ -17,10 +17,9 @@ import bigmodel.execution.reading as reading_module
 import bigmodel.storage.pread as pread_module
 import bigmodel.storage.readahead as readahead_module
 from bigmodel.checkpoint.handle import Checkpoint
-from bigmodel.storage.page_cache import resident_bytes
+from bigmodel.storage.page_cache import evict, resident_bytes
 from bigmodel.storage.pread import LOCAL_READ, NETWORK_READ, mapped_read_shape, pick_io
 from bigmodel.storage.readahead import FileMappings, Populator, kernel_window
-from conftest import evict_from_page_cache
 
 
 class Net(nn.Module):
@@ -39,7 +38,7 @@ def _saved(tmp_path, **kwargs):
 
 def _evict(folder):
     for path in folder.glob("*.safetensors"):
-        evict_from_page_cache(path)
+        evict(path)
 
 
 def _spans(folder):
@@ -361,8 +360,7 @@ def test_a_single_get_tensor_starts_no_read_ahead(tmp_path):
 def test_resident_bytes_counts_the_cached_pages_of_the_ranges_asked_for(tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(os.urandom(64 * 4096))
-    os.sync()
-    _fadvise(path, os.POSIX_FADV_DONTNEED)
+    evict(path)
     assert resident_bytes({path: [(0, 64 * 4096)]}) == 0
     with open(path, "rb") as f:
         f.seek(8 * 4096)
@@ -371,14 +369,6 @@ def test_resident_bytes_counts_the_cached_pages_of_the_ranges_asked_for(tmp_path
     assert got >= 4 * 4096 + (4096 - 100)  # the kernel may read a little more, never less
     assert resident_bytes({path: [(0, 64 * 4096)]}) >= 4 * 4096
     assert resident_bytes({tmp_path / "missing": [(0, 1)]}) is None
-
-
-def _fadvise(path, advice):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, advice)
-    finally:
-        os.close(fd)
 
 
 def test_the_kernel_window_is_read_from_the_backing_device(tmp_path):

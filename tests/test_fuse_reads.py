@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import bigmodel
+from bigmodel.storage.page_cache import evict
 from bigmodel.storage.pread import NETWORK_READ, is_network_filesystem, mapped_read_shape
 from bigmodel.storage.readahead import FileMappings, Populator
-from conftest import evict_from_page_cache
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bindfs") is None
@@ -65,7 +65,7 @@ def _saved(backing):
     state = {f"layer{i}.weight": torch.randn(256, 256) for i in range(6)}
     bigmodel.save_checkpoint(state, backing, max_shard_size="600KB")
     for path in backing.iterdir():
-        evict_from_page_cache(path)
+        evict(path)
     return state
 
 

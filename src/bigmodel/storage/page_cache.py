@@ -14,7 +14,9 @@ nothing can be read.
 
 :func:`resident_bytes` says how much of some file ranges is already in the page cache
 (``mincore`` on a fresh mapping, which reads nothing): a load whose bytes are all cached skips
-announcing the read (the page cache is warm; there is nothing to read).
+announcing the read (the page cache is warm; there is nothing to read). :func:`evict` is the
+reverse: it drops a file's pages, so that the next read of it is cold (how the cold-load tests
+and benchmarks start).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 from bigmodel.storage.libc import libc_function
 
-__all__ = ["looks_cached", "page_cache_room", "resident_bytes"]
+__all__ = ["evict", "looks_cached", "page_cache_room", "resident_bytes"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNLIMITED = 1 << 60  # v1 writes "no limit" as a number near 2**63
@@ -120,6 +122,18 @@ _munmap = libc_function("munmap", [ctypes.c_void_p, ctypes.c_size_t])
 _mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
 #: False where any of the three is missing (not Linux): nothing can be known of the page cache
 _CAN_ASK = all(fn is not None for fn in (_mmap, _munmap, _mincore))
+
+
+def evict(path: Path | str) -> None:
+    """Drop ``path``'s pages from the page cache, dirty ones written back first
+    (``fdatasync``, then ``posix_fadvise(POSIX_FADV_DONTNEED)``; no privileges needed), so
+    that the next read of it comes from the disk. Raises ``OSError`` as ``open`` does."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def resident_bytes(spans: Mapping[Path, Sequence[tuple[int, int]]]) -> int | None:
