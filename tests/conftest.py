@@ -16,6 +16,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def spy_populators(monkeypatch) -> list[tuple[int, dict]]:
+    """A list that gets, for every ``Populator`` started from now on, its number of tensors
+    and the keyword arguments it was given (threads, piece size, bound)."""
+    from bigmodel.storage.readahead import Populator
+
+    started: list[tuple[int, dict]] = []
+    real = Populator.__init__
+
+    def spy(self, tensors, **kwargs):
+        started.append((len(tensors), kwargs))
+        real(self, tensors, **kwargs)
+
+    monkeypatch.setattr(Populator, "__init__", spy)
+    return started
+
+
 def tiny_llama_config(*, tie: bool = True):
     """A Llama config small enough for unit tests (transformers is imported lazily)."""
     from transformers import LlamaConfig

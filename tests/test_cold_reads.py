@@ -20,6 +20,7 @@ from bigmodel.checkpoint.handle import Checkpoint
 from bigmodel.storage.page_cache import evict, resident_bytes
 from bigmodel.storage.pread import LOCAL_READ, NETWORK_READ, mapped_read_shape, pick_io
 from bigmodel.storage.readahead import FileMappings, Populator, kernel_window
+from conftest import spy_populators
 
 
 class Net(nn.Module):
@@ -44,19 +45,6 @@ def _evict(folder):
 def _spans(folder):
     with bigmodel.open_checkpoint(folder) as ckpt:
         return ckpt.file_spans(ckpt.keys()), ckpt.total_size
-
-
-def _count_populators(monkeypatch) -> list[int]:
-    """A list that gets the number of tensors of every Populator started from now on."""
-    started: list[int] = []
-    real_init = Populator.__init__
-
-    def spy(self, tensors, **kwargs):
-        started.append(len(tensors))
-        real_init(self, tensors, **kwargs)
-
-    monkeypatch.setattr(Populator, "__init__", spy)
-    return started
 
 
 def _populate_threads():
@@ -133,19 +121,12 @@ def test_a_cold_load_on_a_network_filesystem_stays_zero_copy_read_by_several_thr
 ):
     state = _saved(tmp_path).state_dict()
     monkeypatch.setattr(pread_module, "filesystem_magic", lambda path: 0x6969)
-    threads: list[tuple[int, int | None]] = []
-    real_init = Populator.__init__
-
-    def spy(self, tensors, **kwargs):
-        threads.append((kwargs.get("threads", 1), kwargs.get("chunk_bytes")))
-        real_init(self, tensors, **kwargs)
-
-    monkeypatch.setattr(Populator, "__init__", spy)
+    started = spy_populators(monkeypatch)
     _evict(tmp_path)
     with bigmodel.init_empty_weights():
         model = Net()
     report = bigmodel.load_checkpoint(model, tmp_path)
-    assert threads == [tuple(NETWORK_READ)]
+    assert [(k["threads"], k["chunk_bytes"]) for _, k in started] == [tuple(NETWORK_READ)]
     maps = FileMappings()
     assert all(maps.holds(p) for p in model.parameters())  # views of the files: no copy
     for name, tensor in model.state_dict().items():
@@ -336,13 +317,14 @@ def test_several_populate_threads_hand_out_each_tensor_only_once_all_its_pieces_
 
 
 def test_reading_every_tensor_in_file_order_reads_ahead_and_a_jump_stops_it(tmp_path, monkeypatch):
-    started = _count_populators(monkeypatch)
+    started = spy_populators(monkeypatch)
     ckpt, _ = _file_views(tmp_path, [1024] * 6)
     names = ckpt.file_order()
     ckpt.get_tensor(names[0])
     assert started == []  # one tensor says nothing about the pattern
     ckpt.get_tensor(names[1])
-    assert started == [5]  # sequential: the rest is read ahead from the second tensor on
+    # sequential: the rest is read ahead from the second tensor on
+    assert [n for n, _ in started] == [5]
     follower = ckpt._sequential
     assert follower._populator is not None and follower._mode == 0
     ckpt.get_tensor(names[4])  # a jump: reading ahead stops
@@ -389,11 +371,11 @@ def test_a_warm_load_leaves_the_cached_pages_to_the_views_and_a_cold_one_reads_t
     _, total = _spans(tmp_path)
     monkeypatch.setattr(reading_module, "looks_cached", lambda s: not cold)
     monkeypatch.setattr(reading_module, "resident_bytes", lambda s: 0 if cold else total)
-    started = _count_populators(monkeypatch)
+    started = spy_populators(monkeypatch)
     with bigmodel.init_empty_weights():
         model = Net()
     bigmodel.load_checkpoint(model, tmp_path)
-    assert started == ([len(model.state_dict())] if cold else [])
+    assert [n for n, _ in started] == ([len(model.state_dict())] if cold else [])
 
 
 def test_reading_every_key_in_the_index_order_reads_ahead_too(tmp_path):

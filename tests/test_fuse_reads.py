@@ -14,7 +14,8 @@ import torch
 import bigmodel
 from bigmodel.storage.page_cache import evict
 from bigmodel.storage.pread import NETWORK_READ, is_network_filesystem, mapped_read_shape
-from bigmodel.storage.readahead import FileMappings, Populator
+from bigmodel.storage.readahead import FileMappings
+from conftest import spy_populators
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bindfs") is None
@@ -48,18 +49,6 @@ def fuse_mount(tmp_path):
         proc.wait(timeout=10)
 
 
-def _spy_populators(monkeypatch) -> list[dict]:
-    started: list[dict] = []
-    real = Populator.__init__
-
-    def spy(self, tensors, **kwargs):
-        started.append(kwargs)
-        real(self, tensors, **kwargs)
-
-    monkeypatch.setattr(Populator, "__init__", spy)
-    return started
-
-
 def _saved(backing):
     torch.manual_seed(0)
     state = {f"layer{i}.weight": torch.randn(256, 256) for i in range(6)}
@@ -76,7 +65,7 @@ def test_a_cold_load_from_a_fuse_mount_maps_the_files_with_the_network_read_shap
     state = _saved(backing)
     assert is_network_filesystem(mount) and not is_network_filesystem(backing)  # real statfs
     assert mapped_read_shape(mount) == NETWORK_READ
-    started = _spy_populators(monkeypatch)
+    started = spy_populators(monkeypatch)
     model = torch.nn.Module()
     for name in state:
         module, _, attr = name.partition(".")
@@ -84,7 +73,7 @@ def test_a_cold_load_from_a_fuse_mount_maps_the_files_with_the_network_read_shap
         child.register_parameter(attr, torch.nn.Parameter(torch.empty(256, 256, device="meta")))
         model.add_module(module, child)
     report = bigmodel.load_checkpoint(model, mount)
-    assert [(s["threads"], s["chunk_bytes"]) for s in started] == [tuple(NETWORK_READ)]
+    assert [(k["threads"], k["chunk_bytes"]) for _, k in started] == [tuple(NETWORK_READ)]
     maps = FileMappings()
     assert all(maps.holds(p) for p in model.parameters())  # zero copy, through the mount
     for name, value in model.state_dict().items():
@@ -97,9 +86,9 @@ def test_reading_a_fuse_mount_in_file_order_reads_ahead_with_the_network_read_sh
 ):
     backing, mount = fuse_mount
     state = _saved(backing)
-    started = _spy_populators(monkeypatch)
+    started = spy_populators(monkeypatch)
     with bigmodel.open_checkpoint(mount) as ckpt:
         got = {key: ckpt.get_tensor(key).clone() for key in ckpt.file_order()}
-    assert [(s["threads"], s["chunk_bytes"]) for s in started] == [tuple(NETWORK_READ)]
+    assert [(k["threads"], k["chunk_bytes"]) for _, k in started] == [tuple(NETWORK_READ)]
     assert got.keys() == state.keys()
     assert all(torch.equal(got[k], state[k]) for k in state)
